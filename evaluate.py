@@ -1,0 +1,693 @@
+"""Intrinsic evaluation and inspection of word vectors.
+
+Library functions take a vocabulary (``list[str]``, ordered by descending
+frequency, id = index) and a ``V x d`` numpy matrix and return plain numbers,
+so the trainer can call them between epochs without touching files:
+
+* :func:`similarity`  - Spearman rho between cosine and human scores;
+* :func:`analogy`     - Google analogy accuracy (3CosAdd or 3CosMul);
+* :func:`neighbors`   - nearest neighbours by cosine;
+* :func:`export_projector` - TensorBoard projector ``vectors.tsv``/``metadata.tsv``.
+
+Run as a script it reads a checkpoint (``--checkpoint``) or a word2vec file
+(``--vectors``) and prints a table (or one JSON object with ``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+from scipy.stats import spearmanr
+
+EmbedFn = Callable[[list], np.ndarray]
+
+# Normalised-cosine shift and epsilon of 3CosMul (Levy & Goldberg 2014,
+# "Linguistic Regularities in Sparse and Explicit Word Representations").
+COSMUL_EPS = 1e-3
+# Questions scored per step: 3CosMul keeps two batch x V float32 score
+# buffers alive, so 512 x 30k x 4 B x 2 is about 120 MB.
+ANALOGY_BATCH = 512
+# Largest (distinct question words x V) float32 cosine table 3CosMul
+# precomputes (256 MB); bigger question sets fall back to per-batch products.
+COSMUL_TABLE_MAX_ELEMENTS = 64_000_000
+ANALOGY_METHODS = ("3cosadd", "3cosmul")
+
+
+class EvaluationInputError(ValueError):
+    """A user-supplied file or checkpoint cannot be used (reported in one line)."""
+
+
+# --------------------------------------------------------------------------
+# Reading evaluation files
+# --------------------------------------------------------------------------
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_pairs(path) -> list[tuple[str, str, float]]:
+    """Read a word-pair similarity file: ``word1<TAB>word2<TAB>score`` per line.
+
+    Blank lines and lines starting with ``#`` are skipped. The first data line
+    is taken as a header and skipped when its third field is not a number.
+    Files separated by spaces instead of tabs are accepted too, because several
+    published copies of these sets use spaces.
+    """
+    pairs: list[tuple[str, str, float]] = []
+    seen_first_row = False
+    with open(path, encoding="utf-8") as handle:
+        for line_number, raw_line in enumerate(handle, start=1):
+            line = raw_line.strip()
+            if not line or line.startswith("#"):
+                continue
+            fields = line.split("\t") if "\t" in line else line.split()
+            fields = [field.strip() for field in fields]
+            first_row = not seen_first_row
+            seen_first_row = True
+            if len(fields) < 3:
+                raise EvaluationInputError(
+                    f"{path}:{line_number}: expected 'word1<TAB>word2<TAB>score', got {line!r}")
+            if not _is_number(fields[2]):
+                if first_row:
+                    continue  # header line such as "word1 word2 score"
+                raise EvaluationInputError(
+                    f"{path}:{line_number}: score {fields[2]!r} is not a number")
+            pairs.append((fields[0], fields[1], float(fields[2])))
+    return pairs
+
+
+def load_analogies(path) -> list[tuple[str, list[tuple[str, str, str, str]]]]:
+    """Read the Google ``questions-words.txt`` format into ``[(section, questions)]``.
+
+    Lines ``: name`` open a section; every other non-blank line is ``a b c d``
+    meaning a:b :: c:d. Questions before any section line go to section "default".
+    """
+    sections: list[tuple[str, list[tuple[str, str, str, str]]]] = []
+    with open(path, encoding="utf-8") as handle:
+        for line_number, raw_line in enumerate(handle, start=1):
+            line = raw_line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith(":"):
+                sections.append((line[1:].strip(), []))
+                continue
+            fields = line.split()
+            if len(fields) != 4:
+                raise EvaluationInputError(
+                    f"{path}:{line_number}: expected 4 words 'a b c d', got {line!r}")
+            if not sections:
+                sections.append(("default", []))
+            sections[-1][1].append((fields[0], fields[1], fields[2], fields[3]))
+    return sections
+
+
+# --------------------------------------------------------------------------
+# Vector helpers
+# --------------------------------------------------------------------------
+
+def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+    """Return float32 rows scaled to unit length (zero rows stay zero)."""
+    matrix = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    # A zero vector has no direction; dividing by 1 keeps it at cosine 0
+    # with everything instead of producing NaNs that poison argmax/spearman.
+    norms[norms == 0] = 1.0
+    return matrix / norms
+
+
+def _word_index(words: Sequence[str]) -> dict[str, int]:
+    index: dict[str, int] = {}
+    for word_id, word in enumerate(words):
+        # Keep the first (most frequent) id if a file lists a word twice.
+        index.setdefault(word, word_id)
+    return index
+
+
+def _cosine(u: np.ndarray, v: np.ndarray) -> float:
+    norm = float(np.linalg.norm(u) * np.linalg.norm(v))
+    return float(np.dot(u, v) / norm) if norm > 0 else 0.0
+
+
+def _nan_to_none(value: float):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+# --------------------------------------------------------------------------
+# Similarity
+# --------------------------------------------------------------------------
+
+def similarity(words: Sequence[str], vectors: np.ndarray, pairs, lowercase: bool = True,
+               embed_fn: EmbedFn | None = None) -> dict:
+    """Spearman rho between cosine similarity and the human score of each pair.
+
+    ``pairs`` is a list of ``(word1, word2, score)`` (see :func:`load_pairs`) or
+    a path to such a file. Words are lowercased first when ``lowercase`` is set
+    (i.e. when the vocabulary was built lowercased). Pairs with an
+    out-of-vocabulary word are skipped and counted in ``oov``, unless
+    ``embed_fn`` (``list[str] -> array``, e.g. an RNN's character/subword
+    encoder) is given: then OOV words are embedded with it, ``oov`` counts the
+    distinct words embedded that way and ``oov_handling`` says ``"embedded"``.
+    """
+    if isinstance(pairs, (str, os.PathLike)):
+        pairs = load_pairs(pairs)
+    index = _word_index(words)
+    matrix = np.asarray(vectors)
+
+    def key(word: str) -> str:
+        return word.lower() if lowercase else word
+
+    oov_words = sorted({key(w) for w1, w2, _ in pairs for w in (w1, w2)} - index.keys())
+    extra: dict[str, np.ndarray] = {}
+    if embed_fn is not None and oov_words:
+        embedded = np.asarray(embed_fn(list(oov_words)), dtype=np.float32)
+        extra = dict(zip(oov_words, embedded))
+
+    def lookup(word: str):
+        word = key(word)
+        if word in index:
+            return matrix[index[word]]
+        return extra.get(word)
+
+    cosines, gold = [], []
+    skipped = 0
+    for word1, word2, score in pairs:
+        vector1, vector2 = lookup(word1), lookup(word2)
+        if vector1 is None or vector2 is None:
+            skipped += 1
+            continue
+        cosines.append(_cosine(vector1, vector2))
+        gold.append(score)
+
+    if len(cosines) >= 2:
+        rho = float(spearmanr(cosines, gold).statistic)
+    else:
+        rho = float("nan")  # a rank correlation needs at least two pairs
+    if embed_fn is not None:
+        return {"spearman": rho, "pairs": len(cosines), "oov": len(oov_words),
+                "oov_handling": "embedded"}
+    return {"spearman": rho, "pairs": len(cosines), "oov": skipped, "oov_handling": "skipped"}
+
+
+# --------------------------------------------------------------------------
+# Analogy
+# --------------------------------------------------------------------------
+
+def _analogy_predictions(unit: np.ndarray, question_ids: np.ndarray, method: str) -> np.ndarray:
+    """Predicted word id for each row ``(a, b, c)`` of ``question_ids``."""
+    predictions = np.empty(len(question_ids), dtype=np.int64)
+    vocab_size = unit.shape[0]
+    batch_size = min(ANALOGY_BATCH, len(question_ids))
+    unit_t = unit.T
+    # Score buffers are allocated once and filled in place: allocating fresh
+    # batch x V arrays per step costs more in page faults than the matmuls.
+    scores_buffer = np.empty((batch_size, vocab_size), dtype=np.float32)
+
+    shifted = None
+    if method == "3cosmul":
+        # 3CosMul needs cos(a|b|c, every word). Question sets reuse few words
+        # (about 900 distinct in the Google set), so one product for the
+        # distinct words replaces three products per batch when it fits.
+        distinct, inverse = np.unique(question_ids, return_inverse=True)
+        inverse = inverse.reshape(question_ids.shape)
+        if len(distinct) * vocab_size <= COSMUL_TABLE_MAX_ELEMENTS:
+            # Shift to [0, 2] (= 2 cos', with cos' = (cos + 1) / 2 in [0, 1]).
+            shifted = unit[distinct] @ unit_t
+            shifted += 1.0
+        other_buffer = np.empty_like(scores_buffer)
+
+    for start in range(0, len(question_ids), batch_size):
+        batch = question_ids[start:start + batch_size]
+        size = len(batch)
+        scores = scores_buffer[:size]
+        if method == "3cosadd":
+            # With unit vectors, argmax_d cos(d,b) - cos(d,a) + cos(d,c)
+            # equals argmax_d d . (b - a + c): one matrix product per batch.
+            targets = unit[batch[:, 1]] - unit[batch[:, 0]] + unit[batch[:, 2]]
+            np.matmul(targets, unit_t, out=scores)
+        else:
+            # 3CosMul (Levy & Goldberg): cos'(d,b) cos'(d,c) / (cos'(d,a) + eps)
+            # with cosines shifted to [0, 1] so every factor is non-negative.
+            # With s = cos + 1 = 2 cos' this is s_b s_c / (2 (s_a + 2 eps)),
+            # evaluated in place in two batch x V buffers.
+            other = other_buffer[:size]
+            if shifted is not None:
+                rows = inverse[start:start + size]
+                np.take(shifted, rows[:, 1], axis=0, out=scores)
+                np.take(shifted, rows[:, 2], axis=0, out=other)
+                scores *= other
+                np.take(shifted, rows[:, 0], axis=0, out=other)
+            else:
+                np.matmul(unit[batch[:, 1]], unit_t, out=scores)
+                scores += 1.0
+                np.matmul(unit[batch[:, 2]], unit_t, out=other)
+                other += 1.0
+                scores *= other
+                np.matmul(unit[batch[:, 0]], unit_t, out=other)
+                other += 1.0
+            other += 2.0 * COSMUL_EPS
+            other *= 2.0
+            scores /= other
+        # The question words themselves are not allowed as answers (standard
+        # protocol of word2vec's compute-accuracy and of gensim).
+        scores[np.arange(size)[:, None], batch] = -np.inf
+        predictions[start:start + size] = np.argmax(scores, axis=1)
+    return predictions
+
+
+def analogy(words: Sequence[str], vectors: np.ndarray, path, restrict_vocab: int = 30000,
+            method: str = "3cosadd", lowercase: bool = True) -> dict:
+    """Accuracy on a Google-format analogy file (a:b :: c:d, predict d).
+
+    Only the ``restrict_vocab`` first (most frequent) words are candidates; a
+    question with any word outside them is skipped and counted in ``oov``.
+    ``path`` may also be the already parsed output of :func:`load_analogies`.
+    """
+    method = method.lower()
+    if method not in ANALOGY_METHODS:
+        raise ValueError(f"unknown analogy method {method!r}; use one of {ANALOGY_METHODS}")
+    sections = load_analogies(path) if isinstance(path, (str, os.PathLike)) else path
+    limit = len(words) if restrict_vocab is None or restrict_vocab <= 0 \
+        else min(restrict_vocab, len(words))
+    index = {word: word_id for word, word_id in _word_index(words[:limit]).items()}
+    unit = normalize_rows(np.asarray(vectors)[:limit])
+
+    all_ids, section_of = [], []
+    oov = 0
+    for section_number, (_, questions) in enumerate(sections):
+        for question in questions:
+            ids = [index.get(word.lower() if lowercase else word) for word in question]
+            if any(word_id is None for word_id in ids):
+                oov += 1
+                continue
+            all_ids.append(ids)
+            section_of.append(section_number)
+
+    question_ids = np.asarray(all_ids, dtype=np.int64).reshape(-1, 4)
+    section_of = np.asarray(section_of, dtype=np.int64)
+    if len(question_ids):
+        correct = _analogy_predictions(unit, question_ids[:, :3], method) == question_ids[:, 3]
+    else:
+        correct = np.zeros(0, dtype=bool)
+
+    per_section = {}
+    for section_number, (name, _) in enumerate(sections):
+        mask = section_of == section_number
+        answered = int(mask.sum())
+        per_section[name] = {
+            "accuracy": float(correct[mask].mean()) if answered else float("nan"),
+            "questions": answered,
+        }
+    total = len(correct)
+    return {
+        "accuracy": float(correct.mean()) if total else float("nan"),
+        "questions": total,
+        "oov": oov,
+        "method": method,
+        "restrict_vocab": limit,
+        "sections": per_section,
+    }
+
+
+# --------------------------------------------------------------------------
+# Neighbours
+# --------------------------------------------------------------------------
+
+def neighbors(words: Sequence[str], vectors: np.ndarray, query_words: Iterable[str],
+              topn: int = 10, embed_fn: EmbedFn | None = None,
+              lowercase: bool = False) -> dict[str, list[tuple[str, float]]]:
+    """Nearest neighbours of each query word by cosine, best first.
+
+    A query word in the vocabulary is excluded from its own list. An
+    out-of-vocabulary query is embedded with ``embed_fn`` when given, else it
+    maps to an empty list. ``lowercase`` lowercases the queries first.
+    """
+    index = _word_index(words)
+    unit = normalize_rows(vectors)
+    query_words = list(query_words)
+    keys = [word.lower() if lowercase else word for word in query_words]
+    missing = [key for key in keys if key not in index]
+    extra = {}
+    if embed_fn is not None and missing:
+        extra = dict(zip(missing, normalize_rows(np.asarray(embed_fn(missing)))))
+
+    result: dict[str, list[tuple[str, float]]] = {}
+    for query, key in zip(query_words, keys):
+        if key in index:
+            query_vector, self_id = unit[index[key]], index[key]
+        elif key in extra:
+            query_vector, self_id = extra[key], None
+        else:
+            result[query] = []
+            continue
+        scores = unit @ query_vector
+        if self_id is not None:
+            scores[self_id] = -np.inf
+        count = min(topn, len(scores) - (self_id is not None))
+        if count <= 0:
+            result[query] = []
+            continue
+        # argpartition then sort only the top: O(V) instead of a full sort.
+        top = np.argpartition(-scores, count - 1)[:count]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        result[query] = [(words[i], float(scores[i])) for i in top]
+    return result
+
+
+# --------------------------------------------------------------------------
+# Loading and exporting vectors
+# --------------------------------------------------------------------------
+
+def load_vectors(path) -> tuple[list[str], np.ndarray]:
+    """Read a word2vec file (text, or binary when the name ends in ``.bin``)."""
+    from gensim.models import KeyedVectors
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationInputError(f"vectors file not found: {path}")
+    try:
+        keyed = KeyedVectors.load_word2vec_format(str(path), binary=path.suffix == ".bin")
+    except Exception as error:  # gensim raises assorted errors on malformed files
+        raise EvaluationInputError(
+            f"cannot read word2vec file {path}: {type(error).__name__}: {error}") from error
+    return list(keyed.index_to_key), np.asarray(keyed.vectors, dtype=np.float32)
+
+
+def resolve_checkpoint_path(path) -> Path:
+    """A run directory means its ``checkpoint.pt``; a file is used as is."""
+    path = Path(path)
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def load_checkpoint(path) -> tuple[list[str], np.ndarray, EmbedFn | None, bool]:
+    """Load ``(words, vectors, embed_fn or None, lowercase)`` from a checkpoint.
+
+    The model is rebuilt with ``model.model_from_checkpoint`` when available;
+    for SGNS checkpoints the center vectors ``in_embed.weight`` are read
+    directly otherwise. ``embed_fn`` is the model's ``embed_words`` (models that
+    can embed unseen words, e.g. RNNs), else None.
+    """
+    import torch
+
+    file_path = resolve_checkpoint_path(path)
+    if not file_path.is_file():
+        raise EvaluationInputError(f"checkpoint not found: {file_path}")
+    try:
+        checkpoint = torch.load(str(file_path), map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt/unsafe files
+        raise EvaluationInputError(
+            f"cannot read checkpoint {file_path}: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}") from error
+    if not isinstance(checkpoint, dict) or "words" not in checkpoint or "model" not in checkpoint:
+        raise EvaluationInputError(
+            f"{file_path} is not a sgns checkpoint (needs 'words' and 'model' entries)")
+    words = list(checkpoint["words"])
+    args = checkpoint.get("args") or {}
+    lowercase = bool(args.get("lowercase", True))
+
+    model = None
+    try:
+        from model import model_from_checkpoint
+    except ImportError:
+        model_from_checkpoint = None
+    if model_from_checkpoint is not None:
+        try:
+            model = model_from_checkpoint(checkpoint)
+        except Exception as error:
+            raise EvaluationInputError(
+                f"cannot rebuild the model from {file_path}: {type(error).__name__}: {error}"
+            ) from error
+    embed_fn = None
+    if model is not None:
+        model.eval()
+        with torch.no_grad():
+            vectors = model.embeddings().detach().float().cpu().numpy()
+        if hasattr(model, "embed_words"):
+            def embed_fn(batch_words, _model=model):
+                with torch.no_grad():
+                    return _model.embed_words(list(batch_words)).detach().float().cpu().numpy()
+    else:
+        state = checkpoint["model"]
+        if "in_embed.weight" not in state:
+            raise EvaluationInputError(
+                f"{file_path}: no 'in_embed.weight' in the model state and model.py is unavailable")
+        vectors = state["in_embed.weight"].detach().float().cpu().numpy()
+    if vectors.shape[0] != len(words):
+        raise EvaluationInputError(
+            f"{file_path}: {vectors.shape[0]} vectors for {len(words)} words")
+    return words, np.asarray(vectors, dtype=np.float32), embed_fn, lowercase
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+
+
+def export_projector(words: Sequence[str], vectors: np.ndarray, out_dir) -> tuple[Path, Path]:
+    """Write TensorBoard projector files ``vectors.tsv`` and ``metadata.tsv``.
+
+    ``metadata.tsv`` has one word per line and no header, which is the
+    projector's convention for single-column metadata.
+    """
+    out_dir = Path(out_dir)
+    matrix = np.asarray(vectors, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[0] != len(words):
+        raise ValueError(f"{matrix.shape} vectors do not match {len(words)} words")
+    vector_lines = ["\t".join(f"{value:.6g}" for value in row) for row in matrix]
+    # Tabs or newlines inside a word would shift every later row.
+    metadata_lines = [word.replace("\t", " ").replace("\n", " ") for word in words]
+    vectors_path, metadata_path = out_dir / "vectors.tsv", out_dir / "metadata.tsv"
+    _atomic_write_text(vectors_path, "\n".join(vector_lines) + "\n")
+    _atomic_write_text(metadata_path, "\n".join(metadata_lines) + "\n")
+    return vectors_path, metadata_path
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+def default_eval_files() -> tuple[list[str], str | None]:
+    """WordSim353, SimLex-999 and questions-words shipped with gensim, if present."""
+    try:
+        from gensim.test.utils import datapath
+    except ImportError:
+        return [], None
+    similarity_files = [datapath(name) for name in ("wordsim353.tsv", "simlex999.txt")]
+    analogy_file = datapath("questions-words.txt")
+    return ([path for path in similarity_files if os.path.isfile(path)],
+            analogy_file if os.path.isfile(analogy_file) else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Evaluate word vectors: word-pair similarity (Spearman rho), analogies, "
+                    "nearest neighbours, 2-D plots and TensorBoard projector export.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="RUN_DIR_OR_FILE",
+                        help="run directory (uses its checkpoint.pt) or a checkpoint file")
+    source.add_argument("--vectors", metavar="FILE",
+                        help="word2vec file to evaluate (text, or binary if it ends in .bin)")
+    parser.add_argument("--similarity", nargs="+", metavar="FILE", default=None,
+                        help="word-pair files 'word1<TAB>word2<TAB>score'; default: WordSim353 and "
+                             "SimLex-999 from gensim when no evaluation file is given")
+    parser.add_argument("--analogy", metavar="FILE", default=None,
+                        help="analogy file in Google questions-words.txt format; default: gensim's "
+                             "questions-words.txt when no evaluation file is given")
+    parser.add_argument("--analogy-method", choices=ANALOGY_METHODS, default="3cosadd",
+                        help="analogy scoring: 3cosadd (b - a + c) or 3cosmul (Levy & Goldberg)")
+    parser.add_argument("--restrict-vocab", type=int, default=30000, metavar="N",
+                        help="analogy candidates and questions limited to the N most frequent "
+                             "words (0 = whole vocabulary; default 30000)")
+    parser.add_argument("--neighbors", nargs="+", metavar="WORD", default=None,
+                        help="print the nearest neighbours of these words")
+    parser.add_argument("--topn", type=int, default=10, metavar="N",
+                        help="number of neighbours per word (default 10)")
+    parser.add_argument("--no-default-eval", action="store_true",
+                        help="do not fall back to gensim's evaluation sets when none are given")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object instead of tables")
+    parser.add_argument("--plot-words", nargs="+", metavar="WORD", default=None,
+                        help="draw a labelled 2-D projection of these words into a PNG")
+    parser.add_argument("--plot-method", choices=("pca", "tsne"), default="pca",
+                        help="projection for --plot-words: pca (numpy) or tsne (needs scikit-learn)")
+    parser.add_argument("--plot-out", metavar="PATH", default=None,
+                        help="PNG path for --plot-words (default: projection-<method>.png next to "
+                             "the checkpoint or vectors file)")
+    parser.add_argument("--export-projector", metavar="DIR", default=None,
+                        help="write TensorBoard projector vectors.tsv and metadata.tsv into DIR")
+    return parser
+
+
+def _format_number(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _json_safe(value):
+    """NaN is not JSON; map it to null recursively."""
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float):
+        return _nan_to_none(value)
+    return value
+
+
+def _fail(message: str) -> "NoReturn":  # noqa: F821 - string annotation only
+    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _has_uppercase(words: Sequence[str]) -> bool:
+    return any(word != word.lower() for word in words)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.topn < 1:
+        _fail("--topn must be at least 1")
+    if args.restrict_vocab < 0:
+        _fail("--restrict-vocab must be >= 0")
+
+    try:
+        if args.checkpoint:
+            words, vectors, embed_fn, lowercase = load_checkpoint(args.checkpoint)
+            source_path = resolve_checkpoint_path(args.checkpoint)
+        else:
+            words, vectors = load_vectors(args.vectors)
+            embed_fn = None
+            # A word2vec file does not record how it was tokenised: lowercase
+            # the evaluation words only when the vocabulary has no capitals.
+            lowercase = not _has_uppercase(words)
+            source_path = Path(args.vectors)
+    except EvaluationInputError as error:
+        _fail(str(error))
+
+    similarity_files = args.similarity or []
+    analogy_file = args.analogy
+    if not similarity_files and not analogy_file and not args.no_default_eval:
+        similarity_files, analogy_file = default_eval_files()
+
+    report: dict = {}
+    try:
+        for path in similarity_files:
+            if not os.path.isfile(path):
+                _fail(f"similarity file not found: {path}")
+            report[Path(path).stem] = similarity(words, vectors, load_pairs(path),
+                                                 lowercase=lowercase, embed_fn=embed_fn)
+        if analogy_file:
+            if not os.path.isfile(analogy_file):
+                _fail(f"analogy file not found: {analogy_file}")
+            report["analogy"] = analogy(words, vectors, analogy_file,
+                                        restrict_vocab=args.restrict_vocab,
+                                        method=args.analogy_method, lowercase=lowercase)
+    except (EvaluationInputError, UnicodeDecodeError) as error:
+        _fail(str(error))
+    if args.neighbors:
+        found = neighbors(words, vectors, args.neighbors, topn=args.topn, embed_fn=embed_fn,
+                          lowercase=lowercase)
+        report["neighbors"] = {word: [[neighbor, cosine] for neighbor, cosine in items]
+                               for word, items in found.items()}
+    if args.plot_words:
+        report["plot"] = _plot_words(args, words, vectors, embed_fn, lowercase, source_path)
+    if args.export_projector:
+        vectors_path, metadata_path = export_projector(words, vectors, args.export_projector)
+        report["projector"] = {"vectors": str(vectors_path), "metadata": str(metadata_path)}
+
+    if args.json:
+        print(json.dumps(_json_safe(report), allow_nan=False))
+    else:
+        _print_report(report, len(words), vectors.shape[1], embed_fn is not None)
+    return 0
+
+
+def _plot_words(args, words, vectors, embed_fn, lowercase, source_path: Path) -> dict:
+    import plots
+
+    index = _word_index(words)
+    chosen, rows, missing = [], [], []
+    for word in args.plot_words:
+        key = word.lower() if lowercase else word
+        if key in index:
+            chosen.append(key)
+            rows.append(vectors[index[key]])
+        else:
+            missing.append(key)
+    if missing and embed_fn is not None:
+        chosen.extend(missing)
+        rows.extend(np.asarray(embed_fn(missing)))
+        missing = []
+    if len(chosen) < 2:
+        _fail(f"--plot-words needs at least 2 known words; not in the vocabulary: "
+              f"{' '.join(missing)}")
+    out = Path(args.plot_out) if args.plot_out else \
+        source_path.parent / f"projection-{args.plot_method}.png"
+    try:
+        plots.plot_projection(chosen, np.asarray(rows), out, method=args.plot_method)
+    except plots.PlotError as error:
+        _fail(str(error))
+    return {"path": str(out), "words": len(chosen), "skipped": missing}
+
+
+def _print_report(report: dict, vocab_size: int, dim: int, can_embed: bool) -> None:
+    print(f"vocabulary {vocab_size} words, dimension {dim}")
+    similarity_rows = [(name, result) for name, result in report.items()
+                       if isinstance(result, dict) and "spearman" in result]
+    if similarity_rows:
+        oov_header = "OOV embedded" if can_embed else "OOV pairs"
+        width = max(12, max(len(name) for name, _ in similarity_rows))
+        print()
+        print(f"{'similarity':<{width}}  {'rho':>7}  {'pairs':>6}  {oov_header:>12}")
+        for name, result in similarity_rows:
+            print(f"{name:<{width}}  {_format_number(result['spearman']):>7}  "
+                  f"{result['pairs']:>6}  {result['oov']:>12}")
+    if "analogy" in report:
+        result = report["analogy"]
+        print()
+        print(f"analogy ({result['method']}, top {result['restrict_vocab']} words): "
+              f"accuracy {_format_number(result['accuracy'])} on {result['questions']} "
+              f"questions, {result['oov']} skipped as OOV")
+        width = max([len(name) for name in result["sections"]] + [8])
+        for name, section in result["sections"].items():
+            print(f"  {name:<{width}}  {_format_number(section['accuracy']):>7}  "
+                  f"{section['questions']:>6}")
+    if "neighbors" in report:
+        print()
+        for word, items in report["neighbors"].items():
+            if not items:
+                print(f"{word}: not in the vocabulary")
+                continue
+            listed = ", ".join(f"{neighbor} {cosine:.3f}" for neighbor, cosine in items)
+            print(f"{word}: {listed}")
+    if "plot" in report:
+        plot = report["plot"]
+        skipped = f" (not in vocabulary: {' '.join(plot['skipped'])})" if plot["skipped"] else ""
+        print(f"\nprojection of {plot['words']} words written to {plot['path']}{skipped}")
+    if "projector" in report:
+        print(f"\nprojector files: {report['projector']['vectors']}, "
+              f"{report['projector']['metadata']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""PNG plots of training curves and of word-vector projections (matplotlib, no display).
+
+Both functions write atomically (temporary file in the target directory, then
+``os.replace``) so a reader such as a README build or an image viewer never
+sees a half-written PNG, even if training is interrupted mid-save.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+# Select the non-interactive backend before pyplot is imported anywhere:
+# training runs on headless machines where a GUI backend would fail.
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (must follow matplotlib.use)
+import numpy as np  # noqa: E402
+
+# Panels in this order when present; the two PIP losses get their own axes
+# because their scale differs from the training loss and from each other.
+CURVE_ORDER = ("Train loss", "PIP loss", "PIP loss (oracle)")
+PROJECTION_METHODS = ("pca", "tsne")
+
+
+class PlotError(ValueError):
+    """The plot cannot be made from these inputs (reported in one line by CLIs)."""
+
+
+def _save_atomically(figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        figure.savefig(temp_name, format="png", dpi=110, bbox_inches="tight")
+        os.replace(temp_name, path)
+    except BaseException:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
+        raise
+    finally:
+        plt.close(figure)
+    return path
+
+
+def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]], path) -> Path:
+    """Plot each tag of ``history`` (tag -> list of ``(epoch, value)``) in its own panel.
+
+    The known tags 'Train loss', 'PIP loss' and 'PIP loss (oracle)' come first
+    in that order; other tags follow. Tags with no points are left out.
+    """
+    tags = [tag for tag in CURVE_ORDER if history.get(tag)]
+    tags += [tag for tag in history if tag not in CURVE_ORDER and history[tag]]
+    if not tags:
+        raise PlotError("no training history to plot")
+
+    figure, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4), squeeze=False)
+    for axis, tag in zip(axes[0], tags):
+        points = sorted((float(epoch), float(value)) for epoch, value in history[tag])
+        epochs = [epoch for epoch, _ in points]
+        values = [value for _, value in points]
+        axis.plot(epochs, values, marker="o", markersize=3, linewidth=1.5)
+        axis.set_title(tag)
+        axis.set_xlabel("epoch")
+        axis.grid(True, alpha=0.3)
+        positive = all(value > 0 for value in values)
+        # PIP losses often shrink by orders of magnitude over training.
+        if tag.startswith("PIP") and positive and max(values) > 20 * min(values):
+            axis.set_yscale("log")
+    figure.tight_layout()
+    return _save_atomically(figure, path)
+
+
+def project_2d(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """Return an ``n x 2`` projection of the rows of ``vectors``."""
+    matrix = np.asarray(vectors, dtype=np.float64)
+    if matrix.ndim != 2 or matrix.shape[0] < 2:
+        raise PlotError("need at least 2 vectors to project")
+    if method == "pca":
+        centred = matrix - matrix.mean(axis=0)
+        # Rows of vt are the principal directions; scores = U * S.
+        left, singular, _ = np.linalg.svd(centred, full_matrices=False)
+        coords = left[:, :2] * singular[:2]
+        if coords.shape[1] < 2:  # one-dimensional input: pad the missing axis
+            coords = np.hstack([coords, np.zeros((len(coords), 2 - coords.shape[1]))])
+        return coords
+    if method == "tsne":
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError as error:
+            raise PlotError("t-SNE needs scikit-learn (pip install scikit-learn); "
+                            "use method 'pca' otherwise") from error
+        # Perplexity must stay below the number of points.
+        perplexity = max(1.0, min(30.0, (len(matrix) - 1) / 3))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca",
+                    random_state=seed).fit_transform(matrix)
+    raise PlotError(f"unknown projection method {method!r}; use one of {PROJECTION_METHODS}")
+
+
+def plot_projection(words: Sequence[str], vectors: np.ndarray, path, method: str = "pca",
+                    title: str | None = None) -> Path:
+    """Scatter the 2-D projection of ``vectors`` (one row per word) with word labels."""
+    if len(words) != len(vectors):
+        raise PlotError(f"{len(words)} words but {len(vectors)} vectors")
+    coords = project_2d(vectors, method)
+    figure, axis = plt.subplots(figsize=(7, 6))
+    axis.scatter(coords[:, 0], coords[:, 1], s=18, color="tab:blue")
+    for word, (x, y) in zip(words, coords):
+        axis.annotate(word, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=9)
+    axis.set_title(title or f"{method.upper()} projection of {len(words)} words")
+    axis.set_xticks([])
+    axis.set_yticks([])
+    figure.tight_layout()
+    return _save_atomically(figure, path)

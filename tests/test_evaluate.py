@@ -1,0 +1,363 @@
+"""Tests for evaluate.py: similarity, analogy, neighbours, loading, projector export, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import spearmanr
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import evaluate  # noqa: E402
+
+
+def brute_cosine(u, v):
+    return float(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))
+
+
+@pytest.fixture
+def small_space():
+    rng = np.random.default_rng(3)
+    words = [f"w{i}" for i in range(40)]
+    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    return words, vectors
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- load_pairs
+
+def test_load_pairs_skips_header_comments_and_blank_lines(tmp_path):
+    path = write(tmp_path / "pairs.tsv",
+                 "# a comment\n\nword1\tword2\tscore\nA\tb\t1.5\n# middle\nc\td\t-2\n\n")
+    assert evaluate.load_pairs(path) == [("A", "b", 1.5), ("c", "d", -2.0)]
+
+
+def test_load_pairs_without_header_keeps_first_row(tmp_path):
+    path = write(tmp_path / "pairs.tsv", "a\tb\t3\nc\td\t4\n")
+    assert evaluate.load_pairs(path) == [("a", "b", 3.0), ("c", "d", 4.0)]
+
+
+def test_load_pairs_rejects_non_numeric_score_after_first_row(tmp_path):
+    path = write(tmp_path / "pairs.tsv", "a\tb\t3\nc\td\tlots\n")
+    with pytest.raises(evaluate.EvaluationInputError, match=":2:"):
+        evaluate.load_pairs(path)
+
+
+# ---------------------------------------------------------------- similarity
+
+def test_similarity_matches_scipy_spearman_on_cosines(tmp_path, small_space):
+    words, vectors = small_space
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(25):
+        i, j = rng.choice(len(words), size=2, replace=False)
+        rows.append((words[i], words[j], float(rng.uniform(0, 10))))
+    # Upper-case copies must be found because lowercase=True; one OOV pair.
+    text = "word1\tword2\tscore\n" + "".join(f"{a.upper()}\t{b}\t{s}\n" for a, b, s in rows)
+    text += "unknown\tw1\t5\n"
+    path = write(tmp_path / "pairs.tsv", text)
+
+    result = evaluate.similarity(words, vectors, evaluate.load_pairs(path))
+
+    index = {w: i for i, w in enumerate(words)}
+    cosines = [brute_cosine(vectors[index[a]], vectors[index[b]]) for a, b, _ in rows]
+    expected = spearmanr(cosines, [s for _, _, s in rows]).statistic
+    assert result["spearman"] == pytest.approx(expected, abs=1e-12)
+    assert result["pairs"] == 25
+    assert result["oov"] == 1
+    assert result["oov_handling"] == "skipped"
+
+
+def test_similarity_case_sensitive_when_lowercase_off(small_space):
+    words, vectors = small_space
+    pairs = [("W1", "w2", 1.0), ("w3", "w4", 2.0), ("w5", "w6", 3.0)]
+    result = evaluate.similarity(words, vectors, pairs, lowercase=False)
+    assert result["pairs"] == 2 and result["oov"] == 1
+
+
+def test_similarity_embeds_oov_words_with_embed_fn(small_space):
+    words, vectors = small_space
+    extra = {"new1": vectors[1] * 2.0, "new2": -vectors[2]}
+    calls = []
+
+    def embed_fn(batch):
+        calls.append(list(batch))
+        return np.stack([extra[w] for w in batch])
+
+    pairs = [("new1", "w3", 1.0), ("w4", "new2", 2.0), ("w5", "w6", 0.5), ("new1", "new2", 3.0)]
+    result = evaluate.similarity(words, vectors, pairs, embed_fn=embed_fn)
+    cosines = [brute_cosine(vectors[1], vectors[3]), brute_cosine(vectors[4], -vectors[2]),
+               brute_cosine(vectors[5], vectors[6]), brute_cosine(vectors[1], -vectors[2])]
+    assert result["spearman"] == pytest.approx(spearmanr(cosines, [1, 2, 0.5, 3]).statistic)
+    assert result["pairs"] == 4
+    assert result["oov"] == 2  # distinct words embedded
+    assert result["oov_handling"] == "embedded"
+    assert sorted(calls[0]) == ["new1", "new2"]
+
+
+# ---------------------------------------------------------------- analogy
+
+def make_analogy_space(num_pairs=6, noise_words=10, dim=64, seed=0):
+    """Words x_i and y_i = x_i + offset (orthogonal random directions): x_i:y_i :: x_j:y_j."""
+    rng = np.random.default_rng(seed)
+    basis, _ = np.linalg.qr(rng.normal(size=(dim, num_pairs + noise_words + 1)))
+    offset = basis[:, 0]
+    words, rows = [], []
+    for i in range(num_pairs):
+        words += [f"x{i}", f"y{i}"]
+        rows += [basis[:, 1 + i], basis[:, 1 + i] + offset]
+    for k in range(noise_words):
+        words.append(f"noise{k}")
+        rows.append(basis[:, 1 + num_pairs + k])
+    return words, np.asarray(rows, dtype=np.float32)
+
+
+def write_questions(path, num_pairs=6):
+    lines = [": pairs-forward"]
+    for i in range(num_pairs):
+        for j in range(num_pairs):
+            if i != j:
+                lines.append(f"X{i} Y{i} X{j} Y{j}")
+    lines.append(": pairs-backward")
+    for i in range(num_pairs):
+        for j in range(num_pairs):
+            if i != j:
+                lines.append(f"y{i} x{i} y{j} x{j}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("method", ["3cosadd", "3cosmul"])
+def test_analogy_exact_offsets_give_full_accuracy(tmp_path, method):
+    words, vectors = make_analogy_space()
+    path = write_questions(tmp_path / "questions.txt")
+    result = evaluate.analogy(words, vectors, path, method=method)
+    assert result["accuracy"] == 1.0
+    assert result["questions"] == 2 * 6 * 5
+    assert result["oov"] == 0
+    assert set(result["sections"]) == {"pairs-forward", "pairs-backward"}
+    assert all(s["accuracy"] == 1.0 and s["questions"] == 30 for s in result["sections"].values())
+
+
+def brute_force_analogy(words, vectors, question, method):
+    """Straightforward per-question reference: loop over every candidate word."""
+    unit = [v / np.linalg.norm(v) for v in vectors]
+    ids = [words.index(w) for w in question[:3]]
+    best, best_score = None, -np.inf
+    for d, vector in enumerate(unit):
+        if d in ids:
+            continue
+        cos = [float(np.dot(vector, unit[i])) for i in ids]
+        if method == "3cosadd":
+            score = cos[1] - cos[0] + cos[2]
+        else:
+            shifted = [(c + 1) / 2 for c in cos]
+            score = shifted[1] * shifted[2] / (shifted[0] + 1e-3)
+        if score > best_score:
+            best, best_score = d, score
+    return words[best]
+
+
+@pytest.mark.parametrize("method,table_limit", [
+    ("3cosadd", None), ("3cosmul", None),
+    ("3cosmul", 0),  # no precomputed cosine table: per-batch matrix products
+])
+def test_analogy_matches_brute_force_on_random_vectors(tmp_path, method, table_limit, small_space,
+                                                       monkeypatch):
+    words, vectors = small_space
+    rng = np.random.default_rng(7)
+    questions = [tuple(words[i] for i in rng.choice(30, size=4, replace=False)) for _ in range(60)]
+    # Words w30..w39 fall outside restrict_vocab=30: those questions are OOV.
+    questions += [("w1", "w2", "w3", "w35"), ("w31", "w2", "w3", "w4")]
+    path = tmp_path / "q.txt"
+    path.write_text(": random\n" + "".join(" ".join(q) + "\n" for q in questions))
+    # Small batches so that several batches (and a ragged last one) are used.
+    monkeypatch.setattr(evaluate, "ANALOGY_BATCH", 7)
+    if table_limit is not None:
+        monkeypatch.setattr(evaluate, "COSMUL_TABLE_MAX_ELEMENTS", table_limit)
+
+    result = evaluate.analogy(words, vectors, path, restrict_vocab=30, method=method)
+
+    restricted_words, restricted = words[:30], vectors[:30]
+    expected = np.mean([brute_force_analogy(restricted_words, restricted, q, method) == q[3]
+                        for q in questions[:60]])
+    assert result["questions"] == 60
+    assert result["oov"] == 2
+    assert result["accuracy"] == pytest.approx(expected)
+
+
+def test_analogy_rejects_unknown_method(tmp_path):
+    words, vectors = make_analogy_space()
+    with pytest.raises(ValueError):
+        evaluate.analogy(words, vectors, write_questions(tmp_path / "q.txt"), method="cosine")
+
+
+# ---------------------------------------------------------------- neighbours
+
+def test_neighbors_on_tiny_example():
+    words = ["cat", "dog", "car", "truck", "zero"]
+    vectors = np.array([[1.0, 0.1, 0.0], [0.9, 0.2, 0.0], [0.0, 1.0, 0.1],
+                        [0.1, 0.9, 0.3], [0.0, 0.0, 0.0]])
+    result = evaluate.neighbors(words, vectors, ["cat", "truck", "Dog", "missing"], topn=2)
+    assert [w for w, _ in result["cat"]] == ["dog", "truck"]
+    assert result["cat"][0][1] == pytest.approx(brute_cosine(vectors[0], vectors[1]))
+    assert [w for w, _ in result["truck"]] == ["car", "dog"]
+    assert result["Dog"] == []  # case-sensitive by default
+    assert result["missing"] == []
+    lowered = evaluate.neighbors(words, vectors, ["Dog"], topn=10, lowercase=True)
+    # topn is capped by the vocabulary minus the query itself; the zero vector ranks last.
+    assert [w for w, _ in lowered["Dog"]] == ["cat", "truck", "car", "zero"]
+
+
+def test_neighbors_embeds_oov_query():
+    words = ["a", "b", "c"]
+    vectors = np.eye(3)
+    result = evaluate.neighbors(words, vectors, ["new"], topn=1,
+                                embed_fn=lambda batch: np.array([[0.1, 0.0, 1.0]]))
+    assert result["new"][0][0] == "c"
+
+
+# ---------------------------------------------------------------- loading and export
+
+@pytest.mark.parametrize("name", ["vectors.txt", "vectors.bin"])
+def test_word2vec_round_trip(tmp_path, name, small_space):
+    from gensim.models import KeyedVectors
+
+    words, vectors = small_space
+    keyed = KeyedVectors(vector_size=vectors.shape[1])
+    keyed.add_vectors(words, vectors)
+    path = tmp_path / name
+    keyed.save_word2vec_format(str(path), binary=name.endswith(".bin"))
+
+    loaded_words, loaded = evaluate.load_vectors(path)
+    assert loaded_words == words
+    assert loaded.dtype == np.float32
+    np.testing.assert_allclose(loaded, vectors, rtol=1e-5, atol=1e-5)
+
+
+def test_load_vectors_missing_file(tmp_path):
+    with pytest.raises(evaluate.EvaluationInputError, match="not found"):
+        evaluate.load_vectors(tmp_path / "absent.txt")
+
+
+def test_load_checkpoint_reads_sgns_state(tmp_path, small_space):
+    import torch
+
+    words, vectors = small_space
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    # Embedding-shaped state dict as SGNS saves it; the evaluator must find
+    # the center vectors whether model.py can rebuild the model or not.
+    state = {"in_embed.weight": torch.from_numpy(vectors),
+             "out_embed.weight": torch.zeros_like(torch.from_numpy(vectors))}
+    torch.save({"format": 1, "model_name": "sgns", "model": state, "words": words,
+                "counts": list(range(len(words), 0, -1)),
+                "args": {"embed_size": 8, "lowercase": False, "model": "sgns"},
+                "corpus_hash": "x", "epoch": 1}, run_dir / "checkpoint.pt")
+    try:
+        loaded_words, loaded, embed_fn, lowercase = evaluate.load_checkpoint(run_dir)
+    except evaluate.EvaluationInputError as error:
+        if "rebuild" in str(error):
+            pytest.skip(f"model.py cannot rebuild this minimal checkpoint: {error}")
+        raise
+    assert loaded_words == words
+    np.testing.assert_allclose(loaded, vectors)
+    assert embed_fn is None
+    assert lowercase is False
+
+
+def test_load_checkpoint_rejects_garbage(tmp_path):
+    path = write(tmp_path / "checkpoint.pt", "not a checkpoint")
+    with pytest.raises(evaluate.EvaluationInputError):
+        evaluate.load_checkpoint(path)
+
+
+def test_export_projector(tmp_path, small_space):
+    words, vectors = small_space
+    vectors_path, metadata_path = evaluate.export_projector(words, vectors, tmp_path / "proj")
+    assert metadata_path.read_text().splitlines() == words
+    loaded = np.loadtxt(vectors_path, delimiter="\t")
+    np.testing.assert_allclose(loaded, vectors, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- CLI
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=120)
+
+
+@pytest.fixture
+def word2vec_file(tmp_path):
+    from gensim.models import KeyedVectors
+
+    words, vectors = make_analogy_space()
+    keyed = KeyedVectors(vector_size=vectors.shape[1])
+    keyed.add_vectors(words, vectors)
+    path = tmp_path / "vectors.txt"
+    keyed.save_word2vec_format(str(path), binary=False)
+    return path
+
+
+def test_cli_json_output(tmp_path, word2vec_file):
+    pairs = write(tmp_path / "mini.tsv", "word1\tword2\tscore\nx0\ty0\t9\nx1\tnoise1\t1\n"
+                                         "y2\tx2\t8\nx3\tnope\t2\n")
+    questions = write_questions(tmp_path / "questions.txt")
+    result = run_cli("--vectors", word2vec_file, "--similarity", pairs, "--analogy", questions,
+                     "--analogy-method", "3cosmul", "--neighbors", "x0", "--topn", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report) == {"mini", "analogy", "neighbors"}
+    assert report["mini"]["pairs"] == 3 and report["mini"]["oov"] == 1
+    assert isinstance(report["mini"]["spearman"], float)
+    assert report["analogy"]["accuracy"] == 1.0
+    assert report["analogy"]["questions"] == 60
+    assert report["neighbors"]["x0"][0][0] == "y0"
+    assert len(report["neighbors"]["x0"]) == 3
+
+
+def test_cli_table_output_plot_and_projector(tmp_path, word2vec_file):
+    questions = write_questions(tmp_path / "questions.txt")
+    plot_path = tmp_path / "proj.png"
+    result = run_cli("--vectors", word2vec_file, "--analogy", questions, "--neighbors", "x1",
+                     "--plot-words", "x0", "y0", "x1", "y1", "unknownword",
+                     "--plot-out", plot_path, "--export-projector", tmp_path / "tb")
+    assert result.returncode == 0, result.stderr
+    assert "accuracy 1.000" in result.stdout
+    assert "x1:" in result.stdout
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "tb" / "metadata.tsv").read_text().split("\n")[0] == "x0"
+
+
+@pytest.mark.parametrize("args", [
+    ["--vectors", "does-not-exist.txt"],
+    ["--checkpoint", "no-such-run-dir"],
+    ["--vectors", "{vectors}", "--similarity", "missing.tsv"],
+    ["--vectors", "{vectors}", "--analogy", "missing.txt"],
+    ["--vectors", "{vectors}", "--similarity", "{badpairs}"],
+    ["--vectors", "{vectors}", "--plot-words", "nope1", "nope2"],
+    ["--vectors", "{vectors}", "--topn", "0"],
+    ["--vectors", "{garbage}"],
+    ["--checkpoint", "{garbage}"],
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, word2vec_file, args, capsys, monkeypatch):
+    # In-process (a subprocess per case costs seconds of imports): any exception
+    # other than SystemExit(2) would fail the test, i.e. no traceback reaches users.
+    garbage = write(tmp_path / "garbage.bin", "\x00\x01 this is not a vector file")
+    badpairs = write(tmp_path / "bad.tsv", "a\tb\t1\nc\td\tnot-a-number\n")
+    args = [a.format(vectors=word2vec_file, garbage=garbage, badpairs=badpairs) for a in args]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(args)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert len(error.strip().splitlines()) == 1, error
