@@ -1,0 +1,122 @@
+"""Compiled CPU training kernel: word2vec's per-pair SGD, several threads on shared tables.
+
+Python would spend more time dispatching than computing on 100-float rows, so the hot
+loop (windows, negatives, dot products, row updates) is compiled with numba. Threads
+update the two tables without locks (Hogwild, Recht et al. 2011), as word2vec and gensim
+do: collisions are rare because each thread works on a distant part of the corpus.
+Every random draw comes from a per-chunk generator seeded from (seed, chunk), so with one
+thread a run is exactly reproducible.
+"""
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+_LCG_MUL = np.uint64(25214903917)  # word2vec's linear congruential generator
+_LCG_ADD = np.uint64(11)
+
+
+@njit(inline="always")
+def _lcg(state):
+    return state * _LCG_MUL + _LCG_ADD
+
+
+@njit(inline="always")
+def _uniform(state):
+    """A float in [0, 1) from the top 24 bits of the state."""
+    return np.float32((state >> np.uint64(40)) * (1.0 / 16777216.0))
+
+
+@njit(inline="always")
+def _softplus(x):
+    """log(1 + exp(x)) without overflow: the SGNS loss of one score."""
+    if x > 0:
+        return x + math.log1p(math.exp(-x))
+    return math.log1p(math.exp(x))
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def sgd_pair(in_w, out_w, center, context, neg_ids, n_neg, lr, work):
+    """One SGD step on the pair (center, context) with negatives neg_ids[:n_neg].
+
+    Returns the pair's loss -log s(c.o) - sum log s(-c.n). The center row's update is
+    accumulated in `work` and applied last, so every output row sees the old center
+    vector: exactly -lr times the gradient of the pair's loss.
+    """
+    dim = in_w.shape[1]
+    center_row = in_w[center]
+    work[:] = 0.0
+    loss = 0.0
+    for k in range(n_neg + 1):
+        if k == 0:
+            target, label = context, np.float32(1.0)
+        else:
+            target, label = neg_ids[k - 1], np.float32(0.0)
+        target_row = out_w[target]
+        score = np.float32(0.0)
+        for t in range(dim):
+            score += center_row[t] * target_row[t]
+        prob = 1.0 / (1.0 + math.exp(-score))
+        loss += _softplus(-score) if k == 0 else _softplus(score)
+        step = np.float32(lr * (label - prob))
+        for t in range(dim):
+            work[t] += step * target_row[t]
+            target_row[t] += step * center_row[t]
+    for t in range(dim):
+        center_row[t] += work[t]
+    return loss
+
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
+def train_chunks(in_w, out_w, kept_ids, bounds, chunk_sentences, window, negative,
+                 accept, alias, lr_first, lr_last, seed, loss_out, pairs_out):
+    """Train on the sentences chunk_sentences[0] .. chunk_sentences[-1] of an epoch.
+
+    bounds: kept-token start of every sentence, with the token count appended.
+    Chunk c covers sentences chunk_sentences[c] .. chunk_sentences[c+1] and runs on its
+    own thread. The learning rate falls linearly from lr_first at the first token to
+    lr_last at the last. Per-chunk loss sums and pair counts go to loss_out, pairs_out.
+    """
+    dim = in_w.shape[1]
+    vocab = np.uint64(accept.shape[0])
+    first_token = bounds[chunk_sentences[0]]
+    span = max(1, bounds[chunk_sentences[-1]] - first_token)
+    for chunk in prange(len(chunk_sentences) - 1):
+        state = np.uint64(seed) ^ (np.uint64(chunk + 1) * np.uint64(0x9E3779B97F4A7C15))
+        for _ in range(4):  # decorrelate neighbouring seeds
+            state = _lcg(state)
+        work = np.empty(dim, dtype=np.float32)
+        neg_ids = np.empty(negative, dtype=np.int64)
+        loss = 0.0
+        pairs = 0
+        for sentence in range(chunk_sentences[chunk], chunk_sentences[chunk + 1]):
+            lo, hi = bounds[sentence], bounds[sentence + 1]
+            for pos in range(lo, hi):
+                lr = lr_first + (lr_last - lr_first) * (pos - first_token) / span
+                state = _lcg(state)
+                reach = 1 + np.int64((state >> np.uint64(16)) % np.uint64(window))
+                center = np.int64(kept_ids[pos])
+                for ctx_pos in range(max(lo, pos - reach), min(hi, pos + reach + 1)):
+                    if ctx_pos == pos:
+                        continue
+                    context = np.int64(kept_ids[ctx_pos])
+                    n_neg = 0
+                    for _ in range(negative):
+                        state = _lcg(state)
+                        slot = (state >> np.uint64(16)) % vocab
+                        state = _lcg(state)
+                        neg = np.int64(slot) if _uniform(state) < accept[slot] else alias[slot]
+                        if neg != context:  # as word2vec: a negative equal to the target is skipped
+                            neg_ids[n_neg] = neg
+                            n_neg += 1
+                    loss += sgd_pair(in_w, out_w, center, context, neg_ids, n_neg, lr, work)
+                    pairs += 1
+        loss_out[chunk] = loss
+        pairs_out[chunk] = pairs
+
+
+def set_threads(num_threads):
+    """Use num_threads kernel threads (at most what numba was started with)."""
+    numba.set_num_threads(max(1, min(num_threads, numba.config.NUMBA_NUM_THREADS)))
+    return numba.get_num_threads()

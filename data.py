@@ -1,0 +1,471 @@
+"""Corpus building, vocabulary, subsampling, negative sampling and pair batches.
+
+A corpus becomes one compact array of word ids (``np.uint32``) plus the start offset of
+each sentence. Everything downstream (the training kernels, the PIP loss) works on those
+arrays, so memory stays O(tokens) whatever the window or the number of epochs.
+"""
+import hashlib
+import json
+import os
+import re
+import socket
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CACHE_FORMAT = 2  # bump when the cache layout or the tokeniser changes: old caches rebuild
+READ_BLOCK_BYTES = 8 << 20  # bytes tokenised at a time, so a large corpus never sits in memory as text
+MAX_SENTENCE_TOKENS = 10_000  # longer "sentences" (text without punctuation) are cut, as gensim does
+
+# A word is a run of letters with apostrophes allowed inside it ("don't", "o'clock").
+# Sentence ends (. ! ? and blank lines) are matched too, as boundary markers.
+_TOKEN_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*|[.!?]|\n[ \t\r]*\n")
+_MARKUP_RE = re.compile(r"<[^>\n]*>")
+_BOUNDARY_TOKENS = (".", "!", "?")
+
+
+class DatasetError(Exception):
+    """A user-facing problem with the corpus (missing path, no words...): trainer exits 2."""
+
+
+@dataclass
+class Source:
+    """Where a corpus comes from: a list of files on disk and a name to print."""
+    name: str
+    files: list
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the corpus
+
+def _nltk_gutenberg_files(download=True):
+    """Files of NLTK's Gutenberg selection, fetched by nltk if missing; None if unavailable."""
+    import nltk
+    try:
+        from nltk.corpus import gutenberg
+        return [Path(gutenberg.abspath(fid)) for fid in gutenberg.fileids()]
+    except LookupError:
+        if not download:
+            return None
+    # Give up within seconds when the download server is unreachable (no network, firewall).
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5)
+    try:
+        ok = nltk.download("gutenberg", quiet=True, raise_on_error=False)
+    except Exception:
+        ok = False
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    if not ok:
+        return None
+    try:
+        from nltk.corpus import gutenberg
+        return [Path(gutenberg.abspath(fid)) for fid in gutenberg.fileids()]
+    except LookupError:
+        return None
+
+
+def _lee_corpus_file():
+    from gensim.test.utils import datapath
+    return Path(datapath("lee_background.cor"))
+
+
+def resolve_dataset(dataset, data_dir="data"):
+    """Turn the --dataset value into a Source.
+
+    None picks the default: data/harry_potter.txt if the user put it there, else NLTK's
+    Gutenberg selection, else (no NLTK data and no network) the Lee corpus gensim ships.
+    """
+    data_dir = Path(data_dir)
+    if dataset is None:
+        own = data_dir / "harry_potter.txt"
+        if own.is_file():
+            return Source(str(own), [own])
+        files = _nltk_gutenberg_files()
+        if files:
+            return Source("nltk gutenberg", files)
+        return Source("gensim lee_background.cor", [_lee_corpus_file()])
+    if dataset == "gutenberg":
+        files = _nltk_gutenberg_files()
+        if not files:
+            raise DatasetError("NLTK's gutenberg corpus is not installed and could not be downloaded; "
+                               "set NLTK_DATA or run: python -m nltk.downloader gutenberg")
+        return Source("nltk gutenberg", files)
+    if dataset == "lee":
+        return Source("gensim lee_background.cor", [_lee_corpus_file()])
+    for path in (Path(dataset), data_dir / dataset):
+        if path.is_file():
+            return Source(str(path), [path])
+        if path.is_dir():
+            files = sorted(p for p in path.glob("*.txt") if p.is_file())
+            if not files:
+                raise DatasetError(f"no .txt files in folder {path}")
+            return Source(str(path), files)
+    raise DatasetError(f"dataset not found: {dataset} (looked for it as given and in {data_dir}/)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenising
+
+def _read_blocks(path):
+    """Yield the file's bytes in blocks cut after a newline, so no word or character is split."""
+    with open(path, "rb") as f:
+        tail = b""
+        while True:
+            block = f.read(READ_BLOCK_BYTES)
+            if not block:
+                if tail:
+                    yield tail
+                return
+            block = tail + block
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:  # no newline in 8 MB: cut at a space, else anywhere
+                cut = block.rfind(b" ") + 1 or len(block)
+            tail = block[cut:]
+            yield block[:cut]
+
+
+def normalize(text):
+    """Lowercase, drop <markup>, unify apostrophes: the seed's normalisation."""
+    text = text.lower().replace("\u2019", "'")
+    return _MARKUP_RE.sub(" ", text)
+
+
+def tokenize(text):
+    """Word tokens and sentence-boundary markers ('.', '!', '?' or a blank line) of raw text."""
+    return _TOKEN_RE.findall(normalize(text))
+
+
+def sentences(text):
+    """Split raw text into sentences of normalised word tokens (for small inputs and tests)."""
+    out, current = [], []
+    for tok in tokenize(text):
+        if tok in _BOUNDARY_TOKENS or tok[0] == "\n":
+            if current:
+                out.append(current)
+            current = []
+        else:
+            current.append(tok)
+    if current:
+        out.append(current)
+    return out
+
+
+def hash_source(source, options):
+    """Digest of the corpus bytes and of every option that changes what is built from them."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(json.dumps({"format": CACHE_FORMAT, **options}, sort_keys=True).encode())
+    for path in source.files:
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+        digest.update(b"\x00file-end\x00")
+    return digest.hexdigest()
+
+
+def _word_mapper(remove_stopwords, lemmatize):
+    """Map a word type to what the vocabulary keeps (its lemma), or None to drop it."""
+    stop = set()
+    if remove_stopwords:
+        from nltk.corpus import stopwords
+        try:
+            stop = set(stopwords.words("english"))
+        except LookupError as err:
+            raise DatasetError("--remove-stopwords needs NLTK's stopwords: "
+                               "python -m nltk.downloader stopwords") from err
+    lemmatizer = None
+    if lemmatize:
+        from nltk.stem import WordNetLemmatizer
+        lemmatizer = WordNetLemmatizer()
+        try:
+            lemmatizer.lemmatize("dogs")
+        except LookupError as err:
+            raise DatasetError("--lemmatize needs NLTK's wordnet: python -m nltk.downloader wordnet") from err
+
+    def mapper(word):
+        if word in stop:
+            return None
+        return lemmatizer.lemmatize(word) if lemmatizer else word
+    return mapper
+
+
+def build_arrays(source, min_count=5, remove_stopwords=False, lemmatize=False, progress=None):
+    """Tokenise every file once and encode it; returns (words, counts, token_ids, sentence_starts).
+
+    One pass: each new word type gets a provisional id in order of first sight, the text
+    becomes an int32 array of provisional ids (id 0 marks a sentence boundary), and at the
+    end the types are counted, filtered and renumbered by descending frequency.
+    """
+    type_ids = {tok: 0 for tok in _BOUNDARY_TOKENS}
+    type_words = ["<boundary>"]
+    pieces, bad_bytes = [], 0
+    for path in source.files:
+        for raw in _read_blocks(path):
+            text = raw.decode("utf-8", errors="replace")
+            bad = text.count("\ufffd") - raw.count("\ufffd".encode())
+            bad_bytes += max(bad, 0)
+            tokens = tokenize(text)
+            for tok in set(tokens).difference(type_ids):
+                if tok[0] == "\n":
+                    type_ids[tok] = 0
+                else:
+                    type_ids[tok] = len(type_words)
+                    type_words.append(tok)
+            pieces.append(np.fromiter(map(type_ids.__getitem__, tokens), dtype=np.int32, count=len(tokens)))
+            if progress:
+                progress(len(tokens))
+        pieces.append(np.zeros(1, dtype=np.int32))  # a file ends a sentence
+    if bad_bytes:
+        warnings.warn(f"{source.name}: {bad_bytes} byte(s) were not valid UTF-8 and were replaced")
+    provisional = np.concatenate(pieces)
+    del pieces
+    type_counts = np.bincount(provisional, minlength=len(type_words))
+
+    # Stopwords and lemmas act on word types, not on each token: a few thousand calls.
+    mapper = _word_mapper(remove_stopwords, lemmatize)
+    kept_word_of_type = [None] + [mapper(w) for w in type_words[1:]]
+    word_counts = {}
+    for word, count in zip(kept_word_of_type[1:], type_counts[1:].tolist()):
+        if word is not None:
+            word_counts[word] = word_counts.get(word, 0) + count
+    n_types = len(word_counts)
+    if n_types == 0:
+        raise DatasetError(f"no words found in {source.name}")
+    vocab = sorted((w for w, c in word_counts.items() if c >= min_count), key=lambda w: (-word_counts[w], w))
+    if not vocab:
+        raise DatasetError(f"the vocabulary is empty: none of the {n_types} word types occurs "
+                           f"{min_count} times; lower --remove-th")
+    word_id = {w: i for i, w in enumerate(vocab)}
+    # provisional id -> final id; -1 drops the token (rare word, stopword), -2 ends a sentence
+    final_of_type = np.array([-2] + [word_id.get(w, -1) if w is not None else -1
+                                     for w in kept_word_of_type[1:]], dtype=np.int64)
+    final = final_of_type[provisional]
+    del provisional
+    sentence_index = np.cumsum(final == -2)
+    keep = final >= 0
+    token_ids = final[keep].astype(np.uint32)
+    sentence_index = sentence_index[keep]
+    del final, keep
+    starts = np.flatnonzero(np.diff(sentence_index, prepend=-1) != 0)
+    counts = np.bincount(token_ids, minlength=len(vocab)).astype(np.int64)
+    return vocab, counts, token_ids, split_long_sentences(starts, len(token_ids))
+
+
+def split_long_sentences(starts, n_tokens, max_len=MAX_SENTENCE_TOKENS):
+    """Add starts so that no sentence is longer than max_len tokens."""
+    bounds = np.append(starts, n_tokens)
+    lengths = np.diff(bounds)
+    if lengths.size == 0 or lengths.max() <= max_len:
+        return starts.astype(np.int64)
+    extra = [np.arange(s + max_len, e, max_len) for s, e in zip(bounds[:-1], bounds[1:]) if e - s > max_len]
+    return np.sort(np.concatenate([starts] + extra)).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The corpus and its cache
+
+@dataclass
+class Corpus:
+    name: str
+    words: list
+    counts: np.ndarray
+    token_ids: np.ndarray
+    sentence_starts: np.ndarray
+    hash: str
+    cache_dir: Path
+
+    def cache_file(self, suffix):
+        """Path for an artefact derived from this corpus (SPPMI matrix, oracle embedding...)."""
+        return Path(self.cache_dir) / f"corpus-{self.hash[:20]}-{suffix}"
+
+    def __len__(self):
+        return len(self.token_ids)
+
+
+def _file_digest(path):
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename into place: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _save_cache(corpus, options):
+    arrays_path = corpus.cache_file("arrays.npz")
+    meta_path = corpus.cache_file("meta.json")
+
+    def write_arrays(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, token_ids=corpus.token_ids, sentence_starts=corpus.sentence_starts, counts=corpus.counts)
+    atomic_write(arrays_path, write_arrays)
+    meta = {"format": CACHE_FORMAT, "hash": corpus.hash, "name": corpus.name, "options": options,
+            "words": corpus.words, "n_tokens": int(len(corpus.token_ids)),
+            "arrays_digest": _file_digest(arrays_path)}
+    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
+
+
+def _load_cache(corpus_hash, cache_dir, name):
+    """The cached corpus, or None when absent; a damaged cache warns and returns None."""
+    probe = Corpus(name, [], None, None, None, corpus_hash, Path(cache_dir))
+    meta_path, arrays_path = probe.cache_file("meta.json"), probe.cache_file("arrays.npz")
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != CACHE_FORMAT or meta.get("hash") != corpus_hash:
+            raise ValueError("written by another version")
+        if _file_digest(arrays_path) != meta["arrays_digest"]:
+            raise ValueError("arrays do not match their digest")
+        with np.load(arrays_path, allow_pickle=False) as arrays:
+            token_ids, starts, counts = arrays["token_ids"], arrays["sentence_starts"], arrays["counts"]
+        if len(token_ids) != meta["n_tokens"] or len(counts) != len(meta["words"]):
+            raise ValueError("sizes do not match")
+    except Exception as err:  # any damage at all means: rebuild
+        warnings.warn(f"corpus cache {meta_path} is damaged ({err}); rebuilding it")
+        return None
+    probe.words, probe.counts, probe.token_ids, probe.sentence_starts = meta["words"], counts, token_ids, starts
+    return probe
+
+
+def load_corpus(dataset=None, data_dir="data", cache_dir="data/cache", min_count=5,
+                remove_stopwords=False, lemmatize=False, use_cache=True, log=print):
+    """Find, tokenise, count and encode a corpus, through the on-disk cache."""
+    source = resolve_dataset(dataset, data_dir)
+    options = {"min_count": int(min_count), "remove_stopwords": bool(remove_stopwords),
+               "lemmatize": bool(lemmatize)}
+    corpus_hash = hash_source(source, options)
+    if use_cache:
+        cached = _load_cache(corpus_hash, cache_dir, source.name)
+        if cached is not None:
+            return cached
+    words, counts, token_ids, starts = build_arrays(source, **options)
+    corpus = Corpus(source.name, words, counts, token_ids, starts, corpus_hash, Path(cache_dir))
+    if use_cache:
+        try:
+            _save_cache(corpus, options)
+        except OSError as err:
+            log(f"warning: could not write the corpus cache in {cache_dir}: {err}")
+    return corpus
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+def keep_probabilities(counts, threshold):
+    """word2vec's per-occurrence keep probability (sqrt(f/t) + 1) * t / f, capped at 1."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if threshold <= 0:
+        return np.ones(len(counts), dtype=np.float32)
+    freq = counts / counts.sum()
+    with np.errstate(divide="ignore"):
+        keep = (np.sqrt(freq / threshold) + 1.0) * threshold / freq
+    return np.minimum(keep, 1.0).astype(np.float32)
+
+
+def subsample(token_ids, sentence_starts, keep_prob, rng, block=1 << 20):
+    """Drop occurrences at random; returns the kept ids and the sentence starts in that array.
+
+    Works block by block so the extra memory is O(block), not O(tokens).
+    """
+    kept = np.empty(len(token_ids), dtype=np.uint32)
+    kept_starts = np.empty(len(sentence_starts), dtype=np.int64)
+    n_kept = 0
+    for lo in range(0, len(token_ids), block):
+        ids = token_ids[lo:lo + block]
+        mask = rng.random(len(ids), dtype=np.float32) < keep_prob[ids]
+        chosen = ids[mask]
+        kept[n_kept:n_kept + len(chosen)] = chosen
+        first, last = np.searchsorted(sentence_starts, [lo, lo + len(ids)])
+        kept_before = np.concatenate([[0], np.cumsum(mask)])  # kept tokens before each block position
+        kept_starts[first:last] = n_kept + kept_before[sentence_starts[first:last] - lo]
+        n_kept += len(chosen)
+    starts = np.unique(kept_starts)
+    starts = starts[starts < n_kept]  # sentences emptied by subsampling vanish
+    return kept[:n_kept], starts
+
+
+class NegativeSampler:
+    """Draws negatives from unigram^exponent in O(1) per draw (Walker's alias method)."""
+
+    def __init__(self, counts, exponent=0.75):
+        weights = np.asarray(counts, dtype=np.float64) ** exponent
+        self.probs = weights / weights.sum()
+        self.accept, self.alias = alias_table(self.probs)
+
+    def sample(self, shape, rng):
+        n = int(np.prod(shape))
+        slot = rng.integers(0, len(self.accept), size=n)
+        take_slot = rng.random(n, dtype=np.float32) < self.accept[slot]
+        return np.where(take_slot, slot, self.alias[slot]).reshape(shape)
+
+
+def alias_table(probs):
+    """Vose's alias table: slot i keeps itself with accept[i], else yields alias[i]."""
+    n = len(probs)
+    scaled = np.asarray(probs, dtype=np.float64) * n
+    accept = np.ones(n, dtype=np.float32)
+    alias = np.arange(n, dtype=np.int64)
+    small = [i for i in range(n) if scaled[i] < 1.0]
+    large = [i for i in range(n) if scaled[i] >= 1.0]
+    while small and large:
+        s, g = small.pop(), large.pop()
+        accept[s] = scaled[s]
+        alias[s] = g
+        scaled[g] -= 1.0 - scaled[s]
+        (small if scaled[g] < 1.0 else large).append(g)
+    return accept, alias
+
+
+def window_pairs(kept_ids, starts, lo, hi, window, rng):
+    """All (center, context) pairs for centers kept_ids[lo:hi], dynamic window, sentence-bound.
+
+    Each center draws its window b uniformly in 1..window (word2vec's shrunk window) and
+    pairs with the words at most b away on either side within its sentence.
+    """
+    n = len(kept_ids)
+    pos = np.arange(lo, hi)
+    sentence = np.searchsorted(starts, pos, side="right") - 1
+    sent_lo = starts[sentence]
+    sent_hi = np.append(starts, n)[sentence + 1]
+    reach = rng.integers(1, window + 1, size=len(pos))
+    offsets = np.concatenate([np.arange(-window, 0), np.arange(1, window + 1)])
+    ctx_pos = pos[:, None] + offsets[None, :]
+    valid = (np.abs(offsets)[None, :] <= reach[:, None]) & (ctx_pos >= sent_lo[:, None]) & (ctx_pos < sent_hi[:, None])
+    center_pos = np.broadcast_to(pos[:, None], ctx_pos.shape)[valid]
+    return kept_ids[center_pos].astype(np.int64), kept_ids[ctx_pos[valid]].astype(np.int64)
+
+
+def iter_pair_batches(kept_ids, starts, window, batch_size, rng, start_center=0):
+    """Yield (center_ids, context_ids, next_center) batches of about batch_size pairs.
+
+    Centers are taken in order; with a window drawn uniformly in 1..W a center has W+1
+    pairs on average, so batch_size // (W+1) centers make a batch of about batch_size.
+    next_center lets a stopped run resume mid-epoch.
+    """
+    centers_per_batch = max(1, batch_size // (window + 1))
+    for lo in range(start_center, len(kept_ids), centers_per_batch):
+        hi = min(lo + centers_per_batch, len(kept_ids))
+        center_ids, context_ids = window_pairs(kept_ids, starts, lo, hi, window, rng)
+        if len(center_ids):
+            yield center_ids, context_ids, hi
+
+
+def epoch_rng(seed, epoch, *stream):
+    """The generator for one epoch: a stopped run regenerates the same stream when resumed."""
+    return np.random.default_rng([seed, epoch, *stream])

@@ -1,0 +1,213 @@
+import collections
+import json
+import warnings
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import data
+
+TEXT = """<p>The cat sat on the mat.</p> The dog didn't sit!  Did the cat run?
+
+A cat and a dog. The END
+"""
+
+
+def write_corpus(tmp_path, text=TEXT, name="corpus.txt"):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load(tmp_path, path, **kw):
+    kw.setdefault("min_count", 1)
+    return data.load_corpus(str(path), data_dir=str(tmp_path), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def decode(corpus):
+    """Sentences of the encoded corpus, as words."""
+    bounds = list(corpus.sentence_starts) + [len(corpus.token_ids)]
+    return [[corpus.words[i] for i in corpus.token_ids[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def test_normalisation_and_sentences():
+    assert data.sentences(TEXT) == [
+        ["the", "cat", "sat", "on", "the", "mat"], ["the", "dog", "didn't", "sit"], ["did", "the", "cat", "run"],
+        ["a", "cat", "and", "a", "dog"], ["the", "end"]]
+
+
+def test_vocabulary_sorted_by_count_and_encoding_round_trip(tmp_path):
+    corpus = load(tmp_path, write_corpus(tmp_path))
+    counts = collections.Counter(w for s in data.sentences(TEXT) for w in s)
+    assert corpus.words == sorted(counts, key=lambda w: (-counts[w], w))
+    assert corpus.counts.tolist() == [counts[w] for w in corpus.words]
+    assert corpus.token_ids.dtype == np.uint32
+    assert decode(corpus) == data.sentences(TEXT)
+
+
+def test_min_count_drops_rare_words_but_keeps_sentences(tmp_path):
+    corpus = load(tmp_path, write_corpus(tmp_path), min_count=2)
+    counts = collections.Counter(w for s in data.sentences(TEXT) for w in s)
+    assert set(corpus.words) == {w for w, c in counts.items() if c >= 2}
+    expected = [[w for w in s if counts[w] >= 2] for s in data.sentences(TEXT)]
+    assert decode(corpus) == [s for s in expected if s]
+
+
+def test_folder_dataset_reads_every_txt_file_with_a_boundary_between_files(tmp_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "a.txt").write_text("one two three")
+    (folder / "b.txt").write_text("four five")
+    (folder / "skip.md").write_text("six")
+    corpus = load(tmp_path, folder)
+    assert decode(corpus) == [["one", "two", "three"], ["four", "five"]]
+
+
+def test_dataset_resolved_in_data_dir_and_errors(tmp_path):
+    write_corpus(tmp_path, name="hp.txt")
+    assert data.resolve_dataset("hp.txt", tmp_path).files == [tmp_path / "hp.txt"]
+    with pytest.raises(data.DatasetError, match="not found"):
+        data.resolve_dataset("missing.txt", tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DatasetError, match="no .txt files"):
+        data.resolve_dataset(str(tmp_path / "empty"), tmp_path)
+
+
+def test_default_dataset_prefers_harry_potter_then_gutenberg(tmp_path, monkeypatch):
+    write_corpus(tmp_path, name="harry_potter.txt")
+    assert data.resolve_dataset(None, tmp_path).files == [tmp_path / "harry_potter.txt"]
+    monkeypatch.setattr(data, "_nltk_gutenberg_files", lambda download=True: None)
+    assert "lee" in data.resolve_dataset(None, tmp_path / "nothing").name
+
+
+def test_stopwords_and_lemmas(tmp_path):
+    corpus = load(tmp_path, write_corpus(tmp_path, "The dogs and the cats ran. Dogs bark."),
+                  remove_stopwords=True, lemmatize=True)
+    assert decode(corpus) == [["dog", "cat", "ran"], ["dog", "bark"]]
+
+
+def test_cache_reused_rebuilt_on_change_and_on_damage(tmp_path, monkeypatch):
+    path = write_corpus(tmp_path)
+    first = load(tmp_path, path)
+    built = []
+    real_build = data.build_arrays
+    monkeypatch.setattr(data, "build_arrays", lambda *a, **k: built.append(1) or real_build(*a, **k))
+    again = load(tmp_path, path)
+    assert built == [] and np.array_equal(again.token_ids, first.token_ids)
+    load(tmp_path, path, min_count=2)  # another option: another cache entry
+    assert built == [1]
+    path.write_text(TEXT + " more words here.")  # changed corpus
+    changed = load(tmp_path, path)
+    assert built == [1, 1] and changed.hash != first.hash
+    # damage the arrays: rebuilt with a warning, never trusted
+    arrays = changed.cache_file("arrays.npz")
+    arrays.write_bytes(arrays.read_bytes()[:-50])
+    with pytest.warns(UserWarning, match="damaged"):
+        rebuilt = load(tmp_path, path)
+    assert built == [1, 1, 1] and np.array_equal(rebuilt.token_ids, changed.token_ids)
+    # an older cache format is rebuilt too
+    meta = changed.cache_file("meta.json")
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 0}))
+    with pytest.warns(UserWarning, match="damaged"):
+        load(tmp_path, path)
+    assert built == [1, 1, 1, 1]
+
+
+def test_invalid_utf8_is_replaced_with_a_warning(tmp_path):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(b"good words \xff\xfe here. good words")
+    with pytest.warns(UserWarning, match="2 byte"):
+        corpus = load(tmp_path, path)
+    assert "good" in corpus.words
+
+
+def test_no_words_is_an_error(tmp_path):
+    with pytest.raises(data.DatasetError, match="no words"):
+        load(tmp_path, write_corpus(tmp_path, "123 ... !!! 42"))
+    with pytest.raises(data.DatasetError, match="lower --remove-th"):
+        load(tmp_path, write_corpus(tmp_path, "alpha beta", name="b.txt"), min_count=5)
+
+
+def test_long_sentences_are_split():
+    starts = data.split_long_sentences(np.array([0, 5]), 30, max_len=10)
+    assert starts.tolist() == [0, 5, 15, 25]
+
+
+def test_keep_probability_formula_and_empirical_rate():
+    counts = np.array([1000, 100, 10, 1])
+    t = 0.01
+    freq = counts / counts.sum()
+    expected = np.minimum(1, (np.sqrt(freq / t) + 1) * t / freq)
+    keep = data.keep_probabilities(counts, t)
+    np.testing.assert_allclose(keep, expected, rtol=1e-6)
+    assert keep[-1] == 1.0 and keep[0] < 0.2
+    token_ids = np.repeat(np.arange(4), counts * 100).astype(np.uint32)
+    kept, _ = data.subsample(token_ids, np.array([0]), keep, np.random.default_rng(0), block=1000)
+    rates = np.bincount(kept, minlength=4) / (counts * 100)
+    np.testing.assert_allclose(rates, expected, atol=0.01)
+
+
+def test_subsample_keeps_sentence_starts_consistent():
+    rng = np.random.default_rng(3)
+    token_ids = rng.integers(0, 5, size=5000).astype(np.uint32)
+    starts = np.sort(rng.choice(np.arange(1, 5000), 300, replace=False))
+    starts = np.concatenate([[0], starts])
+    keep = np.array([0.1, 0.5, 1.0, 0.3, 0.9], dtype=np.float32)
+    kept, kept_starts = data.subsample(token_ids, starts, keep, np.random.default_rng(1), block=777)
+    # reference: the same draws, sentence by sentence
+    ref_rng = np.random.default_rng(1)
+    draws = np.concatenate([ref_rng.random(min(777, 5000 - lo), dtype=np.float32) for lo in range(0, 5000, 777)])
+    mask = draws < keep[token_ids]
+    bounds = list(starts) + [5000]
+    sentences = [token_ids[a:b][mask[a:b]] for a, b in zip(bounds[:-1], bounds[1:])]
+    sentences = [s for s in sentences if len(s)]
+    assert np.array_equal(kept, np.concatenate(sentences))
+    assert kept_starts.tolist() == np.cumsum([0] + [len(s) for s in sentences[:-1]]).tolist()
+
+
+def test_window_sizes_are_uniform_and_pairs_stay_in_sentence():
+    kept = np.arange(100000, dtype=np.uint32)  # id = position, so pairs reveal offsets
+    starts = np.arange(0, 100000, 50)
+    center, context = data.window_pairs(kept, starts, 0, 100000, 4, np.random.default_rng(0))
+    assert np.all(center // 50 == context // 50)  # never across a sentence start
+    offsets = context - center
+    assert set(np.unique(np.abs(offsets))) == {1, 2, 3, 4}
+    # centers far from sentence ends: the reach is max |offset|, uniform on 1..4
+    inner = (center % 50 >= 4) & (center % 50 < 46)
+    reach = np.zeros(100000, dtype=np.int64)
+    np.maximum.at(reach, center[inner], np.abs(offsets[inner]))
+    observed = np.bincount(reach[reach > 0], minlength=5)[1:]
+    assert stats.chisquare(observed).pvalue > 0.001
+    # and each center pairs with every word within its reach on both sides
+    pairs_per_center = np.bincount(center[inner], minlength=100000)
+    assert np.array_equal(pairs_per_center[reach > 0], 2 * reach[reach > 0])
+
+
+def test_pair_batches_cover_the_epoch_and_resume_mid_way():
+    kept = np.random.default_rng(0).integers(0, 50, size=3000).astype(np.uint32)
+    starts = np.arange(0, 3000, 30)
+    batches = list(data.iter_pair_batches(kept, starts, 3, 64, np.random.default_rng(5)))
+    assert batches[-1][2] == 3000
+    assert 40 < np.mean([len(b[0]) for b in batches]) < 90  # about batch_size pairs each
+    rng = np.random.default_rng(5)
+    head = []
+    for batch in data.iter_pair_batches(kept, starts, 3, 64, rng):
+        head.append(batch)
+        if len(head) == 10:
+            break
+    tail = list(data.iter_pair_batches(kept, starts, 3, 64, rng, start_center=head[-1][2]))
+    for a, b in zip(head + tail, batches):
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+
+def test_negatives_follow_unigram_power():
+    counts = np.array([500, 200, 100, 50, 20, 10, 5, 1])
+    sampler = data.NegativeSampler(counts, 0.75)
+    draws = sampler.sample((200000,), np.random.default_rng(42))
+    expected = counts ** 0.75 / (counts ** 0.75).sum()
+    result = stats.chisquare(np.bincount(draws, minlength=8), expected * len(draws))
+    assert result.pvalue > 0.001
+    # and the test has power: plain unigram frequencies are rejected
+    wrong = stats.chisquare(np.bincount(draws, minlength=8), counts / counts.sum() * len(draws))
+    assert wrong.pvalue < 1e-6

@@ -1,0 +1,142 @@
+import math
+
+import numpy as np
+import torch
+
+import cpu_kernel
+import data
+from model import SGNS, build_model
+
+
+def reference_loss(in_w, out_w, center_ids, context_ids, neg_ids):
+    """The SGNS loss written out pair by pair, in float64."""
+    total = 0.0
+    for b in range(len(center_ids)):
+        c = in_w[center_ids[b]]
+        total -= math.log(1 / (1 + math.exp(-float(c @ out_w[context_ids[b]]))))
+        for n in neg_ids[b]:
+            total -= math.log(1 / (1 + math.exp(float(c @ out_w[n]))))
+    return total / len(center_ids)
+
+
+def small_case(seed=0, vocab=12, dim=6, batch=5, neg=3):
+    gen = torch.Generator().manual_seed(seed)
+    model = SGNS(vocab, dim)
+    with torch.no_grad():  # context vectors start at zero; give them values so gradients are non-trivial
+        model.out_embed.weight.copy_(torch.randn(vocab, dim, generator=gen) * 0.5)
+        model.in_embed.weight.copy_(torch.randn(vocab, dim, generator=gen) * 0.5)
+    center_ids = torch.randint(0, vocab, (batch,), generator=gen)
+    context_ids = torch.randint(0, vocab, (batch,), generator=gen)
+    neg_ids = torch.randint(0, vocab, (batch, neg), generator=gen)
+    return model, center_ids, context_ids, neg_ids
+
+
+def test_initialisation_as_word2vec():
+    model = SGNS(1000, 50)
+    assert model.out_embed.weight.abs().max() == 0
+    w = model.in_embed.weight
+    assert w.abs().max() <= 0.5 / 50 and w.std() > 0.5 / 50 / 3
+    assert model.embeddings().shape == (1000, 50)
+
+
+def test_loss_equals_hand_written_reference():
+    model, center_ids, context_ids, neg_ids = small_case()
+    loss = model(center_ids, context_ids, neg_ids)
+    expected = reference_loss(model.in_embed.weight.double().detach(), model.out_embed.weight.double().detach(),
+                              center_ids, context_ids, neg_ids)
+    assert abs(loss.item() - expected) < 1e-5 * abs(expected)
+
+
+def dense_grads(model):
+    return model.in_embed.weight.grad.to_dense(), model.out_embed.weight.grad.to_dense()
+
+
+def test_sparse_grads_equal_autograd():
+    model, center_ids, context_ids, neg_ids = small_case(seed=1)
+    neg_ids[0, 0] = context_ids[0]  # repeated rows must add up
+    loss = model(center_ids, context_ids, neg_ids) * len(center_ids)
+    loss.backward()
+    auto_in, auto_out = dense_grads(model)
+    loss_sum, in_rows, in_grads, out_rows, out_grads = model.sparse_grads(center_ids, context_ids, neg_ids)
+    assert torch.allclose(loss_sum, loss.detach(), rtol=1e-6)
+    manual_in = torch.zeros_like(auto_in).index_add_(0, in_rows, in_grads)
+    manual_out = torch.zeros_like(auto_out).index_add_(0, out_rows, out_grads)
+    assert torch.allclose(manual_in, auto_in, atol=1e-6)
+    assert torch.allclose(manual_out, auto_out, atol=1e-6)
+
+
+def test_apply_sparse_grads_is_sgd():
+    model, center_ids, context_ids, neg_ids = small_case(seed=2)
+    before_in, before_out = model.in_embed.weight.clone(), model.out_embed.weight.clone()
+    (model(center_ids, context_ids, neg_ids) * len(center_ids)).backward()
+    auto_in, auto_out = dense_grads(model)
+    _, *grads = model.sparse_grads(center_ids, context_ids, neg_ids)
+    model.apply_sparse_grads(*grads, lr=0.1)
+    assert torch.allclose(model.in_embed.weight, before_in - 0.1 * auto_in, atol=1e-6)
+    assert torch.allclose(model.out_embed.weight, before_out - 0.1 * auto_out, atol=1e-6)
+
+
+def test_kernel_pair_step_equals_reference_gradient():
+    model, _, _, _ = small_case(seed=3)
+    center, context = torch.tensor([4]), torch.tensor([7])
+    negs = torch.tensor([[1, 2, 9]])  # distinct from each other and from the context
+    loss = model(center, context, negs)
+    loss.backward()
+    auto_in, auto_out = dense_grads(model)
+    in_w = model.in_embed.weight.detach().numpy().copy()
+    out_w = model.out_embed.weight.detach().numpy().copy()
+    expected_in = in_w - 0.05 * auto_in.numpy()
+    expected_out = out_w - 0.05 * auto_out.numpy()
+    work = np.empty(in_w.shape[1], dtype=np.float32)
+    pair_loss = cpu_kernel.sgd_pair(in_w, out_w, 4, 7, negs[0].numpy().astype(np.int64), 3, 0.05, work)
+    assert abs(pair_loss - loss.item()) < 1e-5
+    np.testing.assert_allclose(in_w, expected_in, atol=1e-6)
+    np.testing.assert_allclose(out_w, expected_out, atol=1e-6)
+
+
+def run_kernel(kept, starts, model, seed=7, threads=1):
+    cpu_kernel.set_threads(threads)
+    bounds = np.append(starts, len(kept)).astype(np.int64)
+    chunks = np.array([0, len(starts) // 2, len(starts)], dtype=np.int64)
+    sampler = data.NegativeSampler(np.bincount(kept, minlength=model.vocab_size) + 1)
+    loss_out, pairs_out = np.zeros(2), np.zeros(2, dtype=np.int64)
+    cpu_kernel.train_chunks(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), kept, bounds,
+                            chunks, 3, 4, sampler.accept, sampler.alias, 0.05, 0.01, seed, loss_out, pairs_out)
+    return loss_out.sum() / pairs_out.sum(), pairs_out.sum()
+
+
+def structured_corpus(n_sentences=400):
+    """Sentences drawn from two disjoint topics: words co-occur only within their topic."""
+    rng = np.random.default_rng(0)
+    topics = rng.integers(0, 2, n_sentences)
+    sentences = [rng.integers(0, 20, 8) + 20 * t for t in topics]
+    return np.concatenate(sentences).astype(np.uint32), np.arange(0, 8 * n_sentences, 8)
+
+
+def test_kernel_is_reproducible_with_one_thread_and_learns():
+    kept, starts = structured_corpus()
+    torch.manual_seed(0)
+    first, second = SGNS(40, 10), SGNS(40, 10)
+    second.load_state_dict(first.state_dict())
+    losses = [run_kernel(kept, starts, first, seed=s)[0] for s in range(1, 6)]
+    for s in range(1, 6):
+        run_kernel(kept, starts, second, seed=s)
+    assert torch.equal(first.in_embed.weight, second.in_embed.weight)
+    assert losses[-1] < losses[0] - 0.3
+    # topic structure learned: same-topic words are closer than cross-topic words
+    vecs = torch.nn.functional.normalize(first.embeddings(), dim=1)
+    sims = vecs @ vecs.T
+    same = sims[:20, :20].mean() + sims[20:, 20:].mean()
+    cross = 2 * sims[:20, 20:].mean()
+    assert same > cross + 0.2
+
+
+def test_kernel_counts_pairs_like_the_numpy_window():
+    kept, starts = structured_corpus(50)
+    _, pairs = run_kernel(kept, starts, SGNS(40, 5))
+    # the dynamic window gives W+1 pairs per center on average, fewer at sentence ends
+    assert 0.6 * 4 * len(kept) < pairs < 4 * len(kept)
+
+
+def test_build_model_by_name():
+    assert isinstance(build_model("sgns", 10, 4), SGNS)

@@ -1,0 +1,164 @@
+import signal
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_small_corpus(path, n_sentences=600, seed=0):
+    """Sentences about two topics, so that there is something to learn."""
+    rng = np.random.default_rng(seed)
+    topics = [["cat", "dog", "mouse", "horse", "cow", "pig", "sheep", "goat"],
+              ["car", "bus", "train", "plane", "ship", "truck", "bike", "tram"]]
+    glue = ["the", "a", "and", "with", "near"]
+    lines = []
+    for _ in range(n_sentences):
+        words = topics[rng.integers(2)]
+        lines.append(" ".join(rng.choice(words + glue, 8)).capitalize() + ".")
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    return write_small_corpus(tmp_path / "small.txt")
+
+
+def base_args(tmp_path, corpus_file, *extra):
+    return ["--dataset", str(corpus_file), "--cache-dir", str(tmp_path / "cache"), "--log-dir",
+            str(tmp_path / "runs"), "--embed-size", "16", "--remove-th", "1", "--num-threads", "1", "--quiet",
+            "--pip-vocab", "30", *extra]
+
+
+def read_scalar_tags(run_dir):
+    """Tags of the scalars in a run's TensorBoard event files (TFRecord of Event protos)."""
+    from tensorboardX.proto import event_pb2
+    tags = set()
+    for events in Path(run_dir).glob("events.out.tfevents.*"):
+        raw = events.read_bytes()
+        offset = 0
+        while offset < len(raw):
+            (length,) = struct.unpack("<Q", raw[offset:offset + 8])
+            event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+            tags.update(v.tag for v in event.summary.value if v.HasField("simple_value"))
+            offset += 12 + length + 4
+    return tags
+
+
+def test_one_epoch_run_logs_every_scalar_and_exports(tmp_path, corpus_file):
+    export = tmp_path / "vectors.txt"
+    code = trainer.main(base_args(tmp_path, corpus_file, "--epochs", "1", "--log-interval", "1",
+                                  "--run-name", "one", "--export", str(export)))
+    assert code == 0
+    run_dir = tmp_path / "runs" / "one"
+    assert {"Batch loss", "Train loss", "Epoch time", "Words per second", "Learning rate", "PIP loss",
+            "PIP loss (oracle)"} <= read_scalar_tags(run_dir)
+    assert (run_dir / "args.json").exists() and (run_dir / "checkpoint.pt").exists()
+    assert (run_dir / "best.pt").exists()
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and len(ckpt["words"]) == ckpt["model"]["in_embed.weight"].shape[0]
+    # the projector got the embedding with the words as labels
+    assert any(p.name == "metadata.tsv" for p in run_dir.rglob("*"))
+
+    from gensim.models import KeyedVectors
+    keyed = KeyedVectors.load_word2vec_format(str(export))
+    assert keyed.index_to_key == ckpt["words"]
+    np.testing.assert_allclose(keyed.vectors, ckpt["model"]["in_embed.weight"].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_binary_export_round_trip(tmp_path, corpus_file):
+    export = tmp_path / "vectors.bin"
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "1", "--pip-interval", "0",
+                                  "--run-name", "b", "--export", str(export))) == 0
+    from gensim.models import KeyedVectors
+    keyed = KeyedVectors.load_word2vec_format(str(export), binary=True)
+    ckpt = torch.load(tmp_path / "runs" / "b" / "checkpoint.pt", weights_only=True)
+    assert np.array_equal(keyed.vectors, ckpt["model"]["in_embed.weight"].numpy())
+
+
+def test_training_separates_the_topics(tmp_path, corpus_file):
+    export = tmp_path / "v.txt"
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "10", "--pip-interval", "0",
+                                  "--subsample-th", "0", "--export", str(export))) == 0
+    from gensim.models import KeyedVectors
+    keyed = KeyedVectors.load_word2vec_format(str(export))
+    assert keyed.similarity("cat", "dog") > keyed.similarity("cat", "car") + 0.2
+    assert keyed.similarity("bus", "train") > keyed.similarity("bus", "horse") + 0.2
+
+
+def stop_after(monkeypatch, engine_name, n_steps):
+    """Make the engine receive SIGINT after n_steps steps, as a user pressing Ctrl-C would."""
+    real = getattr(trainer, engine_name)
+    calls = [0]  # across epochs
+
+    def engine(*args):
+        *head, step = args
+
+        def counting_step(*a):
+            calls[0] += 1
+            if calls[0] == n_steps:
+                signal.raise_signal(signal.SIGINT)
+            step(*a)
+        return real(*head, counting_step)
+    monkeypatch.setattr(trainer, engine_name, engine)
+
+
+def final_vectors(tmp_path, name):
+    return torch.load(tmp_path / "runs" / name / "checkpoint.pt", weights_only=True)["model"]["in_embed.weight"]
+
+
+@pytest.mark.parametrize("engine,stop_step,extra", [
+    ("kernel_epoch", 20, []),  # 16 kernel calls an epoch
+    ("torch_epoch", 150, ["--optimizer", "sparse_adam", "--batch-size", "256"]),  # 115 batches an epoch
+])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, corpus_file, monkeypatch, engine, stop_step,
+                                                          extra):
+    monkeypatch.setattr(trainer, "TOKENS_PER_KERNEL_CALL", 300)
+    args = base_args(tmp_path, corpus_file, "--epochs", "3", "--pip-interval", "0", "--subsample-th", "0", *extra)
+    assert trainer.main(args + ["--run-name", "straight"]) == 0
+    with monkeypatch.context() as patch:
+        stop_after(patch, engine, stop_step)  # mid-way through the second epoch
+        assert trainer.main(args + ["--run-name", "stopped"]) == 128 + signal.SIGINT
+    ckpt = torch.load(tmp_path / "runs" / "stopped" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["position"]  # a mid-epoch checkpoint
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert trainer.main(["--resume", str(tmp_path / "runs" / "stopped"), "--quiet"]) == 0
+    assert torch.allclose(final_vectors(tmp_path, "stopped"), final_vectors(tmp_path, "straight"), atol=1e-6)
+
+
+def test_resume_with_more_epochs_extends_the_run(tmp_path, corpus_file):
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "1", "--pip-interval", "0",
+                                  "--run-name", "r")) == 0
+    assert trainer.main(["--resume", str(tmp_path / "runs" / "r"), "--epochs", "2", "--quiet"]) == 0
+    ckpt = torch.load(tmp_path / "runs" / "r" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["epochs"] == 2
+
+
+def test_torch_engine_sgd_learns(tmp_path, corpus_file):
+    export = tmp_path / "t.txt"
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "10", "--pip-interval", "0", "--engine", "torch",
+                                  "--batch-size", "64", "--subsample-th", "0", "--export", str(export))) == 0
+    from gensim.models import KeyedVectors
+    keyed = KeyedVectors.load_word2vec_format(str(export))
+    assert keyed.similarity("cat", "dog") > keyed.similarity("cat", "car") + 0.2
+
+
+def test_help_has_a_string_for_every_flag():
+    parser = trainer.get_parser()
+    for action in parser._actions:
+        assert action.help, action.option_strings
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "--dataset", str(tmp_path / "nope.txt"),
+                             "--log-dir", str(tmp_path / "runs")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "nope.txt" in result.stderr
