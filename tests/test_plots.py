@@ -44,6 +44,22 @@ def test_training_curves_subset_and_overwrite(tmp_path):
     assert_valid_nonblank_png(path)
 
 
+def test_training_curves_ignores_other_tags_by_default(tmp_path):
+    # The trainer's history also holds epoch time etc.; only loss panels are drawn.
+    history = {"Train loss": [(1, 1.0), (2, 0.5)], "Epoch time": [(1, 9.0), (2, 8.0)],
+               "Learning rate": [(1, 0.02), (2, 0.01)]}
+    both = plots.plot_training_curves(history, tmp_path / "a.png")
+    alone = plots.plot_training_curves({"Train loss": history["Train loss"]}, tmp_path / "b.png")
+    assert (matplotlib.image.imread(str(both)).shape
+            == matplotlib.image.imread(str(alone)).shape)
+    chosen = plots.plot_training_curves(history, tmp_path / "c.png",
+                                        tags=["Train loss", "Epoch time"])
+    assert (matplotlib.image.imread(str(chosen)).shape[1]
+            > 1.5 * matplotlib.image.imread(str(alone)).shape[1])
+    with pytest.raises(plots.PlotError):
+        plots.plot_training_curves({"Epoch time": [(1, 9.0)]}, tmp_path / "d.png")
+
+
 def test_training_curves_width_follows_panel_count(tmp_path):
     one = plots.plot_training_curves({"Train loss": [(1, 1.0), (2, 0.5)]}, tmp_path / "a.png")
     three = plots.plot_training_curves({"Train loss": [(1, 1.0)], "PIP loss": [(1, 2.0)],
