@@ -10,6 +10,7 @@ SimLex-999, MEN and Stanford Rare Words, and Google analogy accuracy (3CosAdd an
     python bench/bench_quality.py                 # both models (several minutes on 2 cores)
     python bench/bench_quality.py --skip-ours     # gensim only
     python bench/bench_quality.py --ours-vectors saved/ours.txt   # reuse an export
+    python bench/bench_quality.py --seeds 1 2 3   # mean ± sd over three seeds per model
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=2, help="gensim worker threads")
     parser.add_argument("--restrict-vocab", type=int, default=30000,
                         help="analogy candidates: this many most frequent words")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], metavar="SEED",
+                        help="train each model once per seed and report mean ± sd (default: 1)")
     parser.add_argument("--skip-gensim", action="store_true", help="do not train gensim")
     parser.add_argument("--skip-ours", action="store_true", help="do not run trainer.py")
     parser.add_argument("--ours-vectors", default=None, metavar="FILE",
@@ -81,9 +84,9 @@ def evaluate_vectors(words, vectors, eval_dir: Path, restrict_vocab: int) -> dic
     return results
 
 
-def train_gensim(args):
+def gensim_sentences(args):
+    """The corpus as data.load_corpus builds it for trainer.py, as lists of words."""
     import numpy as np
-    from gensim.models import Word2Vec
 
     import data
 
@@ -96,26 +99,30 @@ def train_gensim(args):
     token_words = [words[i] for i in corpus.token_ids.tolist()]
     sentences = [token_words[start:end] for start, end in zip(bounds[:-1].tolist(),
                                                               bounds[1:].tolist()) if end > start]
-    del token_words
-    load_seconds = time.perf_counter() - started
+    info = {"corpus_seconds": time.perf_counter() - started, "tokens": int(len(corpus.token_ids))}
+    return sentences, words, info
+
+
+def train_gensim(args, sentences, corpus_words, seed: int):
+    import numpy as np
+    from gensim.models import Word2Vec
 
     started = time.perf_counter()
     model = Word2Vec(sentences=sentences, sg=1, vector_size=100, window=5, min_count=5,
-                     sample=1e-3, negative=5, epochs=args.epochs, workers=args.workers, seed=1)
-    train_seconds = time.perf_counter() - started
+                     sample=1e-3, negative=5, epochs=args.epochs, workers=args.workers, seed=seed)
     keyed = model.wv
-    info = {"train_seconds": train_seconds, "corpus_seconds": load_seconds,
-            "tokens": int(len(corpus.token_ids)), "vocab": len(keyed.index_to_key),
-            "same_vocab_as_corpus": set(keyed.index_to_key) == set(words)}
+    info = {"seed": seed, "train_seconds": time.perf_counter() - started,
+            "vocab": len(keyed.index_to_key),
+            "same_vocab_as_corpus": set(keyed.index_to_key) == set(corpus_words)}
     return list(keyed.index_to_key), np.asarray(keyed.vectors), keyed, info
 
 
-def run_ours(args, work_dir: Path):
-    export = work_dir / "ours.txt"
+def run_ours(args, work_dir: Path, seed: int):
+    export = work_dir / f"ours-seed{seed}.txt"
     command = [sys.executable, "trainer.py", "--dataset", args.dataset, "--export", str(export),
-               "--pip-interval", "0", "--epochs", str(args.epochs),
-               "--log-dir", str(work_dir / "runs"), "--run-name", "bench-quality", "--quiet",
-               *args.trainer_args.split()]
+               "--pip-interval", "0", "--epochs", str(args.epochs), "--seed", str(seed),
+               "--log-dir", str(work_dir / "runs"), "--run-name", f"bench-quality-seed{seed}",
+               "--quiet", *args.trainer_args.split()]
     started = time.perf_counter()
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     seconds = time.perf_counter() - started
@@ -124,7 +131,7 @@ def run_ours(args, work_dir: Path):
         print(f"trainer.py failed (exit {completed.returncode}):\n{tail}", file=sys.stderr)
         fail("trainer.py did not produce vectors; see above")
     words, vectors = evaluate.load_vectors(export)
-    return words, vectors, {"train_seconds": seconds, "vocab": len(words),
+    return words, vectors, {"seed": seed, "train_seconds": seconds, "vocab": len(words),
                             "command": " ".join(command[1:])}
 
 
@@ -145,30 +152,44 @@ def fmt(value, digits=3):
     return "n/a" if value is None or value != value else f"{value:.{digits}f}"
 
 
+def summarize(values) -> str:
+    """'mean' for one run, 'mean ± sd' (sample sd) over several seeds."""
+    values = [value for value in values if value is not None and value == value]
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return fmt(mean)
+    sd = (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+    return f"{fmt(mean)} ± {fmt(sd)}"
+
+
 def print_table(results: dict, infos: dict):
+    """One row per model; each cell is the mean (± sd) over the seeds run."""
     labels = [label for label, _ in SIMILARITY_SETS]
     methods = ["analogy 3cosadd", "analogy 3cosmul"]
     header = (["model"] + [f"{label} rho" for label in labels]
               + ["analogy 3CosAdd", "analogy 3CosMul"] + ["train s"])
     rows = []
-    for model_name, result in results.items():
+    for model_name, runs in results.items():
         row = [model_name]
         for label in labels:
-            row.append(f"{fmt(result[label]['spearman'])} ({result[label]['pairs']})")
+            row.append(summarize([run[label]["spearman"] for run in runs]))
         for name in methods:
-            row.append(f"{fmt(result[name]['accuracy'])} ({result[name]['questions']})")
-        seconds = infos[model_name].get("train_seconds")
-        row.append("-" if seconds is None else f"{seconds:.0f}")
+            row.append(summarize([run[name]["accuracy"] for run in runs]))
+        seconds = [info["train_seconds"] for info in infos[model_name] if "train_seconds" in info]
+        row.append(f"{sum(seconds) / len(seconds):.0f}" if seconds else "-")
         rows.append(row)
     widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(len(header))]
     print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths)) + " |")
     print("| " + " | ".join("-" * w for w in widths) + " |")
     for row in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
-    print("(in brackets: pairs / analogy questions in vocabulary; "
-          "OOV pairs: " + ", ".join(
-              f"{label} {results[next(iter(results))][label]['oov']}" for label in labels)
-          + f"; analogy questions skipped: {results[next(iter(results))][methods[0]]['oov']})")
+    first = next(iter(results.values()))[0]
+    print("in vocabulary: " + ", ".join(
+        f"{label} {first[label]['pairs']} pairs ({first[label]['oov']} OOV)" for label in labels)
+        + f", analogy {first[methods[0]]['questions']} questions "
+          f"({first[methods[0]]['oov']} skipped)")
 
 
 def main(argv=None):
@@ -180,6 +201,8 @@ def main(argv=None):
         fail(f"evaluation files not found: {', '.join(missing)}")
     if args.ours_vectors and not Path(args.ours_vectors).is_file():
         fail(f"--ours-vectors file not found: {args.ours_vectors}")
+    if not args.seeds:
+        fail("--seeds needs at least one seed")
 
     work_dir_holder = None
     if args.keep_dir:
@@ -191,38 +214,53 @@ def main(argv=None):
 
     results, infos, extra = {}, {}, {}
     if not args.skip_gensim:
-        print("training gensim Word2Vec ...", file=sys.stderr, flush=True)
-        words, vectors, keyed, infos["gensim"] = train_gensim(args)
-        results["gensim"] = evaluate_vectors(words, vectors, eval_dir, args.restrict_vocab)
-        if args.keep_dir:
-            keyed.save_word2vec_format(str(work_dir / "gensim.txt"))
-        if args.cross_check:
-            extra["gensim cross-check"] = cross_check(keyed, eval_dir, args.restrict_vocab)
+        sentences, corpus_words, corpus_info = gensim_sentences(args)
+        extra["corpus"] = corpus_info
+        results["gensim"], infos["gensim"] = [], []
+        for seed in args.seeds:
+            print(f"training gensim Word2Vec, seed {seed} ...", file=sys.stderr, flush=True)
+            words, vectors, keyed, info = train_gensim(args, sentences, corpus_words, seed)
+            infos["gensim"].append(info)
+            results["gensim"].append(evaluate_vectors(words, vectors, eval_dir,
+                                                      args.restrict_vocab))
+            if args.keep_dir:
+                keyed.save_word2vec_format(str(work_dir / f"gensim-seed{seed}.txt"))
+            if args.cross_check and seed == args.seeds[0]:
+                extra["gensim cross-check"] = cross_check(keyed, eval_dir, args.restrict_vocab)
+        del sentences
     if args.ours_vectors:
         words, vectors = evaluate.load_vectors(args.ours_vectors)
-        infos["ours"] = {"vocab": len(words), "vectors": args.ours_vectors}
-        results["ours"] = evaluate_vectors(words, vectors, eval_dir, args.restrict_vocab)
+        infos["ours"] = [{"vectors": args.ours_vectors, "vocab": len(words)}]
+        results["ours"] = [evaluate_vectors(words, vectors, eval_dir, args.restrict_vocab)]
     elif not args.skip_ours:
-        print("training ours (trainer.py) ...", file=sys.stderr, flush=True)
-        words, vectors, infos["ours"] = run_ours(args, work_dir)
-        results["ours"] = evaluate_vectors(words, vectors, eval_dir, args.restrict_vocab)
+        results["ours"], infos["ours"] = [], []
+        for seed in args.seeds:
+            print(f"training ours (trainer.py), seed {seed} ...", file=sys.stderr, flush=True)
+            words, vectors, info = run_ours(args, work_dir, seed)
+            infos["ours"].append(info)
+            results["ours"].append(evaluate_vectors(words, vectors, eval_dir,
+                                                    args.restrict_vocab))
     if not results:
         fail("nothing to compare: both --skip-gensim and --skip-ours given")
 
     if args.json:
         print(json.dumps(evaluate._json_safe({"results": results, "runs": infos, **extra})))
     else:
-        print(f"corpus: {args.dataset}; analogy candidates: top {args.restrict_vocab} words")
-        for name, info in infos.items():
-            details = ", ".join(f"{key} {fmt(value, 1) if isinstance(value, float) else value}"
-                                for key, value in info.items())
-            print(f"  {name}: {details}")
+        tokens = extra.get("corpus", {}).get("tokens")
+        print(f"corpus: {args.dataset}{f' ({tokens} tokens)' if tokens else ''}; "
+              f"seeds {' '.join(map(str, args.seeds))}; analogy candidates: top "
+              f"{args.restrict_vocab} words")
+        for name, runs in infos.items():
+            for info in runs:
+                details = ", ".join(f"{key} {fmt(value, 1) if isinstance(value, float) else value}"
+                                    for key, value in info.items())
+                print(f"  {name}: {details}")
         print()
         print_table(results, infos)
-        for name, values in extra.items():
-            print(f"\n{name} (gensim's evaluators on the gensim vectors): " + ", ".join(
+        if "gensim cross-check" in extra:
+            values, ours = extra["gensim cross-check"], results["gensim"][0]
+            print("\ncheck, gensim's own evaluators on the first gensim model: " + ", ".join(
                 f"{key} {fmt(value, 4)}" for key, value in values.items()))
-            ours = results["gensim"]
             print(f"  evaluate.py on the same vectors: WS353 spearman "
                   f"{fmt(ours['WS353']['spearman'], 4)}, analogy accuracy (3CosAdd) "
                   f"{fmt(ours['analogy 3cosadd']['accuracy'], 4)}, analogy seconds "
