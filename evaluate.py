@@ -628,13 +628,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                           lowercase=lowercase)
         report["neighbors"] = {word: [[neighbor, cosine] for neighbor, cosine in items]
                                for word, items in found.items()}
-    if args.plot_words:
-        report["plot"] = _plot_words(args, words, vectors, embed_fn, lowercase, source_path)
-    if args.plot_curves is not None:
-        report["curves"] = _plot_curves(args.plot_curves, checkpoint, source_path)
-    if args.export_projector:
-        vectors_path, metadata_path = export_projector(words, vectors, args.export_projector)
-        report["projector"] = {"vectors": str(vectors_path), "metadata": str(metadata_path)}
+    try:
+        if args.plot_words:
+            report["plot"] = _plot_words(args, words, vectors, embed_fn, lowercase, source_path)
+        if args.plot_curves is not None:
+            report["curves"] = _plot_curves(args.plot_curves, checkpoint, source_path)
+        if args.export_projector:
+            vectors_path, metadata_path = export_projector(words, vectors, args.export_projector)
+            report["projector"] = {"vectors": str(vectors_path), "metadata": str(metadata_path)}
+    except OSError as error:  # unwritable output folder, disk full, path is a directory...
+        _fail(f"cannot write {error.filename or 'output'}: {error.strerror or error}")
 
     if args.json:
         print(json.dumps(_json_safe(report), allow_nan=False))

@@ -372,6 +372,7 @@ def test_cli_table_output_plot_and_projector(tmp_path, word2vec_file):
     ["--vectors", "{vectors}", "--plot-words", "nope1", "nope2"],
     ["--vectors", "{vectors}", "--topn", "0"],
     ["--vectors", "{vectors}", "--plot-curves"],
+    ["--vectors", "{vectors}", "--export-projector", "{vectors}"],  # a file, not a folder
     ["--vectors", "{garbage}"],
     ["--checkpoint", "{garbage}"],
 ])
