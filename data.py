@@ -241,10 +241,11 @@ def build_arrays(source, min_count=5, remove_stopwords=False, lemmatize=False, p
     word_id = {w: i for i, w in enumerate(vocab)}
     # provisional id -> final id; -1 drops the token (rare word, stopword), -2 ends a sentence
     final_of_type = np.array([-2] + [word_id.get(w, -1) if w is not None else -1
-                                     for w in kept_word_of_type[1:]], dtype=np.int64)
+                                     for w in kept_word_of_type[1:]], dtype=np.int32)
     final = final_of_type[provisional]
     del provisional
-    sentence_index = np.cumsum(final == -2)
+    # int32 halves the peak memory of building; sentence counts beyond 2^31 need int64
+    sentence_index = np.cumsum(final == -2, dtype=np.int32 if len(final) < 2**31 else np.int64)
     keep = final >= 0
     token_ids = final[keep].astype(np.uint32)
     sentence_index = sentence_index[keep]

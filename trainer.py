@@ -3,25 +3,32 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-import torch
+if "--multi-node" in sys.argv:  # c10d logs every failed connection with a C++ stack trace; we report it in
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # one line (read when torch loads: set it first)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from tqdm import tqdm
 
 import data
+import distributed
 import pip_loss
-from model import build_model
+from model import RNN_DEFAULTS, build_model
 
 CHECKPOINT_FORMAT = 1
+RNN_BATCH_SIZE = 65536  # see --batch-size and bench/bench_rnn.py
 TOKENS_PER_KERNEL_CALL = 200_000  # work between two looks at signals, progress and the loss
 # Flags a resumed run may change; everything else comes from the saved run.
-RESUMABLE_OVERRIDES = ("epochs", "num_threads", "device", "log_interval", "save_interval", "pip_interval",
+RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads", "device", "log_interval", "save_interval", "pip_interval",
                        "export", "quiet")
 
 
@@ -39,20 +46,39 @@ def get_parser():
     g.add_argument("--remove-stopwords", action="store_true", help="drop NLTK's English stopwords (as the seed)")
     g.add_argument("--lemmatize", action="store_true", help="replace words by their WordNet lemma (as the seed)")
     g = p.add_argument_group("model and sampling")
-    g.add_argument("--model-name", default="sgns", choices=["sgns"], help="model to train")
+    g.add_argument("--model-name", default="sgns", choices=["sgns", "rnn"],
+                   help="sgns: a vector per word (embedding tables); rnn: vectors computed from the word's "
+                        "characters by an LSTM, so unseen words get vectors too")
+    g.add_argument("--is-character", action="store_true", help="same as --model-name rnn (the seed's flag)")
     g.add_argument("--embed-size", type=int, default=100, help="embedding dimension d")
     g.add_argument("--window-size", type=int, default=5, help="max context words each side (shrunk at random per center)")
     g.add_argument("--neg-sample-size", type=int, default=5, help="negative samples per (center, context) pair")
     g.add_argument("--ns-exponent", type=float, default=0.75, help="negatives are drawn from unigram^this")
     g.add_argument("--subsample-th", type=float, default=1e-3, help="subsampling threshold t (0 turns it off)")
+    g = p.add_argument_group("rnn model (--model-name rnn)")
+    g.add_argument("--char-embed-size", type=int, default=RNN_DEFAULTS["char_embed_size"],
+                   help="size of the character embeddings fed to the LSTM")
+    g.add_argument("--hidden-size", type=int, default=RNN_DEFAULTS["hidden_size"], help="LSTM hidden state size")
+    g.add_argument("--num-layer", type=int, default=RNN_DEFAULTS["num_layer"], help="stacked LSTM layers")
+    g.add_argument("--dropout", type=float, default=RNN_DEFAULTS["dropout"],
+                   help="dropout between LSTM layers and on the final hidden state, in training only")
+    g.add_argument("--bidirectional", action="store_true",
+                   help="also read words right to left; the two last states are concatenated")
+    g.add_argument("--mlp-size", type=int, default=RNN_DEFAULTS["mlp_size"],
+                   help="width of the layer after the LSTM (default: --embed-size, i.e. one linear layer to d); "
+                        "another width adds a tanh and a second linear layer to d")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=5, help="passes over the corpus")
     g.add_argument("--lr", type=float, default=None,
-                   help="starting learning rate, decayed linearly to ~0 (default 0.025 for sgd, 0.001 for sparse_adam)")
-    g.add_argument("--optimizer", default="sgd", choices=["sgd", "sparse_adam"],
-                   help="sgd: plain SGD on touched rows, as word2vec; sparse_adam: torch.optim.SparseAdam")
-    g.add_argument("--batch-size", type=int, default=4096,
-                   help="(center, context) pairs per step of the torch engine (the CPU kernel steps pair by pair)")
+                   help="starting learning rate, decayed linearly to ~0 (default 0.025 for sgd, 0.001 for "
+                        "sparse_adam and adam)")
+    g.add_argument("--optimizer", default=None, choices=["sgd", "sparse_adam", "adam"],
+                   help="sgd: plain SGD (on touched rows for sgns, as word2vec); sparse_adam: torch.optim.SparseAdam "
+                        "(sgns); adam: torch.optim.Adam (dense). Default: sgd for sgns, adam for rnn")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"(center, context) pairs per step of the torch engine (the CPU kernel steps pair by pair). "
+                        f"Default: 4096 for sgns, {RNN_BATCH_SIZE} for rnn, whose step costs grow with the batch's "
+                        f"distinct words, which grow much slower than the batch")
     g.add_argument("--engine", default="auto", choices=["auto", "kernel", "torch"],
                    help="kernel: compiled word2vec-style CPU loop; torch: batched PyTorch steps (GPU, "
                         "sparse_adam); auto picks kernel for SGD on CPU")
@@ -77,6 +103,17 @@ def get_parser():
     g.add_argument("--load-model", default=None, metavar="CHECKPOINT",
                    help="start from the weights of a checkpoint trained on the same corpus")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("evaluation and plots")
+    g.add_argument("--eval-similarity", nargs="+", default=[], metavar="FILE",
+                   help="word-pair files (word1 TAB word2 TAB score): Spearman rho logged every --eval-interval epochs")
+    g.add_argument("--eval-analogy", default=None, metavar="FILE",
+                   help="analogy file in the Google questions-words.txt format: accuracy logged every --eval-interval epochs")
+    g.add_argument("--eval-interval", type=int, default=1, help="epochs between evaluations on the files above")
+    g.add_argument("--plot-words", nargs="+", default=[], metavar="WORD",
+                   help="words to draw in a 2-D PCA projection, saved as projection.png in the run directory")
+    g.add_argument("--export-projector", default=None, metavar="DIR",
+                   help="also write TensorBoard projector files vectors.tsv and metadata.tsv into DIR")
+    distributed.add_arguments(p)
     return p
 
 
@@ -85,8 +122,17 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume:
         args = _args_for_resume(parser, args, argv)
+    if args.is_character:
+        args.model_name = "rnn"
+    if args.optimizer is None:
+        args.optimizer = "adam" if args.model_name == "rnn" else "sgd"
+    if args.batch_size is None:
+        args.batch_size = RNN_BATCH_SIZE if args.model_name == "rnn" else 4096
+    if args.model_name == "rnn":
+        _check_rnn_args(parser, args)
+    distributed.check_arguments(parser, args)
     for name in ("embed_size", "window_size", "neg_sample_size", "epochs", "batch_size", "num_threads",
-                 "log_interval", "save_interval", "pip_vocab", "projector_words"):
+                 "log_interval", "save_interval", "pip_vocab", "projector_words", "eval_interval"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("remove_th", "pip_interval"):
@@ -101,10 +147,25 @@ def parse_args(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device is available")
     if args.engine == "auto":
-        args.engine = "kernel" if args.optimizer == "sgd" and args.device == "cpu" else "torch"
+        args.engine = ("kernel" if args.optimizer == "sgd" and args.device == "cpu" and args.model_name == "sgns"
+                       else "torch")
+    if args.engine == "kernel" and args.model_name != "sgns":
+        parser.error("--engine kernel trains sgns only; the rnn model runs on --engine torch")
     if args.engine == "kernel" and (args.optimizer != "sgd" or args.device != "cpu"):
         parser.error("--engine kernel runs plain SGD on the CPU; use --engine torch for other optimizers or devices")
     return args
+
+
+def _check_rnn_args(parser, args):
+    for name in ("char_embed_size", "hidden_size", "num_layer"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.mlp_size is not None and args.mlp_size <= 0:
+        parser.error(f"--mlp-size must be positive, got {args.mlp_size}")
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.optimizer == "sparse_adam":
+        parser.error("--optimizer sparse_adam is for sgns's embedding tables; use adam (or sgd) for rnn")
 
 
 def _args_for_resume(parser, args, argv):
@@ -113,7 +174,12 @@ def _args_for_resume(parser, args, argv):
     args_file = run_dir / "args.json"
     if not args_file.is_file():
         parser.error(f"--resume {run_dir}: no args.json there (is it a run directory?)")
-    saved = json.loads(args_file.read_text())
+    try:
+        saved = json.loads(args_file.read_text())
+    except (OSError, ValueError) as err:
+        parser.error(f"--resume {run_dir}: cannot read args.json ({err})")
+    # Flags added since the run was saved take their defaults.
+    saved = {**vars(get_parser().parse_args([])), **saved}
     given = vars(get_parser().parse_args(argv, namespace=argparse.Namespace(**{
         k: None for k in vars(args)})))
     merged = dict(saved)
@@ -143,11 +209,37 @@ def make_run_dir(args):
 
 def save_checkpoint(path, model, optimizer, corpus, args, state):
     """Everything a resume needs, written atomically (temp file + rename)."""
+    if not distributed.is_main():
+        return
     ckpt = {"format": CHECKPOINT_FORMAT, "model_name": args.model_name, "model": model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "words": corpus.words, "counts": corpus.counts.tolist(), "corpus_hash": corpus.hash,
             "args": {k: v for k, v in vars(args).items()}, **state}
-    data.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    try:
+        data.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise OSError(f"cannot write checkpoint {path}: {reason} ({_free_bytes(path) / 2**20:.1f} MiB free "
+                      "on its disk); the previous checkpoint is intact") from err
+
+
+def _free_bytes(path):
+    try:
+        return shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return float("nan")
+
+
+def check_room_for_checkpoints(run_dir, model, optimizer, corpus):
+    """Fail before training, not hours later, when the disk cannot hold one more checkpoint."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * weights if optimizer is not None else 0  # Adam's two moment estimates
+    vocabulary = sum(len(w) + 16 for w in corpus.words) + 8 * len(corpus.words)
+    need = weights + moments + vocabulary + (1 << 16)
+    free = _free_bytes(run_dir / "checkpoint.pt")
+    if free < need:
+        raise OSError(f"not enough disk space for checkpoints in {run_dir}: about {need / 2**20:.1f} MiB "
+                      f"needed, {free / 2**20:.1f} MiB free")
 
 
 def load_checkpoint(path, corpus, model_name):
@@ -155,13 +247,20 @@ def load_checkpoint(path, corpus, model_name):
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise UserError(f"cannot read checkpoint {path}: {err.__class__.__name__}: {str(err).splitlines()[0]}")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this version of sgns")
-    if ckpt["corpus_hash"] != corpus.hash:
+    if ckpt.get("corpus_hash") != corpus.hash:
         raise UserError(f"{path} was trained on another corpus or other preprocessing options")
-    if ckpt["model_name"] != model_name:
+    if ckpt.get("model_name") != model_name:
         raise UserError(f"{path} holds a {ckpt['model_name']} model, not {model_name}")
     return ckpt
+
+
+def load_weights(model, state_dict, path):
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:  # another embedding size or vocabulary: a mismatch, not a crash
+        raise UserError(f"{path} does not fit this model: {str(err).splitlines()[-1].strip()}")
 
 
 class UserError(Exception):
@@ -201,8 +300,10 @@ def _cached(path, compute, log):
             log(f"warning: cached {path.name} is damaged ({err}); recomputing it")
     value = compute()
     try:
-        data.atomic_write(path, lambda tmp: (scipy.sparse.save_npz(tmp, value) if sparse
-                                             else np.save(tmp, value, allow_pickle=False)))
+        def write(tmp):  # an open file: given a name, numpy and scipy would append .npy/.npz to it
+            with open(tmp, "wb") as f:
+                scipy.sparse.save_npz(f, value) if sparse else np.save(f, value, allow_pickle=False)
+        data.atomic_write(path, write)
     except OSError as err:
         log(f"warning: could not cache {path.name}: {err}")
     return value
@@ -242,34 +343,46 @@ def lr_at(args, progress):
 
 
 def kernel_epoch(model, corpus, args, epoch, position, sampler, keep_prob, step):
-    """One epoch with the compiled CPU kernel, from sentence `position` of the subsampled stream."""
+    """One epoch with the compiled CPU kernel, from sentence position["sentence"] on.
+
+    The epoch goes in calls of about TOKENS_PER_KERNEL_CALL corpus tokens. Each call
+    subsamples its own sentences with a generator seeded by (seed, epoch, first sentence),
+    so memory stays O(call) and a resumed epoch redraws exactly what it would have drawn.
+    """
     import cpu_kernel
-    kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts, keep_prob, data.epoch_rng(args.seed, epoch))
-    bounds = np.append(starts, len(kept_ids)).astype(np.int64)
     in_w = model.in_embed.weight.data.numpy()
     out_w = model.out_embed.weight.data.numpy()
-    n_sentences, n_kept = len(starts), max(1, len(kept_ids))
+    starts = corpus.sentence_starts
+    bounds = np.append(starts, len(corpus)).astype(np.int64)
+    n_sentences, n_tokens = len(starts), max(1, len(corpus))
     threads = cpu_kernel.set_threads(args.num_threads)
-    call = 0
     sentence = position.get("sentence", 0)
     while sentence < n_sentences:
-        # A fixed amount of tokens per call, so a resumed epoch makes the same calls.
         end = int(np.searchsorted(bounds, bounds[sentence] + TOKENS_PER_KERNEL_CALL))
         end = min(n_sentences, max(sentence + 1, end))
-        targets = np.linspace(bounds[sentence], bounds[end], 4 * threads + 1)
-        chunk_sentences = np.unique(np.concatenate([[sentence], np.searchsorted(bounds, targets[1:-1]), [end]]))
-        chunk_sentences = chunk_sentences[(chunk_sentences >= sentence) & (chunk_sentences <= end)].astype(np.int64)
-        loss_out = np.zeros(len(chunk_sentences) - 1)
-        pairs_out = np.zeros(len(chunk_sentences) - 1, dtype=np.int64)
-        lr_first = lr_at(args, (epoch + bounds[sentence] / n_kept) / args.epochs)
-        lr_last = lr_at(args, (epoch + bounds[end] / n_kept) / args.epochs)
-        seed = int(data.epoch_rng(args.seed, epoch, sentence).integers(1, 2**63))
-        cpu_kernel.train_chunks(in_w, out_w, kept_ids, bounds, chunk_sentences, args.window_size,
-                                args.neg_sample_size, sampler.accept, sampler.alias, lr_first, lr_last, seed,
-                                loss_out, pairs_out)
+        rng = data.epoch_rng(args.seed, epoch, sentence)
+        kept_ids, kept_starts = data.subsample(corpus.token_ids[bounds[sentence]:bounds[end]],
+                                               starts[sentence:end] - bounds[sentence], keep_prob, rng)
+        kept_bounds = np.append(kept_starts, len(kept_ids)).astype(np.int64)
+        # split the call's sentences into 4 chunks a thread, of about equal token counts
+        targets = np.linspace(0, len(kept_ids), 4 * threads + 1)[1:-1]
+        chunks = np.unique(np.concatenate([[0], np.searchsorted(kept_bounds, targets), [len(kept_starts)]]))
+        loss_out, pairs_out = np.zeros(len(chunks) - 1), np.zeros(len(chunks) - 1, dtype=np.int64)
+        lr_first = lr_at(args, (epoch + bounds[sentence] / n_tokens) / args.epochs)
+        lr_last = lr_at(args, (epoch + bounds[end] / n_tokens) / args.epochs)
+        if len(kept_ids):
+            try:
+                cpu_kernel.train_chunks(in_w, out_w, kept_ids, kept_bounds, chunks.astype(np.int64), args.window_size,
+                                        args.neg_sample_size, sampler.accept, sampler.alias, lr_first, lr_last,
+                                        int(rng.integers(1, 2**63)), loss_out, pairs_out)
+            except (ZeroDivisionError, SystemError) as err:
+                # numba checks float divisions as Python does, and a NaN weight trips that check:
+                # report it as the NaN loss it is (step() stops the run, naming epoch and step).
+                if not isinstance(err, ZeroDivisionError) and not isinstance(err.__cause__, ZeroDivisionError):
+                    raise
+                loss_out[:] = np.nan
+        words_done = bounds[end] - bounds[sentence]
         sentence = end
-        call += 1
-        words_done = (bounds[end] - bounds[chunk_sentences[0]]) / n_kept * len(corpus)
         step(float(loss_out.sum()), int(pairs_out.sum()), words_done, lr_last, {"sentence": sentence})
 
 
@@ -288,15 +401,17 @@ def torch_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_p
         center_ids, context_ids, neg_ids = (torch.from_numpy(a).to(device, non_blocking=True)
                                             for a in (center_ids, context_ids, neg_ids))
         lr = lr_at(args, (epoch + done / n_kept) / args.epochs)
-        if args.optimizer == "sgd":
+        if optimizer is None:  # plain SGD on the touched rows, no autograd
             loss_sum, *grads = model.sparse_grads(center_ids, context_ids, neg_ids)
             model.apply_sparse_grads(*grads, lr=lr)
             loss_sum = float(loss_sum)
         else:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for group in optimizer.param_groups:  # plain SGD (--multi-gpu) steps on the summed loss, as word2vec
+                group["lr"] = lr * len(center_ids) if args.multi_gpu else lr
             optimizer.zero_grad(set_to_none=True)
             loss = model(center_ids, context_ids, neg_ids)
+            if loss.dim():  # DataParallel (distributed.data_parallel): the loss summed on each GPU
+                loss = loss.sum() / len(center_ids)
             loss.backward()
             optimizer.step()
             loss_sum = float(loss.detach()) * len(center_ids)
@@ -306,6 +421,37 @@ def torch_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_p
 
 
 # ---------------------------------------------------------------------------------------------
+
+def evaluation_scalars(args, words, vectors):
+    """Similarity rho per pair file and analogy accuracy, as TensorBoard scalars."""
+    import evaluate
+    scalars = {}
+    for path in args.eval_similarity:
+        scalars[f"Similarity/{Path(path).stem}"] = evaluate.similarity(words, vectors, evaluate.load_pairs(path))["spearman"]
+    if args.eval_analogy:
+        scalars["Analogy accuracy"] = evaluate.analogy(words, vectors, args.eval_analogy)["accuracy"]
+    return scalars
+
+
+def write_pictures(args, run_dir, history, words, vectors):
+    """Training curves, the chosen words' projection and projector files, at the end of a run."""
+    import evaluate
+    import plots
+    if any(history.get(tag) for tag in plots.CURVE_ORDER):
+        print(f"curves: {plots.plot_training_curves(history, run_dir / 'curves.png')}")
+    if args.plot_words:
+        index = {w: i for i, w in enumerate(words)}
+        chosen = [w for w in args.plot_words if w in index]
+        missing = sorted(set(args.plot_words) - set(chosen))
+        if missing:
+            print(f"warning: not in the vocabulary, left out of the plot: {' '.join(missing)}")
+        if len(chosen) >= 2:
+            picture = plots.plot_projection(chosen, vectors[[index[w] for w in chosen]], run_dir / "projection.png")
+            print(f"projection: {picture}")
+    if args.export_projector:
+        evaluate.export_projector(words, vectors, args.export_projector)
+        print(f"projector files written to {args.export_projector}")
+
 
 def export_vectors(path, words, vectors):
     """word2vec text format, or binary when the path ends in .bin (gensim reads both)."""
@@ -317,38 +463,62 @@ def export_vectors(path, words, vectors):
 
 
 def train(args):
-    run_dir = make_run_dir(args)
+    # Only rank 0 of a --multi-node run writes (run folder, TensorBoard, checkpoints, export).
+    run_dir = make_run_dir(args) if distributed.is_main() else Path(args.resume or args.log_dir)
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.num_threads)
     print(f"run directory: {run_dir}")
+    if args.export:  # find out now, not after hours of training, that the vectors cannot be written there
+        if Path(args.export).is_dir():
+            raise UserError(f"--export {args.export} is a folder; give a file name")
+        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
     corpus = data.load_corpus(args.dataset, args.data_dir, args.cache_dir, args.remove_th,
                               args.remove_stopwords, args.lemmatize)
     print(f"corpus: {corpus.name}: {len(corpus):,} tokens, {len(corpus.words):,} words "
           f"(choose another with --dataset FILE|FOLDER|gutenberg|lee)")
+    if len(corpus.words) < 2:
+        raise UserError(f"the vocabulary has {len(corpus.words)} word; SGNS needs at least 2 "
+                        "(use a larger corpus or lower --remove-th)")
+    distributed.check_same_corpus(corpus.hash, len(corpus.words))
 
-    model = build_model(args.model_name, len(corpus.words), args.embed_size, sparse=True)
+    # DataParallel cannot reduce sparse gradients (pytorch#32444): --multi-gpu trains dense tables with autograd.
+    # Dense Adam needs dense gradients too.
+    model = build_model(args.model_name, len(corpus.words), args.embed_size,
+                        sparse=not args.multi_gpu and args.optimizer != "adam", words=corpus.words, args=vars(args))
     optimizer = None
     if args.optimizer == "sparse_adam":
         optimizer = torch.optim.SparseAdam(list(model.parameters()), lr=args.lr)
+    elif args.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    elif args.multi_gpu or not hasattr(model, "sparse_grads"):  # SGD through autograd (rnn has no sparse_grads)
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     state = {"epoch": 0, "position": {}, "global_step": 0, "epoch_loss": 0.0, "epoch_pairs": 0,
              "best_oracle_pip": None, "history": {}}
     if args.resume:
         ckpt = load_checkpoint(run_dir / "checkpoint.pt", corpus, args.model_name)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], run_dir / "checkpoint.pt")
         if optimizer is not None and ckpt["optimizer"]:
             optimizer.load_state_dict(ckpt["optimizer"])
-        state = {k: ckpt[k] for k in state}
+        state = {k: ckpt.get(k, state[k]) for k in state}
+        for stale in run_dir.glob(".*.tmp*"):  # left by a write that a kill -9 or power cut interrupted
+            stale.unlink()
         print(f"resuming at epoch {state['epoch'] + 1}, step {state['global_step']}")
     elif args.load_model:
-        model.load_state_dict(load_checkpoint(args.load_model, corpus, args.model_name)["model"])
+        load_weights(model, load_checkpoint(args.load_model, corpus, args.model_name)["model"], args.load_model)
     model.to(args.device)
+    distributed.broadcast_parameters(model)
+    engine_model = distributed.data_parallel(model, args.num_gpu) if args.multi_gpu else model
 
+    if distributed.is_main():
+        check_room_for_checkpoints(run_dir, model, optimizer, corpus)
     from tensorboardX import SummaryWriter
-    writer = SummaryWriter(str(run_dir))
-    pip_monitor = PipMonitor(corpus, args) if args.pip_interval else None
+    writer = SummaryWriter(str(run_dir)) if distributed.is_main() else distributed.NullWriter()
+    pip_monitor = PipMonitor(corpus, args) if args.pip_interval and distributed.is_main() else None
     sampler = data.NegativeSampler(corpus.counts, args.ns_exponent)
     keep_prob = data.keep_probabilities(corpus.counts, args.subsample_th)
     signals = Signals()
+    if args.multi_node:  # ranks stop together, at a step they agree on (distributed.dist_epoch)
+        signals.check = lambda: None
     ckpt_path = run_dir / "checkpoint.pt"
 
     total_words = len(corpus) * args.epochs
@@ -363,7 +533,7 @@ def train(args):
         def step(loss_sum, pairs, words_done, lr, position):
             nonlocal epoch_words
             if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"loss became {loss_sum} at epoch {epoch + 1}, step {state['global_step']}")
+                raise FloatingPointError(f"loss became {loss_sum} at epoch {epoch + 1}, step {state['global_step'] + 1}")
             state["global_step"] += 1
             state["epoch_loss"] += loss_sum
             state["epoch_pairs"] += pairs
@@ -378,11 +548,21 @@ def train(args):
         try:
             if args.engine == "kernel":
                 kernel_epoch(model, corpus, args, epoch, state["position"], sampler, keep_prob, step)
+            elif args.multi_node:
+                stop = distributed.dist_epoch(model, optimizer, corpus, args, epoch, state["position"], sampler,
+                                              keep_prob, step, lr_at, lambda: signals.received or 0)
+                if stop:
+                    raise StopRequested(stop)
             else:
-                torch_epoch(model, optimizer, corpus, args, epoch, state["position"], sampler, keep_prob, step)
+                torch_epoch(engine_model, optimizer, corpus, args, epoch, state["position"], sampler, keep_prob, step)
         except StopRequested as stop:
             interrupted = stop.signum
             break
+        # A NaN can reach the weights in an update after the last loss was computed: never
+        # evaluate or checkpoint such weights.
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise FloatingPointError(f"the weights became NaN or infinite in epoch {epoch + 1}, "
+                                     f"by step {state['global_step']}")
         epoch_time = time.time() - epoch_start
         train_loss = state["epoch_loss"] / max(1, state["epoch_pairs"])
         scalars = {"Train loss": train_loss, "Epoch time": epoch_time,
@@ -390,6 +570,8 @@ def train(args):
                    "Learning rate": lr_at(args, (epoch + 1) / args.epochs)}
         if pip_monitor and (epoch + 1) % args.pip_interval == 0:
             scalars.update(pip_monitor.losses(model.embeddings().cpu()))
+        if (args.eval_similarity or args.eval_analogy) and (epoch + 1) % args.eval_interval == 0:
+            scalars.update(evaluation_scalars(args, corpus.words, model.embeddings().cpu().numpy()))
         for tag, value in scalars.items():
             writer.add_scalar(tag, value, epoch + 1)
             state["history"].setdefault(tag, []).append([epoch + 1, float(value)])
@@ -413,28 +595,56 @@ def train(args):
         print(f"stopped by signal {interrupted} at epoch {state['epoch'] + 1}, step {state['global_step']}; "
               f"checkpoint written. Resume with: python trainer.py --resume {run_dir}")
         return 128 + interrupted
-    if args.export:
+    if args.export and distributed.is_main():
         export_vectors(args.export, corpus.words, model.embeddings().cpu().numpy())
         print(f"vectors written to {args.export}")
     writer.close()
+    if distributed.is_main():
+        write_pictures(args, run_dir, state["history"], corpus.words, model.embeddings().cpu().numpy())
     if state["best_oracle_pip"] is not None:
         print(f"lowest PIP loss (oracle): {state['best_oracle_pip']:.4g} (checkpoint {run_dir / 'best.pt'})")
     print(f"done: {run_dir}")
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"warning: {message}\n"
+
+
+def _one_line_background_error(hook_args):
+    """TensorBoard's writer thread and exit hook meet the same full disk as the checkpoint: one line each."""
+    print(f"warning: a background write failed: {hook_args.exc_value}", file=sys.stderr)
+
+
+def install_cli_reporting():
+    """Process-wide: warnings and errors of background threads as one line, for the command line only."""
+    warnings.formatwarning = _one_line_warning  # users get the message, not our source line
+    threading.excepthook = sys.unraisablehook = _one_line_background_error
+
+
 def main(argv=None):
     args = parse_args(argv)
     warnings.simplefilter("default")
     try:
-        return train(args)
+        with distributed.session(args):  # joins and always leaves the process group of --multi-node runs
+            return train(args)
+    except distributed.DistributedFailure as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (data.DatasetError, UserError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
         print(f"error: {err}; the last good checkpoint is kept. Try a lower --lr.", file=sys.stderr)
         return 1
+    except OSError as err:  # unwritable folder, full disk: atomic writes left earlier files intact
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the handlers were installed, or a second Ctrl-C
+        print("error: interrupted; the last checkpoint written is intact", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
+    install_cli_reporting()
     sys.exit(main())

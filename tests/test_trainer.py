@@ -39,8 +39,13 @@ def base_args(tmp_path, corpus_file, *extra):
 
 
 def read_scalar_tags(run_dir):
-    """Tags of the scalars in a run's TensorBoard event files (TFRecord of Event protos)."""
+    """Tags of the scalars in a run's TensorBoard event files (TFRecord of Event protos).
+
+    tensorboardX stores a tag with characters TensorBoard rejects replaced by '_'
+    ('PIP loss (oracle)' becomes 'PIP_loss__oracle_'); the tags are returned as logged.
+    """
     from tensorboardX.proto import event_pb2
+    from tensorboardX.summary import _clean_tag
     tags = set()
     for events in Path(run_dir).glob("events.out.tfevents.*"):
         raw = events.read_bytes()
@@ -50,7 +55,11 @@ def read_scalar_tags(run_dir):
             event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
             tags.update(v.tag for v in event.summary.value if v.HasField("simple_value"))
             offset += 12 + length + 4
-    return tags
+    return {tag for tag in LOGGED_TAGS if _clean_tag(tag) in tags} | tags
+
+
+LOGGED_TAGS = ("Batch loss", "Train loss", "Epoch time", "Words per second", "Learning rate", "PIP loss",
+               "PIP loss (oracle)", "Similarity/pairs", "Analogy accuracy")
 
 
 def test_one_epoch_run_logs_every_scalar_and_exports(tmp_path, corpus_file):
@@ -162,3 +171,19 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
                              "--log-dir", str(tmp_path / "runs")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "nope.txt" in result.stderr
+
+
+def test_evaluation_scalars_and_pictures(tmp_path, corpus_file):
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("word1\tword2\tscore\ncat\tdog\t9\ncat\tcar\t1\nbus\ttrain\t8\nbus\tcow\t2\n")
+    questions = tmp_path / "questions.txt"
+    questions.write_text(": animals\ncat dog cow pig\ncar bus train plane\n")
+    projector = tmp_path / "projector"
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "e", "--eval-similarity",
+                                  str(pairs), "--eval-analogy", str(questions), "--plot-words", "cat", "dog", "car",
+                                  "bus", "--export-projector", str(projector))) == 0
+    run_dir = tmp_path / "runs" / "e"
+    assert {"Similarity/pairs", "Analogy accuracy"} <= read_scalar_tags(run_dir)
+    for picture in ("curves.png", "projection.png"):
+        assert (run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (projector / "vectors.tsv").exists() and (projector / "metadata.tsv").exists()
