@@ -1,0 +1,639 @@
+"""Hard to break (issue 8): bad input, crashes and interrupted runs lose nothing.
+
+One test per row of the issue's table. Where the process boundary is the point (exit codes,
+stderr without a traceback, signals, kill -9) the test runs `python trainer.py` or a small
+driver around trainer.main in a subprocess; the rest call trainer.main in-process, where any
+uncaught exception fails the test just as a traceback would.
+"""
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_TOKENS = 300  # tokens per kernel call in these tests: 16 steps an epoch on the small corpus
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def write_small_corpus(path, n_sentences=600, seed=0):
+    """4,800 tokens about two topics, 13 word types."""
+    rng = np.random.default_rng(seed)
+    topics = [["cat", "dog", "mouse", "horse", "cow"], ["car", "bus", "train", "plane", "ship"]]
+    glue = ["the", "a", "and"]
+    lines = [" ".join(rng.choice(topics[rng.integers(2)] + glue, 8)).capitalize() + "." for _ in range(n_sentences)]
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    return write_small_corpus(tmp_path / "small.txt")
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """trainer.main installs SIGINT/SIGTERM handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def base_args(tmp_path, dataset, *extra):
+    return ["--dataset", str(dataset), "--cache-dir", str(tmp_path / "cache"), "--log-dir", str(tmp_path / "runs"),
+            "--embed-size", "16", "--remove-th", "1", "--num-threads", "1", "--quiet", "--pip-interval", "0",
+            "--subsample-th", "0", *extra]
+
+
+def run_main(capsys, argv):
+    """trainer.main in-process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = trainer.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_cli(tmp_path, *argv, timeout=300):
+    """`python trainer.py ARGV` as a user would run it."""
+    return subprocess.run([sys.executable, str(ROOT / "trainer.py"), *map(str, argv)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout, env=cli_env())
+
+
+def cli_env(**extra):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # a test run under torchrun must not make --multi-node look launched
+    return env
+
+
+def assert_one_line_error(stderr, *needles):
+    """No traceback; exactly one 'error:' line, holding every needle; anything else is a warning."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, stderr
+    assert all(line.startswith(("error:", "warning:")) for line in lines), stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+    return errors[0]
+
+
+def snapshot(folder):
+    """Every file under folder with its bytes."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def load_ckpt(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def can_mount_tmpfs(target):
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(target)],
+                                capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 4 MiB tmpfs (needs root with mount rights, else the test is skipped); unmounted afterwards."""
+    mount_point = tmp_path / "tmpfs"
+    if not can_mount_tmpfs(mount_point):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=20)
+
+
+# A driver around trainer.main for what a plain command line cannot do on cue: pause at a
+# given step (so a signal or kill -9 lands mid-epoch) or stall half-way through writing a
+# checkpoint (so kill -9 lands mid-write). It touches MARKER when it is in position.
+DRIVER = r'''
+import io, os, signal, sys, time
+import torch
+import trainer
+
+trainer.TOKENS_PER_KERNEL_CALL = int(os.environ["KERNEL_TOKENS"])
+marker = os.environ.get("MARKER")
+pause_at_step = int(os.environ.get("PAUSE_AT_STEP", 0))
+stall_save = int(os.environ.get("STALL_SAVE", 0))
+
+
+def wait_here():
+    """Tell the test we are in position; wait for its signal (handled) or kill -9 (not)."""
+    open(marker, "w").close()
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        handler = signal.getsignal(signal.SIGINT)  # trainer.Signals._handle once training runs
+        if getattr(getattr(handler, "__self__", None), "received", None) is not None:
+            return
+        time.sleep(0.01)
+    sys.exit("driver: nobody came")
+
+
+steps = [0]
+for name in ("kernel_epoch", "torch_epoch"):
+    def engine(*args, _real=getattr(trainer, name)):
+        *head, step = args
+
+        def counting_step(*a):
+            steps[0] += 1
+            if steps[0] == pause_at_step:
+                wait_here()
+            step(*a)
+        return _real(*head, counting_step)
+    setattr(trainer, name, engine)
+
+saves = [0]
+real_save = torch.save
+
+
+def stalling_save(obj, f, *args, **kwargs):
+    saves[0] += 1
+    if saves[0] == stall_save:  # write half the bytes for real, then hang until killed
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+            out.flush()
+            os.fsync(out.fileno())
+        wait_here()
+    return real_save(obj, f, *args, **kwargs)
+
+
+torch.save = stalling_save
+trainer.install_cli_reporting()
+sys.exit(trainer.main(sys.argv[1:]))
+'''
+
+
+def start_driver(tmp_path, argv, **env):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    marker = tmp_path / "in-position"
+    marker.unlink(missing_ok=True)
+    process = subprocess.Popen([sys.executable, str(driver), *map(str, argv)], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env=cli_env(KERNEL_TOKENS=str(KERNEL_TOKENS), MARKER=str(marker),
+                                           **{k: str(v) for k, v in env.items()}))
+    deadline = time.time() + 240
+    while not marker.exists():
+        if process.poll() is not None or time.time() > deadline:
+            process.kill()
+            out, err = process.communicate()
+            pytest.fail(f"the driver never got in position (exit {process.returncode}):\n{out}\n{err}")
+        time.sleep(0.05)
+    return process
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+def test_missing_dataset_or_folder_without_txt_is_one_line_exit_2(tmp_path, capsys):
+    result = run_cli(tmp_path, "--dataset", tmp_path / "nope.txt", "--log-dir", tmp_path / "runs", "--quiet")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, "nope.txt")
+
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "notes.md").write_text("words that are not in a .txt file")
+    code, _, err = run_main(capsys, base_args(tmp_path, tmp_path / "books"))
+    assert code == 2
+    assert_one_line_error(err, str(tmp_path / "books"), ".txt")
+
+
+@pytest.mark.parametrize("text", ["", "... 123 !!! 4.5 ?? -- 1999, (42) ;;"], ids=["empty", "punctuation-digits"])
+def test_file_without_words_is_one_line_exit_2(tmp_path, capsys, text):
+    corpus = tmp_path / "nowords.txt"
+    corpus.write_text(text)
+    code, _, err = run_main(capsys, base_args(tmp_path, corpus))
+    assert code == 2
+    assert_one_line_error(err, "no words", "nowords.txt")
+
+
+def test_invalid_utf8_is_replaced_with_a_warning_and_training_goes_on(tmp_path):
+    corpus = tmp_path / "mixed.txt"
+    good = write_small_corpus(tmp_path / "good.txt", n_sentences=50).read_bytes()
+    corpus.write_bytes(good + b"\nthe cat \xff\xfe sat \x80 on the mat.\n" + b"\x00\x01binary\x02 dog.\n")
+    result = run_cli(tmp_path, *base_args(tmp_path, corpus, "--epochs", "1", "--run-name", "r"))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert any("3 byte(s)" in line and "UTF-8" in line for line in warnings), result.stderr
+    words = load_ckpt(tmp_path / "runs" / "r" / "checkpoint.pt")["words"]
+    assert {"cat", "sat", "binary"} <= set(words) and not any("\ufffd" in w for w in words)
+
+
+def test_empty_vocabulary_after_remove_th_names_the_types_and_suggests_lower(tmp_path, capsys, corpus_file):
+    argv = base_args(tmp_path, corpus_file)
+    argv[argv.index("--remove-th") + 1] = "100000"
+    code, _, err = run_main(capsys, argv)
+    assert code == 2
+    assert_one_line_error(err, "13 word types", "100000", "lower --remove-th")
+
+
+@pytest.mark.parametrize("engine", ["kernel", "torch"])
+def test_vocabulary_smaller_than_window_and_negatives_trains(tmp_path, capsys, engine):
+    """Two word types, a window of 10 and 10 negatives; one corpus is a single sentence."""
+    two_words = tmp_path / "two.txt"
+    two_words.write_text("alpha beta alpha beta beta alpha\n\nbeta alpha")
+    one_sentence = tmp_path / "one_sentence.txt"
+    one_sentence.write_text("a single sentence with no end and words repeated words sentence a single")
+    for corpus, name in ((two_words, "two"), (one_sentence, "one")):
+        argv = base_args(tmp_path, corpus, "--engine", engine, "--window-size", "10", "--neg-sample-size", "10",
+                         "--epochs", "2", "--batch-size", "8", "--pip-interval", "1", "--run-name", name)
+        code, _, err = run_main(capsys, argv)
+        assert code == 0, err
+        ckpt = load_ckpt(tmp_path / "runs" / name / "checkpoint.pt")
+        assert ckpt["epoch"] == 2 and ckpt["model"]["in_embed.weight"].shape == (len(ckpt["words"]), 16)
+        assert torch.isfinite(ckpt["model"]["in_embed.weight"]).all()
+        assert ckpt["history"]["PIP loss"]  # the PIP monitor coped with a 2- or 9-word vocabulary
+
+    # a single word type leaves nothing to learn: refused with the reason
+    one_word = tmp_path / "one_word.txt"
+    one_word.write_text("hello hello hello. hello!")
+    code, _, err = run_main(capsys, base_args(tmp_path, one_word, "--engine", engine))
+    assert code == 2
+    assert_one_line_error(err, "1 word", "at least 2")
+
+
+BAD_FLAGS = [
+    (["--embed-size", "0"], "--embed-size"),
+    (["--window-size", "0"], "--window-size"),
+    (["--neg-sample-size", "-1"], "--neg-sample-size"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--remove-th", "-1"], "--remove-th"),
+    (["--lr", "0"], "--lr"),
+    (["--lr", "-0.5"], "--lr"),
+    (["--lr", "nan"], "--lr"),
+    (["--embed-size", "many"], "--embed-size"),
+    (["--model-name", "lstm"], "--model-name"),
+    (["--optimizer", "adamw"], "--optimizer"),
+    (["--multi-node"], "--multi-node"),
+    (["--multi-gpu", "--num-gpu", str(torch.cuda.device_count() + 1)], "--multi-gpu"),
+]
+
+
+@pytest.mark.parametrize("flags,named", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_bad_flag_is_an_argparse_error_exit_2(tmp_path, capsys, monkeypatch, flags, named):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)  # not launched by torchrun
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.parse_args(["--dataset", "x.txt", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("usage:")
+    last = err.strip().splitlines()[-1]
+    assert ": error: " in last and named in last
+
+
+def test_bad_flag_on_the_command_line_has_no_traceback(tmp_path):
+    result = run_cli(tmp_path, "--window-size", "0", "--lr", "1")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "trainer.py: error: --window-size must be positive, got 0"
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged cache and checkpoints
+
+class Payload:
+    """Unpickling this creates a file: proof that somebody unpickled cache contents."""
+
+    def __init__(self, proof):
+        self.proof = str(proof)
+
+    def __reduce__(self):
+        return (open, (self.proof, "w"))
+
+
+def pickled_array(proof):
+    return np.array([Payload(proof)], dtype=object)
+
+
+def damage_corpus_cache(corpus, kind, proof):
+    meta_path, arrays_path = corpus.cache_file("meta.json"), corpus.cache_file("arrays.npz")
+    meta = json.loads(meta_path.read_text())
+    if kind == "truncated":
+        arrays_path.write_bytes(arrays_path.read_bytes()[:100])
+    elif kind == "bytes-changed":
+        raw = bytearray(arrays_path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        arrays_path.write_bytes(bytes(raw))
+    elif kind == "meta-garbage":
+        meta_path.write_text('{"format": 2, "hash": ')
+    elif kind == "words-changed":
+        meta["words"] = meta["words"][:-1]
+        meta_path.write_text(json.dumps(meta))
+    elif kind == "older-format":
+        meta["format"] = data.CACHE_FORMAT - 1
+        meta_path.write_text(json.dumps(meta))
+    elif kind == "pickle-payload":  # a crafted cache whose digest matches: only allow_pickle=False stops it
+        with open(arrays_path, "wb") as f:
+            np.savez(f, token_ids=pickled_array(proof), sentence_starts=pickled_array(proof),
+                     counts=pickled_array(proof))
+        meta["arrays_digest"] = data._file_digest(arrays_path)
+        meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bytes-changed", "meta-garbage", "words-changed", "older-format",
+                                  "pickle-payload"])
+def test_damaged_corpus_cache_is_rebuilt_with_a_warning_never_unpickled(tmp_path, corpus_file, kind):
+    def load():
+        return data.load_corpus(str(corpus_file), cache_dir=str(tmp_path / "cache"), min_count=1)
+
+    original = load()
+    proof = tmp_path / "unpickled"
+    damage_corpus_cache(original, kind, proof)
+    with pytest.warns(UserWarning, match="rebuilding"):
+        rebuilt = load()
+    assert not proof.exists()
+    assert rebuilt.words == original.words
+    np.testing.assert_array_equal(rebuilt.token_ids, original.token_ids)
+    np.testing.assert_array_equal(rebuilt.sentence_starts, original.sentence_starts)
+    with warnings.catch_warnings():  # the rebuilt cache was written back and is whole
+        warnings.simplefilter("error")
+        again = load()
+    np.testing.assert_array_equal(again.token_ids, original.token_ids)
+
+
+def test_damaged_pip_cache_is_recomputed_with_a_warning_never_unpickled(tmp_path, corpus_file):
+    corpus = data.load_corpus(str(corpus_file), cache_dir=str(tmp_path / "cache"), min_count=1)
+    args = Namespace(pip_vocab=10, window_size=3, neg_sample_size=2, embed_size=4)
+    messages = []
+    first = trainer.PipMonitor(corpus, args, log=messages.append)
+    cached = sorted(Path(tmp_path / "cache").glob("*sppmi*")) + sorted(Path(tmp_path / "cache").glob("*oracle*"))
+    assert [p.suffix for p in cached] == [".npz", ".npy"] and not messages  # both cached, under their names
+
+    proof = tmp_path / "unpickled"
+    sppmi_file, oracle_file = cached
+    with open(sppmi_file, "wb") as f:
+        np.savez(f, data=pickled_array(proof), format=pickled_array(proof))
+    with open(oracle_file, "wb") as f:
+        np.save(f, pickled_array(proof), allow_pickle=True)
+    second = trainer.PipMonitor(corpus, args, log=messages.append)
+    assert not proof.exists()
+    assert len(messages) == 2 and all("damaged" in m and "recomputing" in m for m in messages)
+    assert (second.sppmi != first.sppmi).nnz == 0
+    np.testing.assert_allclose(np.abs(second.oracle), np.abs(first.oracle))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A finished one-epoch run to damage; each test works on its own copy."""
+    folder = tmp_path_factory.mktemp("trained")
+    corpus = write_small_corpus(folder / "small.txt")
+    argv = base_args(folder, corpus, "--epochs", "1", "--run-name", "r")
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    assert trainer.main(argv) == 0
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+    return folder / "runs" / "r"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other-corpus", "other-model"])
+def test_bad_checkpoint_is_refused_and_nothing_is_overwritten(tmp_path, capsys, trained_run, damage):
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained_run, run_dir)
+    ckpt_path = run_dir / "checkpoint.pt"
+    if damage == "truncated":
+        ckpt_path.write_bytes(ckpt_path.read_bytes()[:len(ckpt_path.read_bytes()) // 2])
+        needles = ["cannot read checkpoint", str(ckpt_path)]
+    elif damage == "other-corpus":  # the corpus file changed since the run was saved
+        args = json.loads((run_dir / "args.json").read_text())
+        other = write_small_corpus(tmp_path / "other.txt", seed=1)
+        args["dataset"] = str(other)
+        (run_dir / "args.json").write_text(json.dumps(args))
+        needles = ["another corpus", str(ckpt_path)]
+    else:
+        ckpt = load_ckpt(ckpt_path)
+        ckpt["model_name"] = "lstm"
+        torch.save(ckpt, ckpt_path)
+        needles = ["lstm", "not sgns"]
+    before = snapshot(run_dir)
+    code, _, err = run_main(capsys, ["--resume", str(run_dir), "--quiet"])
+    assert code == 2
+    assert_one_line_error(err, *needles)
+    assert snapshot(run_dir) == before
+
+
+def test_load_model_of_another_size_is_refused(tmp_path, capsys, trained_run):
+    before = snapshot(trained_run)
+    corpus = json.loads((trained_run / "args.json").read_text())["dataset"]
+    argv = base_args(tmp_path, corpus, "--embed-size", "8", "--load-model", str(trained_run / "checkpoint.pt"))
+    code, _, err = run_main(capsys, argv)
+    assert code == 2
+    assert_one_line_error(err, "does not fit", "checkpoint.pt")
+    assert snapshot(trained_run) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Crashes and interruptions
+
+def test_kill_9_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path, corpus_file, monkeypatch):
+    argv = base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "r")
+    process = start_driver(tmp_path, argv, STALL_SAVE=2)  # the end-of-epoch-2 checkpoint, half written
+    run_dir = tmp_path / "runs" / "r"
+    partial = list(run_dir.glob(".checkpoint.pt.tmp*"))
+    assert len(partial) == 1 and partial[0].stat().st_size > 0
+    epoch_1_bytes = (run_dir / "checkpoint.pt").read_bytes()
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+    assert (run_dir / "checkpoint.pt").read_bytes() == epoch_1_bytes
+    ckpt = load_ckpt(run_dir / "checkpoint.pt")
+    assert ckpt["epoch"] == 1 and ckpt["position"] == {}
+    with pytest.raises(Exception):
+        load_ckpt(partial[0])  # the half-written file really is damaged, and is not the checkpoint
+
+    monkeypatch.setattr(trainer, "TOKENS_PER_KERNEL_CALL", KERNEL_TOKENS)  # as in the killed run
+    assert trainer.main(["--resume", str(run_dir), "--quiet"]) == 0
+    assert not list(run_dir.glob(".*.tmp*"))  # the resumed run cleared the dead write's leftovers
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "straight")) == 0
+    resumed, straight = load_ckpt(run_dir / "checkpoint.pt"), load_ckpt(tmp_path / "runs" / "straight" / "checkpoint.pt")
+    assert resumed["epoch"] == 2
+    assert torch.equal(resumed["model"]["in_embed.weight"], straight["model"]["in_embed.weight"])
+
+
+def test_kill_9_mid_epoch_then_resume_completes(tmp_path, capsys, corpus_file, monkeypatch):
+    argv = base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "r")
+    process = start_driver(tmp_path, argv, PAUSE_AT_STEP=16 + 5)  # 16 steps an epoch: mid-way through epoch 2
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    run_dir = tmp_path / "runs" / "r"
+    assert load_ckpt(run_dir / "checkpoint.pt")["epoch"] == 1
+
+    monkeypatch.setattr(trainer, "TOKENS_PER_KERNEL_CALL", KERNEL_TOKENS)  # as in the killed run
+    code, out, err = run_main(capsys, ["--resume", str(run_dir), "--quiet"])
+    assert code == 0, err
+    assert "resuming at epoch 2" in out
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "straight")) == 0
+    resumed, straight = load_ckpt(run_dir / "checkpoint.pt"), load_ckpt(tmp_path / "runs" / "straight" / "checkpoint.pt")
+    assert resumed["epoch"] == 2 and resumed["global_step"] == straight["global_step"] == 32
+    assert torch.equal(resumed["model"]["in_embed.weight"], straight["model"]["in_embed.weight"])
+
+
+@pytest.mark.parametrize("engine_flags", [["--engine", "kernel"], ["--engine", "torch", "--batch-size", "256"]],
+                         ids=["kernel", "torch"])
+def test_absurd_lr_flag_stops_with_nan(tmp_path, capsys, corpus_file, engine_flags):
+    code, _, err = run_main(capsys, base_args(tmp_path, corpus_file, "--epochs", "1", "--lr", "1e30", "--run-name", "r",
+                                              *engine_flags))
+    assert code == 1
+    assert_one_line_error(err, "epoch 1", "step", "--lr")
+    assert not (tmp_path / "runs" / "r" / "checkpoint.pt").exists()  # nothing non-finite was ever saved
+
+
+@pytest.mark.parametrize("engine_flags", [["--engine", "kernel"], ["--engine", "torch", "--batch-size", "256"],
+                                          ["--optimizer", "sparse_adam", "--batch-size", "256"]],
+                         ids=["kernel", "torch-sgd", "torch-sparse-adam"])
+def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch,
+                                                                                 corpus_file, engine_flags):
+    real_lr_at = trainer.lr_at
+    # an absurd learning rate from the second epoch on: the first epoch's checkpoint is good
+    monkeypatch.setattr(trainer, "lr_at", lambda args, progress: 1e30 if progress > 0.5 else real_lr_at(args, progress))
+    saved = []
+    real_save = trainer.save_checkpoint
+
+    def recording_save(path, *args):
+        real_save(path, *args)
+        saved.append(Path(path).read_bytes())
+    monkeypatch.setattr(trainer, "save_checkpoint", recording_save)
+
+    code, _, err = run_main(capsys, base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "r",
+                                              *engine_flags))
+    assert code == 1
+    line = assert_one_line_error(err, "epoch 2", "step", "checkpoint is kept")
+    assert int(line.split("step ")[1].split(";")[0]) > 1  # a real step number, within epoch 2
+    ckpt_path = tmp_path / "runs" / "r" / "checkpoint.pt"
+    assert len(saved) == 1 and ckpt_path.read_bytes() == saved[0]
+    ckpt = load_ckpt(ckpt_path)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_epoch_checkpoints_prints_resume_command_and_resume_finishes(tmp_path, capsys, corpus_file,
+                                                                                 signum):
+    argv = base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "r")
+    process = start_driver(tmp_path, argv, PAUSE_AT_STEP=5)  # mid-way through epoch 1
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    run_dir = tmp_path / "runs" / "r"
+    assert f"Resume with: python trainer.py --resume {run_dir}" in out
+    ckpt = load_ckpt(run_dir / "checkpoint.pt")
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] == 5
+    assert 0 < ckpt["position"]["sentence"] < 600  # a mid-epoch checkpoint: 5 of the epoch's 16 kernel calls
+
+    if signum == signal.SIGINT:  # the printed command, as the user would type it
+        result = run_cli(tmp_path, "--resume", run_dir, "--quiet")
+        code, out, err = result.returncode, result.stdout, result.stderr
+    else:  # the same, in-process (one interpreter start less)
+        code, out, err = run_main(capsys, ["--resume", str(run_dir), "--quiet"])
+    assert code == 0, err
+    assert "resuming at epoch 1, step 5" in out
+    ckpt = load_ckpt(run_dir / "checkpoint.pt")
+    assert ckpt["epoch"] == 2 and torch.isfinite(ckpt["model"]["in_embed.weight"]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Unwritable folders and full disks
+
+def test_log_dir_not_writable_is_an_error_before_training(tmp_path, capsys, corpus_file):
+    argv = base_args(tmp_path, corpus_file)
+    argv[argv.index("--log-dir") + 1] = str(corpus_file / "runs")  # inside a regular file: never writable
+    code, out, err = run_main(capsys, argv)
+    assert code == 1
+    assert_one_line_error(err, str(corpus_file))
+    assert "corpus:" not in out  # found out before the corpus was even read
+
+
+def test_read_only_run_dir_on_resume_is_an_error_before_training(tmp_path, capsys, corpus_file, tmpfs):
+    argv = base_args(tmp_path, corpus_file, "--epochs", "1", "--run-name", "r")
+    argv[argv.index("--log-dir") + 1] = str(tmpfs)
+    assert trainer.main(argv) == 0
+    before = snapshot(tmpfs / "r")
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True, timeout=20)
+    code, out, err = run_main(capsys, ["--resume", str(tmpfs / "r"), "--epochs", "2", "--quiet"])
+    assert code == 1
+    assert_one_line_error(err, "Read-only")
+    assert "epoch 2/2" not in out and snapshot(tmpfs / "r") == before
+
+
+def test_full_disk_is_an_error_before_training_and_keeps_the_checkpoint(tmp_path, capsys, corpus_file, tmpfs):
+    argv = base_args(tmp_path, corpus_file, "--epochs", "1", "--run-name", "r")
+    argv[argv.index("--log-dir") + 1] = str(tmpfs)
+    assert trainer.main(argv) == 0
+    filler = tmpfs / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+    before = snapshot(tmpfs / "r")
+    code, out, err = run_main(capsys, ["--resume", str(tmpfs / "r"), "--epochs", "2", "--quiet"])
+    assert code == 1
+    assert_one_line_error(err, "disk space", str(tmpfs / "r"))
+    assert "epoch 2/2" not in out
+    assert snapshot(tmpfs / "r") == before
+    assert load_ckpt(tmpfs / "r" / "checkpoint.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("failure", ["OSError", "RuntimeError"])
+def test_disk_full_at_the_checkpoint_write_is_exit_1_and_keeps_the_previous(tmp_path, capsys, monkeypatch,
+                                                                            corpus_file, failure):
+    """The space ran out during training: the write fails (torch.save raises RuntimeError for it)."""
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "1", "--run-name", "r")) == 0
+    run_dir = tmp_path / "runs" / "r"
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def save_on_full_disk(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")  # what a full disk leaves behind
+        if failure == "OSError":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", save_on_full_disk)
+    code, out, err = run_main(capsys, ["--resume", str(run_dir), "--epochs", "2", "--quiet"])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert code == 1
+    assert_one_line_error(err, "cannot write checkpoint", str(run_dir / "checkpoint.pt"), "previous checkpoint")
+    assert "epoch 2/2" in out  # it got as far as the write
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    assert not list(run_dir.glob(".*.tmp*"))
+
+
+def test_export_into_a_missing_folder_is_created_or_a_clear_error(tmp_path, capsys, corpus_file):
+    export = tmp_path / "new" / "deeper" / "vectors.txt"
+    code, _, err = run_main(capsys, base_args(tmp_path, corpus_file, "--epochs", "1", "--export", str(export)))
+    assert code == 0, err
+    from gensim.models import KeyedVectors
+    assert len(KeyedVectors.load_word2vec_format(str(export)).index_to_key) == 13
+
+    code, out, err = run_main(capsys, base_args(tmp_path, corpus_file, "--epochs", "1",
+                                                "--export", str(corpus_file / "vectors.txt")))
+    assert code == 1
+    assert_one_line_error(err, str(corpus_file))
+    assert "corpus:" not in out  # before training, not after it
