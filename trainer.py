@@ -495,6 +495,9 @@ def train(args):
     state = {"epoch": 0, "position": {}, "global_step": 0, "epoch_loss": 0.0, "epoch_pairs": 0,
              "best_oracle_pip": None, "history": {}}
     if args.resume:
+        if not (run_dir / "checkpoint.pt").exists():  # killed (kill -9, power cut) before its first checkpoint
+            raise UserError(f"{run_dir} has no checkpoint.pt: the run stopped before its first checkpoint; "
+                            "start it again")
         ckpt = load_checkpoint(run_dir / "checkpoint.pt", corpus, args.model_name)
         load_weights(model, ckpt["model"], run_dir / "checkpoint.pt")
         if optimizer is not None and ckpt["optimizer"]:

@@ -1,0 +1,119 @@
+"""The seed's experiments table on this machine: 1 process vs 2 processes (Gloo, one thread each),
+sync and async, d = 50 and 200, batch 1024 and 8192; time per epoch, words/s and lowest PIP loss.
+
+    NLTK_DATA=../shared/nltk_data python bench/bench_distributed.py            # 12 runs, ~15 min on 2 idle cores
+    python bench/bench_distributed.py --words 0                                 # the whole Gutenberg corpus
+
+Every run is `trainer.py --engine torch` (batched steps, the engine distributed runs use) for 1 epoch;
+2-process runs are two `trainer.py --multi-node` processes joined over tcp://127.0.0.1. To fit the
+time, the corpus is the first Gutenberg books in alphabetical order up to --words words (default 400k; linked from a
+temporary folder; nothing is copied into the repo). Figures come from rank 0's checkpoint history.
+"""
+import argparse
+import csv
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def corpus_subset(source, words, folder):
+    """Links to the first books (alphabetical) holding about `words` words; the source folder when words == 0."""
+    if words <= 0:
+        return source, None
+    manifest = {row["file"]: int(row["words_wc"]) for row in csv.DictReader(open(source / "MANIFEST.tsv"),
+                                                                          delimiter="\t")}
+    total, chosen = 0, []
+    for book in sorted(source.glob("*.txt")):
+        if total >= words:
+            break
+        chosen.append(book.name)
+        total += manifest.get(book.name, 0)
+        (folder / book.name).symlink_to(book.resolve())
+    return folder, f"{len(chosen)} books, {total:,} words (wc): {', '.join(b[:-4] for b in chosen)}"
+
+
+def run(name, procs, mode, dim, batch, args, work):
+    common = [sys.executable, str(ROOT / "trainer.py"), "--dataset", str(args.dataset), "--cache-dir",
+              str(args.cache_dir), "--log-dir", str(work / "runs"), "--run-name", name, "--engine", "torch",
+              "--epochs", "1", "--embed-size", str(dim), "--batch-size", str(batch), "--num-threads", "1",
+              "--pip-vocab", str(args.pip_vocab), "--quiet", "--seed", "1", "--projector-words", "100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    start = time.time()
+    if procs == 1:
+        commands = [common]
+    else:
+        init = f"tcp://127.0.0.1:{free_port()}"
+        commands = [common + ["--multi-node", f"--{mode}", "--init-method", init, "--rank", str(r),
+                              "--world-size", str(procs), "--dist-timeout", "600"] for r in range(procs)]
+    running = [subprocess.Popen(c, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for c in commands]
+    outputs = [p.communicate()[0] for p in running]
+    if any(p.returncode for p in running):
+        sys.exit(f"{name} failed:\n" + "\n".join(o[-2000:] for o in outputs))
+    ckpt = torch.load(work / "runs" / name / "checkpoint.pt", weights_only=True)
+    history = {tag: values[-1][1] for tag, values in ckpt["history"].items()}
+    return {"epoch_time": history["Epoch time"], "words_per_s": history["Words per second"],
+            "pip": ckpt["best_oracle_pip"], "wall": time.time() - start}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "corpora" / "gutenberg",
+                   help="folder of Gutenberg .txt files with MANIFEST.tsv")
+    p.add_argument("--words", type=int, default=400_000, help="corpus size: first books up to this many words (0: all)")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache", help="corpus cache of the trainer")
+    p.add_argument("--pip-vocab", type=int, default=5_000, help="most frequent words the PIP loss is computed on")
+    p.add_argument("--dims", type=int, nargs="+", default=[50, 200], help="embedding sizes")
+    p.add_argument("--batches", type=int, nargs="+", default=[1024, 8192], help="global batch sizes (pairs)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
+        work = Path(tmp)
+        (work / "books").mkdir()
+        args.dataset, described = corpus_subset(args.dataset, args.words, work / "books")
+        print(f"corpus: {described or args.dataset}; 1 epoch per run, torch engine, one thread per process, "
+              f"{os.cpu_count()} CPU cores, PIP loss (oracle) on the {args.pip_vocab} most frequent words")
+        rows = []
+        for dim in args.dims:
+            for batch in args.batches:
+                for procs, mode in ((1, "-"), (2, "sync"), (2, "async")):
+                    name = f"d{dim}-b{batch}-p{procs}-{mode}"
+                    result = run(name, procs, mode, dim, batch, args, work)
+                    rows.append({"dim": dim, "batch": batch, "procs": procs, "mode": mode, **result})
+                    print(f"  {name}: {result['epoch_time']:.1f} s/epoch, {result['words_per_s']:,.0f} words/s, "
+                          f"PIP {result['pip']:.4g} (wall {result['wall']:.0f} s)", flush=True)
+    print("\n| model | nodes (processes) | sync | embedding | batch | time/epoch (s) | words/s | lowest PIP loss |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| sgns | {r['procs']} | {r['mode']} | {r['dim']} | {r['batch']} | {r['epoch_time']:.1f} | "
+              f"{r['words_per_s']:,.0f} | {r['pip']:.4g} |")
+    print("\n| embedding | batch | async / 1 process (words/s) | sync / 1 process (words/s) | "
+          "PIP async / 1 process | PIP sync / 1 process |")
+    print("|---|---|---|---|---|---|")
+    for dim in args.dims:
+        for batch in args.batches:
+            one, sync, asy = (next(r for r in rows if (r["dim"], r["batch"], r["mode"]) == (dim, batch, m))
+                              for m in ("-", "sync", "async"))
+            print(f"| {dim} | {batch} | {asy['words_per_s'] / one['words_per_s']:.2f}x | "
+                  f"{sync['words_per_s'] / one['words_per_s']:.2f}x | {asy['pip'] / one['pip']:.3f} | "
+                  f"{sync['pip'] / one['pip']:.3f} |")
+    print("targets: async >= 1.6x, sync >= 1.3x, final PIP loss within 10% (ratio <= 1.10)")
+
+
+if __name__ == "__main__":
+    main()

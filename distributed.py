@@ -1,0 +1,491 @@
+"""Training on several GPUs of one process (DataParallel) or on several processes/machines (torch.distributed).
+
+trainer.py calls: add_arguments / check_arguments (flags), session (init and always destroy the process
+group), is_main, check_same_corpus, broadcast_parameters, data_parallel and dist_epoch (the engine of
+distributed runs). Sync mode sums every rank's gradient rows each step (all-gather of touched rows, never
+a dense all-reduce of the V x d tables); async mode is local SGD whose parameters are averaged by a
+non-blocking all-reduce every --sync-interval steps.
+"""
+import contextlib
+import math
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+
+INIT_SCHEMES = ("tcp://", "file://", "env://")
+SHARD_BLOCK_TOKENS = 1000  # sentences are dealt to ranks in blocks of about this many tokens
+
+
+class DistributedFailure(Exception):
+    """A rank died, could not connect or timed out; reported in one line, exit 1."""
+
+
+@dataclass
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    init_method: str
+    timeout: float
+
+
+WORLD = None  # set by check_arguments for --multi-node runs
+
+
+def add_arguments(parser):
+    g = parser.add_argument_group("several GPUs and machines")
+    g.add_argument("--multi-gpu", action="store_true",
+                   help="one process, the model replicated on --num-gpu GPUs with nn.DataParallel (plain SGD)")
+    g.add_argument("--num-gpu", type=int, default=None, help="GPUs used by --multi-gpu (default: all visible)")
+    g.add_argument("--multi-node", action="store_true",
+                   help="one process per rank with torch.distributed (launch one per GPU/machine, or use torchrun)")
+    g.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                   help="torch.distributed backend (default: nccl with --device cuda, else gloo)")
+    g.add_argument("--init-method", default=None,
+                   help="how ranks find each other: tcp://HOST:PORT, file:///shared/path or env:// "
+                        "(default: env:// when torchrun's RANK and WORLD_SIZE are set)")
+    g.add_argument("--rank", type=int, default=None, help="this process's rank, 0..world-size-1 (default: $RANK)")
+    g.add_argument("--world-size", type=int, default=None, help="number of processes (default: $WORLD_SIZE)")
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--sync", dest="dist_mode", action="store_const", const="sync", default="sync",
+                      help="every step sums all ranks' gradients: ranks hold identical parameters (default)")
+    mode.add_argument("--async", dest="dist_mode", action="store_const", const="async",
+                      help="local SGD; parameters averaged in the background every --sync-interval steps")
+    g.add_argument("--sync-interval", type=int, default=50, help="steps between two averagings in --async mode")
+    g.add_argument("--dist-timeout", type=float, default=120.0,
+                   help="seconds a rank waits for the others (connecting, each collective) before failing")
+
+
+def check_arguments(parser, args):
+    """Validate the flags (parser.error: one line, exit 2) and resolve the world from flags or torchrun's env."""
+    global WORLD
+    WORLD = None
+    if args.sync_interval <= 0 or not args.dist_timeout > 0:
+        parser.error("--sync-interval and --dist-timeout must be positive")
+    if args.multi_gpu and args.multi_node:
+        parser.error("--multi-gpu and --multi-node exclude each other: for several GPUs with torch.distributed, "
+                     "run one --multi-node process per GPU (torchrun --nproc-per-node N)")
+    if args.multi_gpu:
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        wanted = args.num_gpu if args.num_gpu is not None else available
+        if available == 0 or not 1 <= wanted <= available:
+            parser.error(f"--multi-gpu: {wanted if args.num_gpu is not None else 'some'} CUDA device(s) asked for, "
+                         f"{available} visible")
+        if args.optimizer != "sgd":
+            parser.error("--multi-gpu trains with plain SGD (DataParallel cannot reduce sparse gradients); "
+                         "use --multi-node, one process per GPU, for other optimizers")
+        if args.engine == "kernel":
+            parser.error("--multi-gpu runs the torch engine, not --engine kernel")
+        args.num_gpu, args.engine = wanted, "torch"
+        if args.device == "cpu":
+            args.device = "cuda:0"
+    elif args.num_gpu is not None:
+        parser.error("--num-gpu goes with --multi-gpu")
+    if not args.multi_node:
+        if args.init_method or args.rank is not None or args.world_size is not None or args.backend \
+                or args.dist_mode == "async":
+            parser.error("--backend, --init-method, --rank, --world-size and --async go with --multi-node")
+        return
+    init_method = args.init_method
+    if init_method is None and args.rank is None and args.world_size is None and "RANK" in os.environ:
+        init_method = "env://"  # launched by torchrun (or another launcher that sets its variables)
+    if init_method is None:
+        parser.error("--multi-node needs --init-method, --rank and --world-size, or torchrun's environment "
+                     "(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
+    if not init_method.startswith(INIT_SCHEMES):
+        parser.error(f"--init-method {init_method}: not a torch.distributed init method; use one of "
+                     f"{', '.join(s + '...' for s in INIT_SCHEMES)}")
+    try:
+        rank = args.rank if args.rank is not None else int(os.environ["RANK"])
+        world_size = args.world_size if args.world_size is not None else int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    except (KeyError, ValueError):
+        parser.error("--multi-node: give --rank and --world-size (or set RANK and WORLD_SIZE, as torchrun does)")
+    if init_method.startswith("env://") and not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+        parser.error("--init-method env:// needs MASTER_ADDR and MASTER_PORT in the environment (torchrun sets them)")
+    if not 0 <= rank < world_size:
+        parser.error(f"--rank {rank} must be in 0..{world_size - 1} (--world-size {world_size})")
+    backend = args.backend or ("nccl" if args.device.startswith("cuda") else "gloo")
+    if backend == "nccl":
+        if not dist.is_nccl_available() or not torch.cuda.is_available():
+            parser.error("--backend nccl needs CUDA GPUs and a PyTorch built with NCCL; use --backend gloo on CPU")
+        if not args.device.startswith("cuda"):
+            parser.error("--backend nccl moves GPU tensors only: add --device cuda")
+    if args.engine == "kernel":
+        parser.error("--multi-node runs the torch engine (batched steps), not --engine kernel")
+    args.engine = "torch"
+    if args.device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK, else rank modulo GPUs here
+        args.device = f"cuda:{local_rank % torch.cuda.device_count()}"
+    WORLD = World(rank, world_size, local_rank, backend, init_method, args.dist_timeout)
+
+
+@contextlib.contextmanager
+def session(args):
+    """Join the process group for the run and always leave it; distributed failures become one line."""
+    if WORLD is None:
+        yield
+        return
+    silenced = None
+    try:
+        dist.init_process_group(WORLD.backend, init_method=WORLD.init_method, rank=WORLD.rank,
+                                world_size=WORLD.world_size, timeout=timedelta(seconds=WORLD.timeout))
+        if WORLD.backend == "gloo":  # names the ranks that never showed up, instead of a bare timeout
+            dist.monitored_barrier(timeout=timedelta(seconds=WORLD.timeout))
+        if WORLD.rank != 0:  # one voice: rank 0 prints and shows progress; errors still reach stderr
+            silenced, sys.stdout = sys.stdout, open(os.devnull, "w")
+            args.quiet = True
+        yield
+    except dist.DistError as err:
+        raise DistributedFailure(_describe(err)) from err
+    except RuntimeError as err:  # Gloo/NCCL report dead peers and timeouts as plain RuntimeErrors too
+        if not _looks_distributed(err):
+            raise
+        raise DistributedFailure(_describe(err)) from err
+    finally:
+        if silenced is not None:
+            sys.stdout.close()
+            sys.stdout = silenced
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _looks_distributed(err):
+    text = str(err).lower()
+    return any(word in text for word in ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket",
+                                         "store", "rendezvous", "rank"))
+
+
+def _describe(err):
+    first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+    return (f"rank {WORLD.rank} of {WORLD.world_size}: another rank died, closed its connection or did not answer "
+            f"within --dist-timeout {WORLD.timeout:g} s ({err.__class__.__name__}: {first[:300]})")
+
+
+def active():
+    return WORLD is not None and dist.is_initialized()
+
+
+def is_main():
+    """Only rank 0 logs, evaluates and writes files."""
+    return not active() or dist.get_rank() == 0
+
+
+class NullWriter:
+    """TensorBoard writer of the ranks that do not log."""
+
+    def add_scalar(self, *a, **k):
+        pass
+
+    def add_embedding(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+def check_same_corpus(corpus_hash, vocab_size):
+    """Every rank must have built the same vocabulary, else the rows they exchange mean different words."""
+    if not active():
+        return
+    mine = torch.tensor(list(bytes.fromhex(corpus_hash)[:16]) + [vocab_size], dtype=torch.int64)
+    everyone = _all_gather_equal(mine.to(_comm_device()))
+    for rank, theirs in enumerate(everyone):
+        if not torch.equal(theirs.cpu(), mine):
+            raise DistributedFailure(f"rank {rank} built another corpus than rank {dist.get_rank()}: every rank "
+                                     "needs the same corpus files and preprocessing options")
+
+
+def broadcast_parameters(model):
+    """Start every rank from rank 0's parameters (fresh, --load-model or --resume alike)."""
+    if active():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+class SummedLoss(torch.nn.Module):
+    """The loss summed over this replica's pairs, as a 1-element vector DataParallel can gather."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, center_ids, context_ids, neg_ids):
+        return (self.model(center_ids, context_ids, neg_ids) * len(center_ids)).reshape(1)
+
+
+def data_parallel(model, num_gpu):
+    """The model replicated on GPUs 0..num_gpu-1: each batch is split between them, the gradients
+    are summed on GPU 0. torch_epoch divides the gathered sums by the batch size (the exact mean)."""
+    return torch.nn.DataParallel(SummedLoss(model), device_ids=list(range(num_gpu)))
+
+
+def _comm_device():
+    return torch.device("cuda", torch.cuda.current_device()) if WORLD and WORLD.backend == "nccl" \
+        else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: every rank derives the same block permutation, then takes its equal slice of tokens
+
+def shard(kept_ids, starts, seed, epoch, rank, world_size):
+    """This rank's part of the (subsampled) epoch: token ids and sentence starts within them.
+
+    Blocks of whole sentences are permuted with a seed shared by all ranks (a new order each
+    epoch), the permuted stream is cut into world_size slices of equal token count (+-1), so
+    every rank makes the same number of steps.
+    """
+    n = len(kept_ids)
+    if n == 0:
+        return kept_ids, np.zeros(1, dtype=np.int64)
+    block_first = np.unique(np.searchsorted(starts, np.arange(0, n, SHARD_BLOCK_TOKENS)))  # first sentence
+    block_lo = starts[block_first]
+    block_hi = np.append(block_lo[1:], n)
+    order = data.epoch_rng(seed, epoch, 0x5A4D).permutation(len(block_lo))
+    stream = np.concatenate([kept_ids[block_lo[b]:block_hi[b]] for b in order])
+    new_lo = np.concatenate([[0], np.cumsum((block_hi - block_lo)[order])[:-1]])
+    new_block_lo = np.empty_like(new_lo)
+    new_block_lo[order] = new_lo  # where each original block lands in the stream
+    block_of_sentence = np.searchsorted(block_lo, starts, side="right") - 1
+    stream_starts = np.sort(starts - block_lo[block_of_sentence] + new_block_lo[block_of_sentence])
+    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+    mine = stream_starts[(stream_starts >= lo) & (stream_starts < hi)] - lo
+    return stream[lo:hi], np.unique(np.concatenate([[0], mine])).astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives on variable-length row lists
+
+def _all_gather_equal(tensor):
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor)
+    return parts
+
+
+def _gather_rows(rows, values, counts):
+    """All ranks' (rows, values), concatenated in rank order; counts[r] = rows rank r sends (pad to the max)."""
+    longest = int(max(counts))
+    pad = longest - len(rows)
+    rows = torch.cat([rows, rows.new_zeros(pad)])
+    values = torch.cat([values, values.new_zeros((pad,) + values.shape[1:])])
+    all_rows = _all_gather_equal(rows)
+    all_values = _all_gather_equal(values)
+    return (torch.cat([r[:int(c)] for r, c in zip(all_rows, counts)]),
+            torch.cat([v[:int(c)] for v, c in zip(all_values, counts)]))
+
+
+def _exchange_header(*numbers):
+    """All ranks' small per-step numbers (row count, loss, pairs, stop signal) in one collective."""
+    mine = torch.tensor(numbers, dtype=torch.float64, device=_comm_device())
+    return torch.stack(_all_gather_equal(mine)).cpu()
+
+
+def coalesce_rows(rows, grads):
+    """Sum the gradients of repeated rows: fewer rows to send and to apply."""
+    unique, inverse = torch.unique(rows, return_inverse=True)
+    summed = grads.new_zeros((len(unique),) + grads.shape[1:]).index_add_(0, inverse, grads)
+    return unique, summed
+
+
+def _pack(rows, grads):
+    """Row ids and gradients in one float32 tensor (ids split in two exact 12-bit-and-up halves), so one
+    all-gather carries both."""
+    hi, lo = torch.div(rows, 4096, rounding_mode="floor"), torch.remainder(rows, 4096)
+    return torch.cat([hi.unsqueeze(1).to(grads.dtype), lo.unsqueeze(1).to(grads.dtype), grads], dim=1)
+
+
+def _unpack(packed):
+    rows = packed[:, 0].long() * 4096 + packed[:, 1].long()
+    return rows, packed[:, 2:]
+
+
+def sync_sgd_step(model, center_ids, context_ids, neg_ids, lr, stop_signal=0):
+    """One synchronous SGD step: every rank applies the sum of all ranks' gradients.
+
+    The SGNS loss is a sum over pairs, so this equals one single-process step on the
+    concatenated global batch. Only touched rows travel: the center (in_embed) and context
+    (out_embed) rows are numbered 0..V-1 and V..2V-1, coalesced, packed with their ids and
+    all-gathered (after a tiny all-gather of the row counts, the loss and the stop signal).
+    Returns (global loss sum, global pairs, agreed stop signal).
+    """
+    vocab = model.vocab_size
+    assert 2 * vocab < 2 ** 36, "row ids must survive the float32 packing"
+    loss_sum, in_rows, in_grads, out_rows, out_grads = model.sparse_grads(center_ids, context_ids, neg_ids)
+    rows, grads = coalesce_rows(torch.cat([in_rows, out_rows + vocab]), torch.cat([in_grads, out_grads]))
+    header = _exchange_header(len(rows), float(loss_sum), len(center_ids), stop_signal)
+    counts = header[:, 0].long().tolist()
+    packed = _pack(rows, grads)
+    packed = torch.cat([packed, packed.new_zeros((max(counts) - len(rows), packed.shape[1]))])
+    all_rows, all_grads = _unpack(torch.cat([part[:n] for part, n in zip(_all_gather_equal(packed), counts)]))
+    is_in = all_rows < vocab
+    model.apply_sparse_grads(all_rows[is_in], all_grads[is_in], all_rows[~is_in] - vocab, all_grads[~is_in], lr=lr)
+    return float(header[:, 1].sum()), int(header[:, 2].sum()), int(header[:, 3].max())
+
+
+def _sparse_params(model):
+    """Parameters whose gradient is sparse (nn.Embedding(sparse=True)): decided by the model, not by the batch."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse}
+
+
+def sync_gradients(model, n_local, stop_signal=0):
+    """After backward() of the local mean loss: every gradient becomes the mean over the global batch.
+
+    Sparse gradients travel as coalesced rows (all-gather), dense ones are all-reduced; each
+    rank weighs its mean by its share of the global batch. A rank whose batch was empty
+    (no backward) takes part with empty gradients. Returns (global pairs, agreed stop signal).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    sparse_ids = _sparse_params(model)
+    sparse = [p for p in params if id(p) in sparse_ids]
+    sparse_grads = [p.grad.coalesce() if p.grad is not None else
+                    torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.int64, device=p.device),
+                                            p.new_zeros((0,) + p.shape[1:]), p.shape) for p in sparse]
+    header = _exchange_header(n_local, stop_signal, *[g.indices().shape[1] for g in sparse_grads])
+    n_global = float(header[:, 0].sum())
+    for column, (p, g) in enumerate(zip(sparse, sparse_grads), start=2):
+        rows, values = _gather_rows(g.indices()[0], g.values() * n_local, header[:, column].long().tolist())
+        p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values / max(n_global, 1.0), p.shape).coalesce()
+    for p in params:
+        if id(p) not in sparse_ids:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.mul_(n_local / max(n_global, 1.0))
+            dist.all_reduce(p.grad)
+    return int(n_global), int(header[:, 1].max())
+
+
+class Averager:
+    """--async: parameters averaged over ranks by a non-blocking all-reduce, applied one interval later.
+
+    At sync point k each rank snapshots its parameters (plus its stop signal) and starts an
+    all-reduce of the snapshot in the background, then keeps training. At sync point k+1 it
+    waits for that all-reduce (long done, normally), divides by the world size only then,
+    and moves to average_k + (its own progress since snapshot k). So a rank's parameters
+    never miss the others' updates by more than 2 intervals, and the average it applies is
+    at most one interval old. The whole tables are averaged (not only touched rows).
+    """
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters()]
+        self.snapshot = self.pending = self.work = None
+        self.sent = 0
+
+    def _flat(self):
+        return torch.cat([p.data.reshape(-1) for p in self.params])
+
+    def _apply(self, average):
+        offset = 0
+        for p in self.params:
+            n = p.numel()
+            p.data.add_((average[offset:offset + n] - self.snapshot[offset:offset + n]).view_as(p))
+            offset += n
+
+    def sync_point(self, stop_signal):
+        """Finish the previous averaging, start the next; returns the stop signal agreed at the previous one."""
+        agreed = 0
+        if self.work is not None:
+            self.work.wait()
+            if self.pending[-1] > 0:  # a sum of signals: tells that some rank was asked to stop, not which signal
+                agreed = self.sent or int(signal.SIGTERM)
+            self._apply(self.pending[:-1] / dist.get_world_size())
+        self.snapshot = self._flat()
+        self.sent = stop_signal
+        self.pending = torch.cat([self.snapshot, self.snapshot.new_tensor([float(stop_signal)])])
+        self.work = dist.all_reduce(self.pending, async_op=True)
+        return agreed
+
+    def finish(self):
+        """Blocking: apply what is pending, then average once more so all ranks hold the same parameters."""
+        if self.work is not None:
+            self.work.wait()
+            self._apply(self.pending[:-1] / dist.get_world_size())
+            self.work = None
+        total = self._flat()
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+        offset = 0
+        for p in self.params:  # a copy, not an update: bit-identical on every rank
+            p.data.copy_(total[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+# ---------------------------------------------------------------------------------------------
+
+def dist_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_prob, step, lr_at, stop_signal):
+    """One epoch of a --multi-node run on this rank's shard; returns the agreed stop signal or 0.
+
+    All ranks make the same number of steps (their shards differ by at most one token) and
+    draw windows and negatives from a generator seeded by (seed, epoch, rank, step), so a
+    run stopped at step i resumes exactly there. stop_signal() is this rank's pending
+    SIGINT/SIGTERM: ranks stop together at a step they agree on (sync: the next step; async:
+    the next sync point but one).
+    """
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts, keep_prob,
+                                      data.epoch_rng(args.seed, epoch))  # the same on every rank
+    ids, local_starts = shard(kept_ids, starts, args.seed, epoch, rank, world_size)
+    centers_per_step = max(1, args.batch_size // world_size // (args.window_size + 1))
+    n_steps = max(1, math.ceil(math.ceil(len(kept_ids) / world_size) / centers_per_step))
+    device = torch.device(args.device)
+    averager = Averager(model) if args.dist_mode == "async" else None
+    words_per_step = len(corpus) / n_steps  # all ranks together go through the corpus once an epoch
+    first = position.get("step", 0)
+    for i in range(first, n_steps):
+        lo = min(i * centers_per_step, len(ids))
+        hi = min(lo + centers_per_step, len(ids))
+        rng = data.epoch_rng(args.seed, epoch, 1 + rank, i)
+        center_ids, context_ids = data.window_pairs(ids, local_starts, lo, hi, args.window_size, rng)
+        neg_ids = sampler.sample((len(center_ids), args.neg_sample_size), rng)
+        center_ids, context_ids, neg_ids = (torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)
+                                            for a in (center_ids, context_ids, neg_ids))
+        lr = lr_at(args, (epoch + i / n_steps) / args.epochs)
+        stop = 0
+        if averager is not None and (i - first) % args.sync_interval == 0 and i > first:
+            stop = averager.sync_point(stop_signal())
+        if args.optimizer == "sgd" and averager is None:
+            loss_sum, pairs, stop = sync_sgd_step(model, center_ids, context_ids, neg_ids, lr, stop_signal())
+        elif args.optimizer == "sgd":
+            loss_sum, *grads = model.sparse_grads(center_ids, context_ids, neg_ids)
+            model.apply_sparse_grads(*grads, lr=lr)
+            loss_sum, pairs = float(loss_sum), len(center_ids)
+        else:
+            loss_sum, pairs, sync_stop = _autograd_step(model, optimizer, center_ids, context_ids, neg_ids, lr,
+                                                        averager is None, stop_signal())
+            stop = max(stop, sync_stop)
+        step(loss_sum, pairs, words_per_step, lr, {"step": i + 1})
+        if stop:
+            if averager is not None:
+                averager.finish()
+            return stop
+    if averager is not None:
+        averager.finish()  # every epoch ends with identical parameters: PIP loss and checkpoints see the consensus
+    return 0
+
+
+def _autograd_step(model, optimizer, center_ids, context_ids, neg_ids, lr, synchronous, stop_signal):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    n_local = len(center_ids)
+    loss_sum = 0.0
+    if n_local:  # a rank may get an empty last batch: it still takes part in the exchange
+        loss = model(center_ids, context_ids, neg_ids)
+        loss.backward()
+        loss_sum = float(loss.detach()) * n_local
+    stop = 0
+    if synchronous:
+        n_global, stop = sync_gradients(model, n_local, stop_signal)
+        if n_global == 0:
+            return 0.0, 0, stop
+    elif n_local == 0:
+        return 0.0, 0, 0
+    optimizer.step()
+    return loss_sum, n_local, stop

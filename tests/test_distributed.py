@@ -1,0 +1,308 @@
+"""Several processes (Gloo on 127.0.0.1, CPU) and the DataParallel code path (on CPU it runs unreplicated)."""
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import data
+import distributed
+import trainer
+from model import SGNS
+from test_trainer import base_args, write_small_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+VOCAB, DIM, NEG = 40, 8, 3
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env():
+    """No torchrun variables from the outside, our modules importable, one thread."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", NLTK_DATA=str(ROOT.parent / "shared" / "nltk_data"))
+    return env
+
+
+def run_ranks(worker, *args, world_size=2):
+    """Run worker(rank, world_size, *args) in world_size spawned processes joined by a Gloo group."""
+    init = f"tcp://127.0.0.1:{free_port()}"
+    mp.start_processes(_join_and_run, args=(world_size, init, worker, args), nprocs=world_size,
+                       start_method="spawn")
+
+
+def _join_and_run(rank, world_size, init, worker, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=30))
+    try:
+        worker(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def hand_made_batches(n_steps, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    for _ in range(n_steps):
+        yield (torch.from_numpy(rng.integers(0, VOCAB, batch)), torch.from_numpy(rng.integers(0, VOCAB, batch)),
+               torch.from_numpy(rng.integers(0, VOCAB, (batch, NEG))))
+
+
+def start_model(sparse=True):
+    torch.manual_seed(3)
+    model = SGNS(VOCAB, DIM, sparse=sparse)
+    with torch.no_grad():  # contexts start at zero in SGNS; random ones make every gradient term count
+        model.out_embed.weight.normal_(0, 0.3)
+    return model
+
+
+# Rank r takes rows r::world_size of each global batch; the last step leaves rank 1 with no pairs.
+def split(tensor, rank, world_size, last):
+    return tensor[:0] if last and rank == 1 else tensor[rank::world_size]
+
+
+def _sync_worker(rank, world_size, out_dir):
+    batches = list(hand_made_batches(4, 30))
+    sgd, adam_model = start_model(), start_model()
+    adam = torch.optim.SparseAdam(list(adam_model.parameters()), lr=0.01)
+    for i, batch in enumerate(batches):
+        local = [split(t, rank, world_size, i == len(batches) - 1) for t in batch]
+        distributed.sync_sgd_step(sgd, *local, lr=0.1)
+        adam.zero_grad(set_to_none=True)
+        if len(local[0]):
+            adam_model(*local).backward()
+        distributed.sync_gradients(adam_model, len(local[0]))
+        adam.step()
+    torch.save({"sgd": sgd.state_dict(), "adam": adam_model.state_dict()}, out_dir / f"rank{rank}.pt")
+
+
+def test_sync_steps_equal_single_process_steps_on_the_global_batch(tmp_path):
+    run_ranks(_sync_worker, tmp_path)
+    batches = list(hand_made_batches(4, 30))
+    sgd, adam_model = start_model(), start_model()
+    adam = torch.optim.SparseAdam(list(adam_model.parameters()), lr=0.01)
+    for i, batch in enumerate(batches):
+        if i == len(batches) - 1:  # what the two ranks had together on the last step: rank 0's rows only
+            batch = [t[0::2] for t in batch]
+        loss_sum, *grads = sgd.sparse_grads(*batch)
+        sgd.apply_sparse_grads(*grads, lr=0.1)
+        adam.zero_grad(set_to_none=True)
+        adam_model(*batch).backward()
+        adam.step()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, reference in (("sgd", sgd), ("adam", adam_model)):
+        for key, expected in reference.state_dict().items():
+            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), (name, key)  # bit-identical ranks
+            torch.testing.assert_close(ranks[0][name][key], expected, atol=1e-5, rtol=1e-5)
+            assert not torch.equal(expected, start_model().state_dict()[key])  # the steps did change it
+
+
+def _averager_worker(rank, world_size, out_dir):
+    model = start_model()
+    averager = distributed.Averager(model)
+    for i, batch in enumerate(hand_made_batches(7, 20, seed=10 + rank)):  # each rank its own data
+        if i and i % 2 == 0:
+            agreed = averager.sync_point(stop_signal=2 if (rank == 1 and i == 2) else 0)
+            assert agreed == (0 if i != 4 else 2 if rank == 1 else signal.SIGTERM), (rank, i, agreed)
+        loss_sum, *grads = model.sparse_grads(*batch)
+        model.apply_sparse_grads(*grads, lr=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    averager.finish()
+    torch.save({"before": before, "after": model.state_dict()}, out_dir / f"rank{rank}.pt")
+
+
+def test_async_averaging_ends_with_the_mean_of_the_ranks_parameters(tmp_path):
+    """After finish(), every rank holds the mean of what the ranks held before it (the stale averages
+    applied on the way add each rank's own progress back, so nothing is lost or counted twice), and
+    a stop signal raised at one sync point is agreed by all ranks at the next."""
+    run_ranks(_averager_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key in ranks[0]["after"]:
+        assert torch.equal(ranks[0]["after"][key], ranks[1]["after"][key])
+        assert not torch.equal(ranks[0]["before"][key], ranks[1]["before"][key])
+        torch.testing.assert_close(ranks[0]["after"][key], (ranks[0]["before"][key] + ranks[1]["before"][key]) / 2,
+                                   atol=1e-6, rtol=1e-6)
+
+
+def _epoch_worker(rank, world_size, corpus_file, cache_dir, mode, out_dir):
+    corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
+    args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=4, device="cpu",
+                              dist_mode=mode, sync_interval=5, optimizer="sgd", lr=0.025)
+    torch.manual_seed(1)
+    model = SGNS(len(corpus.words), 16)
+    sampler = data.NegativeSampler(corpus.counts)
+    keep_prob = data.keep_probabilities(corpus.counts, 0)
+    losses = []
+    for epoch in range(args.epochs):
+        epoch_loss = [0.0, 0]
+
+        def step(loss_sum, pairs, words, lr, position):
+            epoch_loss[0] += loss_sum
+            epoch_loss[1] += pairs
+        assert distributed.dist_epoch(model, None, corpus, args, epoch, {}, sampler, keep_prob, step,
+                                      trainer.lr_at, lambda: 0) == 0
+        losses.append(epoch_loss[0] / epoch_loss[1])
+    torch.save({"model": model.state_dict(), "losses": torch.tensor(losses)}, out_dir / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_distributed_epochs_learn_and_end_with_identical_parameters(tmp_path, mode):
+    corpus_file = write_small_corpus(tmp_path / "small.txt", n_sentences=300)
+    run_ranks(_epoch_worker, corpus_file, tmp_path / "cache", mode, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key in ranks[0]["model"]:
+        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key])
+    losses = ranks[0]["losses"]
+    assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_shards_cover_the_epoch_once_in_equal_parts_and_change_each_epoch():
+    rng = np.random.default_rng(0)
+    starts = np.unique(np.concatenate([[0], rng.integers(1, 5000, 600)]))
+    kept = rng.integers(0, 1000, 5000).astype(np.uint32)
+    for world_size in (1, 2, 3):
+        parts = [distributed.shard(kept, starts, 7, 0, r, world_size) for r in range(world_size)]
+        assert max(len(p[0]) for p in parts) - min(len(p[0]) for p in parts) <= 1
+        assert np.array_equal(np.sort(np.concatenate([p[0] for p in parts])), np.sort(kept))
+        for ids, local_starts in parts:
+            assert local_starts[0] == 0 and np.all(np.diff(local_starts) > 0) and local_starts[-1] < len(ids)
+    # sentences stay whole: every sentence of the permuted stream is a sentence of the original
+    ids, local_starts = distributed.shard(kept, starts, 7, 0, 0, 1)
+    originals = {kept[a:b].tobytes() for a, b in zip(starts, np.append(starts[1:], len(kept)))}
+    bounds = np.append(local_starts, len(ids))
+    assert all(ids[a:b].tobytes() in originals for a, b in zip(bounds[:-1], bounds[1:]))
+    assert not np.array_equal(distributed.shard(kept, starts, 7, 1, 0, 2)[0], distributed.shard(kept, starts, 7, 0, 0, 2)[0])
+
+
+def test_data_parallel_path_equals_the_manual_sgd_path(tmp_path):
+    """--multi-gpu trains dense tables through nn.DataParallel with autograd SGD; on a CPU machine
+    DataParallel runs the module as is, so the same epoch must match the manual sparse SGD."""
+    corpus = data.load_corpus(str(write_small_corpus(tmp_path / "s.txt", 200)), cache_dir=str(tmp_path), min_count=1)
+    args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
+                              optimizer="sgd", lr=0.05, multi_gpu=True)
+    sampler, keep = data.NegativeSampler(corpus.counts), data.keep_probabilities(corpus.counts, 0)
+    results = []
+    for dense in (False, True):
+        torch.manual_seed(1)
+        model = SGNS(len(corpus.words), 16, sparse=not dense)
+        engine_model = distributed.data_parallel(model, 2) if dense else model
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr) if dense else None
+        trainer.torch_epoch(engine_model, optimizer, corpus, args, 0, {}, sampler, keep, lambda *a: None)
+        results.append(model.state_dict())
+    for key in results[0]:
+        torch.testing.assert_close(results[1][key], results[0][key], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+
+def trainer_cmd(tmp_path, corpus_file, *extra):
+    return [sys.executable, str(ROOT / "trainer.py"), *base_args(tmp_path, corpus_file, "--pip-interval", "0",
+                                                                  "--batch-size", "64", *extra)]
+
+
+def test_two_trainer_processes_sync_run_and_only_rank_0_writes(tmp_path):
+    corpus_file = write_small_corpus(tmp_path / "small.txt")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(trainer_cmd(tmp_path, corpus_file, "--epochs", "2", "--run-name", "d",
+                                          "--export", str(tmp_path / f"v{r}.txt"), "--multi-node", "--init-method",
+                                          init, "--rank", str(r), "--world-size", "2", "--dist-timeout", "30"),
+                              env=clean_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert outputs[1][0] == ""  # rank 1 prints nothing
+    runs = list((tmp_path / "runs").iterdir())
+    assert [r.name for r in runs] == ["d"]
+    ckpt = torch.load(runs[0] / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and (tmp_path / "v0.txt").exists() and not (tmp_path / "v1.txt").exists()
+    assert ckpt["history"]["Train loss"][1][1] < ckpt["history"]["Train loss"][0][1]
+
+
+def test_torchrun_launch_async_completes(tmp_path):
+    corpus_file = write_small_corpus(tmp_path / "small.txt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *trainer_cmd(
+               tmp_path, corpus_file, "--epochs", "2", "--run-name", "tr", "--multi-node", "--async",
+               "--sync-interval", "3", "--dist-timeout", "30")[1:]]
+    result = subprocess.run(cmd, env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "runs" / "tr" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["dist_mode"] == "async"
+
+
+def test_a_killed_rank_makes_the_other_exit_within_the_timeout(tmp_path):
+    corpus_file = write_small_corpus(tmp_path / "small.txt")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(trainer_cmd(tmp_path, corpus_file, "--epochs", "1000", "--multi-node", "--init-method",
+                                          init, "--rank", str(r), "--world-size", "2", "--dist-timeout", "10"),
+                              env=clean_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    assert procs[0].stdout.readline().startswith("run directory")  # rank 0 is up: both joined the group
+    procs[0].stdout.readline()
+    time.sleep(2)  # now training
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    _, err = procs[0].communicate(timeout=60)
+    assert procs[0].returncode == 1
+    assert time.time() - killed_at < 10 + 5
+    assert err.strip().count("\n") == 0 and "rank 0 of 2" in err, err
+    procs[1].wait()
+
+
+def test_a_rank_that_cannot_connect_fails_within_the_timeout(tmp_path):
+    corpus_file = write_small_corpus(tmp_path / "small.txt")
+    start = time.time()
+    result = subprocess.run(trainer_cmd(tmp_path, corpus_file, "--multi-node", "--init-method",
+                                        f"tcp://127.0.0.1:{free_port()}", "--rank", "1", "--world-size", "2",
+                                        "--dist-timeout", "3"),
+                            env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and time.time() - start < 3 + 20
+    assert result.stderr.strip().count("\n") == 0 and "rank 1 of 2" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--multi-node", "--init-method", "nccl://x", "--rank", "0", "--world-size", "2"], "tcp://"),
+    (["--multi-node"], "torchrun"),
+    (["--multi-node", "--init-method", "tcp://127.0.0.1:1", "--rank", "2", "--world-size", "2"], "--rank 2"),
+    (["--multi-gpu", "--num-gpu", "2"], "2 CUDA device(s) asked for, 0 visible"),
+    (["--multi-node", "--backend", "nccl", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "1"], "nccl"),
+    (["--async"], "--multi-node"),
+])
+def test_bad_distributed_flags_are_one_line_exit_2(flags, message, monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.parse_args(["--dataset", "x.txt", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in err, err
+
+
+def test_torchrun_environment_is_used_when_flags_are_absent(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    args = trainer.parse_args(["--multi-node", "--dataset", "x.txt"])
+    world = distributed.WORLD
+    assert (world.rank, world.world_size, world.init_method, world.backend) == (1, 3, "env://", "gloo")
+    assert args.engine == "torch"
+    trainer.parse_args(["--dataset", "x.txt"])  # a plain run clears it
+    assert distributed.WORLD is None
