@@ -8,7 +8,6 @@ uncaught exception fails the test just as a traceback would.
 import errno
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -410,7 +409,7 @@ def trained_run(tmp_path_factory):
     return folder / "runs" / "r"
 
 
-@pytest.mark.parametrize("damage", ["truncated", "other-corpus", "other-model"])
+@pytest.mark.parametrize("damage", ["truncated", "missing", "other-corpus", "other-model"])
 def test_bad_checkpoint_is_refused_and_nothing_is_overwritten(tmp_path, capsys, trained_run, damage):
     run_dir = tmp_path / "r"
     shutil.copytree(trained_run, run_dir)
@@ -418,6 +417,9 @@ def test_bad_checkpoint_is_refused_and_nothing_is_overwritten(tmp_path, capsys, 
     if damage == "truncated":
         ckpt_path.write_bytes(ckpt_path.read_bytes()[:len(ckpt_path.read_bytes()) // 2])
         needles = ["cannot read checkpoint", str(ckpt_path)]
+    elif damage == "missing":  # killed with kill -9 before its first checkpoint
+        ckpt_path.unlink()
+        needles = ["no checkpoint.pt", "start it again"]
     elif damage == "other-corpus":  # the corpus file changed since the run was saved
         args = json.loads((run_dir / "args.json").read_text())
         other = write_small_corpus(tmp_path / "other.txt", seed=1)
@@ -556,6 +558,16 @@ def test_signal_mid_epoch_checkpoints_prints_resume_command_and_resume_finishes(
     assert ckpt["epoch"] == 2 and torch.isfinite(ckpt["model"]["in_embed.weight"]).all()
 
 
+def test_ctrl_c_before_training_is_exit_130_without_traceback(tmp_path, capsys, monkeypatch, corpus_file):
+    """Ctrl-C while the corpus is read (before the handlers are installed) stops cleanly too."""
+    def interrupted_load(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "load_corpus", interrupted_load)
+    code, _, err = run_main(capsys, base_args(tmp_path, corpus_file))
+    assert code == 130
+    assert_one_line_error(err, "interrupted")
+
+
 # ---------------------------------------------------------------------------------------------
 # Unwritable folders and full disks
 
@@ -566,6 +578,16 @@ def test_log_dir_not_writable_is_an_error_before_training(tmp_path, capsys, corp
     assert code == 1
     assert_one_line_error(err, str(corpus_file))
     assert "corpus:" not in out  # found out before the corpus was even read
+
+
+def test_cache_dir_not_writable_trains_with_a_warning(tmp_path, capsys, corpus_file):
+    """The cache only saves time: without it the corpus is rebuilt each run, and training goes on."""
+    argv = base_args(tmp_path, corpus_file, "--epochs", "1", "--pip-interval", "1", "--run-name", "r")
+    argv[argv.index("--cache-dir") + 1] = str(corpus_file / "cache")  # inside a regular file
+    code, out, err = run_main(capsys, argv)
+    assert code == 0, err
+    assert "could not write the corpus cache" in out + err and "could not cache" in out + err
+    assert load_ckpt(tmp_path / "runs" / "r" / "checkpoint.pt")["epoch"] == 1
 
 
 def test_read_only_run_dir_on_resume_is_an_error_before_training(tmp_path, capsys, corpus_file, tmpfs):
