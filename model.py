@@ -1,7 +1,8 @@
-"""SGNS model: center and context embedding tables, the SGNS loss and its sparse gradients."""
+"""SGNS models: embedding tables (SGNS) or character LSTM word encoders (RNNSGNS), with the SGNS loss."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
 
 
 class SGNS(nn.Module):
@@ -65,10 +66,195 @@ class SGNS(nn.Module):
         self.out_embed.weight.index_add_(0, out_rows, out_grads, alpha=-lr)
 
 
-def build_model(model_name, vocab_size, embed_size, sparse=True, **kwargs):
-    """The model a run asks for, by name."""
+def _sgns_loss(center, context, negatives):
+    """Mean SGNS loss from the vectors: center B x d, context B x d, negatives B x K x d."""
+    pos_score = (center * context).sum(-1)
+    neg_score = torch.bmm(negatives, center.unsqueeze(2)).squeeze(2)
+    return (-F.logsigmoid(pos_score) - F.logsigmoid(-neg_score).sum(-1)).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# RNN-SGNS: word vectors computed from the word's characters
+
+PAD_CHAR, UNKNOWN_CHAR = 0, 1  # character ids reserved for padding and characters never seen
+# Defaults of the RNN flags, shared by the CLI and by checkpoints whose args lack a flag.
+RNN_DEFAULTS = {"char_embed_size": 32, "hidden_size": 128, "num_layer": 1, "dropout": 0.0,
+                "bidirectional": False, "mlp_size": None}
+
+
+def normalize_word(word):
+    """The corpus's normalisation (lowercase, curly apostrophe -> '), so that queries match training."""
+    return word.lower().replace("\u2019", "'")
+
+
+class CharVocab:
+    """Character ids for spelling words: 0 pads, 1 stands for any character not seen in training.
+
+    Built from the vocabulary alone (sorted, so the same words always give the same ids): a
+    checkpoint, which stores its words, rebuilds the same alphabet without storing it.
+    """
+
+    def __init__(self, words):
+        letters = sorted({ch for word in words for ch in normalize_word(word) if ch.isalpha() or ch == "'"})
+        self.chars = letters
+        self.index = {ch: i + 2 for i, ch in enumerate(letters)}
+
+    def __len__(self):
+        return len(self.chars) + 2
+
+    def encode(self, words):
+        """(N x L int64 char ids, padded with 0; N lengths). The empty word is one unknown char,
+        so that every word has a length >= 1 for the LSTM."""
+        spelled = [[self.index.get(ch, UNKNOWN_CHAR) for ch in normalize_word(w)] or [UNKNOWN_CHAR] for w in words]
+        lengths = torch.tensor([len(ids) for ids in spelled], dtype=torch.int64)
+        char_ids = torch.zeros(len(spelled), int(lengths.max()) if len(spelled) else 1, dtype=torch.int64)
+        for row, ids in enumerate(spelled):
+            char_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        return char_ids, lengths
+
+
+class CharWordEncoder(nn.Module):
+    """Characters -> embedding -> LSTM -> last hidden state (both directions) -> linear -> d."""
+
+    def __init__(self, n_chars, embed_size, char_embed_size=32, hidden_size=128, num_layers=1, dropout=0.0,
+                 bidirectional=False, mlp_size=None):
+        super().__init__()
+        self.directions = 2 if bidirectional else 1
+        self.char_embed = nn.Embedding(n_chars, char_embed_size, padding_idx=PAD_CHAR)
+        # nn.LSTM's own dropout acts between layers only (it warns when there is one layer).
+        self.lstm = nn.LSTM(char_embed_size, hidden_size, num_layers=num_layers, batch_first=True,
+                            dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
+        self.dropout = nn.Dropout(dropout)
+        features = hidden_size * self.directions
+        mlp_size = mlp_size or embed_size
+        if mlp_size == embed_size:
+            self.head = nn.Linear(features, embed_size)
+        else:  # a hidden layer of another width needs a non-linearity to be more than one linear map
+            self.head = nn.Sequential(nn.Linear(features, mlp_size), nn.Tanh(), nn.Linear(mlp_size, embed_size))
+
+    def forward(self, char_ids, lengths, packed=None):
+        """char_ids N x L (padded), lengths N (>= 1) -> N x d.
+
+        Either way padding never enters a word's vector: each word's LSTM stops at its own
+        last character (and, backwards, starts there). `packed` (default: on CUDA only) runs
+        one packed-sequence call, which cuDNN does well; on the CPU, one plain LSTM call per
+        word length is ~3x faster, mostly in the backward pass.
+        """
+        if packed is None:
+            packed = char_ids.is_cuda
+        last = (self._last_states_packed if packed else self._last_states_by_length)(char_ids, lengths)
+        return self.head(self.dropout(last))
+
+    def _top_states(self, h_n):
+        """h_n (layers*directions) x N x H -> N x (directions*H): the top layer, directions side by side."""
+        return h_n[-self.directions:].transpose(0, 1).reshape(h_n.shape[1], -1)
+
+    def _last_states_packed(self, char_ids, lengths):
+        lengths = lengths.cpu()  # pack_padded_sequence wants them on the CPU
+        char_ids = char_ids[:, :int(lengths.max())]  # no step over columns that are padding for all
+        packed = pack_padded_sequence(self.char_embed(char_ids), lengths, batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.lstm(packed)  # h_n comes back in the input's order
+        return self._top_states(h_n)
+
+    def _last_states_by_length(self, char_ids, lengths):
+        order = torch.argsort(lengths, stable=True)
+        word_lengths, counts = torch.unique_consecutive(lengths[order], return_counts=True)
+        parts, start = [], 0
+        for length, count in zip(word_lengths.tolist(), counts.tolist()):
+            rows = order[start:start + count]
+            start += count
+            _, (h_n, _) = self.lstm(self.char_embed(char_ids[rows, :length]))
+            parts.append(self._top_states(h_n))
+        return torch.cat(parts)[torch.argsort(order)]  # back from length order to the input's order
+
+
+class RNNSGNS(nn.Module):
+    """SGNS where a word's vector is computed from its spelling by a character LSTM.
+
+    One encoder gives center vectors (the embeddings users take away), another context and
+    negative vectors. Because vectors come from characters, words never seen in training get
+    vectors too (`embed_words`).
+
+    With `unique=True` (the default) a batch's distinct words are encoded once each and the
+    vectors gathered back to their positions: a batch of 4096 pairs with 5 negatives names
+    ~24,600 words but only a few thousand distinct ones. `unique=False` encodes every
+    position (the seed's method): same loss and gradients, much slower.
+    """
+
+    def __init__(self, words, embed_size, char_embed_size=32, hidden_size=128, num_layers=1, dropout=0.0,
+                 bidirectional=False, mlp_size=None, unique=True):
+        super().__init__()
+        self.vocab_size, self.embed_size = len(words), embed_size
+        self.unique = unique
+        self.char_vocab = CharVocab(words)
+        sizes = dict(char_embed_size=char_embed_size, hidden_size=hidden_size, num_layers=num_layers,
+                     dropout=dropout, bidirectional=bidirectional, mlp_size=mlp_size)
+        self.center_encoder = CharWordEncoder(len(self.char_vocab), embed_size, **sizes)
+        self.context_encoder = CharWordEncoder(len(self.char_vocab), embed_size, **sizes)
+        char_ids, lengths = self.char_vocab.encode(words)
+        # The spelling of every word id. Not saved (persistent=False): the checkpoint's word list
+        # rebuilds it, and it would double the checkpoint's size.
+        self.register_buffer("word_chars", char_ids, persistent=False)
+        self.register_buffer("word_lengths", lengths, persistent=False)
+
+    def encode_ids(self, encoder, ids):
+        """Vectors of word ids of any shape -> ids.shape + (d,)."""
+        flat = ids.reshape(-1)
+        if self.unique:
+            distinct, where = torch.unique(flat, return_inverse=True)
+            vectors = encoder(self.word_chars[distinct], self.word_lengths[distinct])[where]
+        else:
+            vectors = encoder(self.word_chars[flat], self.word_lengths[flat])
+        return vectors.reshape(*ids.shape, self.embed_size)
+
+    def forward(self, center_ids, context_ids, neg_ids):
+        """Mean SGNS loss over the pairs, as SGNS.forward."""
+        center = self.encode_ids(self.center_encoder, center_ids)
+        # Contexts and negatives share an encoder: one call, so words in both are encoded once.
+        outside = self.encode_ids(self.context_encoder, torch.cat([context_ids, neg_ids.reshape(-1)]))
+        context, negatives = outside[:len(context_ids)], outside[len(context_ids):].view(*neg_ids.shape, -1)
+        return _sgns_loss(center, context, negatives)
+
+    @torch.no_grad()
+    def _encode_all(self, encoder, char_ids, lengths, batch_size):
+        was_training = self.training
+        self.eval()  # no dropout: the vectors users see are deterministic
+        try:
+            parts = [encoder(char_ids[i:i + batch_size], lengths[i:i + batch_size])
+                     for i in range(0, len(lengths), batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(parts) if parts else char_ids.new_zeros((0, self.embed_size), dtype=torch.float32)
+
+    def embeddings(self, batch_size=8192):
+        """The V x d center vectors of the vocabulary, encoded in large batches without gradients."""
+        return self._encode_all(self.center_encoder, self.word_chars, self.word_lengths, batch_size)
+
+    def context_embeddings(self, batch_size=8192):
+        """The V x d context vectors (the other encoder)."""
+        return self._encode_all(self.context_encoder, self.word_chars, self.word_lengths, batch_size)
+
+    def embed_words(self, words, batch_size=8192):
+        """Center vectors (len(words) x d) for any strings, in the vocabulary or not."""
+        char_ids, lengths = self.char_vocab.encode(list(words))
+        return self._encode_all(self.center_encoder, char_ids.to(self.word_chars.device), lengths, batch_size)
+
+
+def build_model(model_name, vocab_size, embed_size, sparse=True, words=None, args=None, **kwargs):
+    """The model a run asks for, by name.
+
+    The RNN model needs the vocabulary (`words`, id order) to spell its words, and reads its
+    sizes from `args` (the run's flags as a dict; missing ones take the CLI defaults).
+    """
     if model_name == "sgns":
         return SGNS(vocab_size, embed_size, sparse=sparse)
+    if model_name == "rnn":
+        if words is None or len(words) != vocab_size:
+            raise ValueError("the rnn model needs the vocabulary's words (one per id)")
+        args = {**RNN_DEFAULTS, **{k: v for k, v in (args or {}).items() if v is not None}}
+        return RNNSGNS(words, embed_size, char_embed_size=args["char_embed_size"],
+                       hidden_size=args["hidden_size"], num_layers=args["num_layer"], dropout=args["dropout"],
+                       bidirectional=bool(args["bidirectional"]), mlp_size=args["mlp_size"])
     raise ValueError(f"unknown model name {model_name!r}")
 
 

@@ -1,0 +1,221 @@
+"""RNN-SGNS bench: unique-word vs per-occurrence encoding speed, and vectors for unseen inflected forms.
+
+    python bench/bench_rnn.py [--dataset ../shared/corpora/gutenberg] [--threads 1] ...
+
+1. Speed. The same batches of the first epoch (trainer's subsampling, window and negatives)
+   are trained with Adam twice from the same weights: once encoding each distinct word of a
+   batch once (RNNSGNS.unique=True, the default), once encoding every position (the seed's
+   method). A per-occurrence epoch takes hours on a CPU, so a few batches of each are timed
+   and both are extrapolated to the epoch's batch count.
+2. Unseen words. Five frequent plurals whose singular is also in the vocabulary are removed
+   from the corpus (tokens and vocabulary); the model trains for a fixed time on the rest,
+   then each plural is embedded from its characters (embed_words) and its 10 nearest
+   vocabulary words by cosine are printed, with whether the singular is among them. The
+   same is printed for the untrained model, since similar spellings give similar vectors
+   even before training.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import data  # noqa: E402
+from model import RNN_DEFAULTS, RNNSGNS  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "corpora" / "gutenberg"),
+                   help="corpus folder or file")
+    p.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"), help="corpus cache folder")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (on a CPU shared with other jobs, more threads than free cores is slower)")
+    p.add_argument("--embed-size", type=int, default=100, help="embedding dimension d")
+    p.add_argument("--batch-size", type=int, default=65536, help="pairs per batch for the speed comparison")
+    p.add_argument("--unique-batches", type=int, default=3, help="batches timed with unique-word encoding")
+    p.add_argument("--occurrence-batches", type=int, default=1, help="batches timed with per-occurrence encoding")
+    p.add_argument("--train-batch-size", type=int, default=1024, help="pairs per batch for the unseen-word run")
+    p.add_argument("--train-seconds", type=float, default=240, help="training time of the unseen-word run")
+    p.add_argument("--train-lr", type=float, default=1e-2, help="Adam learning rate of the (short) unseen-word run")
+    p.add_argument("--train-bidirectional", action=argparse.BooleanOptionalAction, default=True,
+                   help="bidirectional LSTM for the unseen-word run: a forward LSTM's last state is dominated by "
+                        "the word's ending ('hands' starts next to 'lands'), the backward one by its beginning")
+    p.add_argument("--train-hidden-size", type=int, default=64,
+                   help="LSTM hidden size of the unseen-word run")
+    p.add_argument("--parts", default="both", choices=["both", "speed", "unseen"], help="which measurements to run")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, default=1, help="random seed")
+    return p.parse_args()
+
+
+WINDOW, NEGATIVES, SUBSAMPLE = 5, 5, 1e-3  # the trainer's defaults
+
+
+def epoch_batches(token_ids, sentence_starts, counts, batch_size, seed, device):
+    """The trainer's first epoch: subsampled stream, pair batches and negatives (a generator)."""
+    rng = data.epoch_rng(seed, 0)
+    kept, starts = data.subsample(token_ids, sentence_starts, data.keep_probabilities(counts, SUBSAMPLE), rng)
+    sampler = data.NegativeSampler(counts)
+    n_batches = -(-len(kept) // max(1, batch_size // (WINDOW + 1)))
+
+    def batches():
+        for center, context, _ in data.iter_pair_batches(kept, starts, WINDOW, batch_size, rng):
+            negs = sampler.sample((len(center), NEGATIVES), rng)
+            yield tuple(torch.from_numpy(a).to(device) for a in (center, context, negs))
+    return n_batches, batches()
+
+
+def train_step(model, optimizer, batch):
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(*batch)
+    loss.backward()
+    optimizer.step()
+    return loss.item()  # also waits for a GPU to finish the step, so timings are real
+
+
+def time_steps(model, initial_state, batches, unique):
+    """Seconds per step over `batches`, from the same starting weights and optimizer state."""
+    model.load_state_dict(initial_state)
+    model.unique = unique
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for batch in batches:
+        train_step(model, optimizer, batch)
+    return (time.perf_counter() - start) / len(batches)
+
+
+def speed(corpus, args):
+    print(f"== speed: batch size {args.batch_size} pairs, {args.threads} thread(s), default model "
+          f"{ {**RNN_DEFAULTS, 'embed_size': args.embed_size} }")
+    torch.manual_seed(args.seed)
+    model = RNNSGNS(corpus.words, args.embed_size).to(args.device)
+    initial_state = {k: v.clone() for k, v in model.state_dict().items()}
+    n_batches, stream = epoch_batches(corpus.token_ids, corpus.sentence_starts, corpus.counts, args.batch_size,
+                                      args.seed, args.device)
+    wanted = max(args.unique_batches, args.occurrence_batches) + 1
+    batches = [next(stream) for _ in range(wanted)]
+    positions = [b[0].numel() + b[1].numel() + b[2].numel() for b in batches]
+    distinct = [b[0].unique().numel() + torch.cat([b[1], b[2].reshape(-1)]).unique().numel() for b in batches]
+    print(f"epoch: {n_batches} batches; a batch names {np.mean(positions):,.0f} words (center, context, "
+          f"negative positions), {np.mean(distinct):,.0f} distinct (center and context encoders counted apart)")
+    time_steps(model, initial_state, batches[:1], unique=True)  # warm-up (allocator, kernels); not timed
+    unique_step = time_steps(model, initial_state, batches[1:1 + args.unique_batches], unique=True)
+    occurrence_step = time_steps(model, initial_state, batches[1:1 + args.occurrence_batches], unique=False)
+    print(f"unique-word encoding:    {unique_step:8.2f} s/batch (mean of {args.unique_batches}) "
+          f"-> epoch ~{unique_step * n_batches / 60:7.1f} min (extrapolated)")
+    print(f"per-occurrence encoding: {occurrence_step:8.2f} s/batch (mean of {args.occurrence_batches}) "
+          f"-> epoch ~{occurrence_step * n_batches / 60:7.1f} min (extrapolated)")
+    print(f"speed-up: {occurrence_step / unique_step:.1f}x (target >= 10x)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+def plural_pairs(words, counts, n=5):
+    """The n most frequent plurals (word + 's', not -ss/-us/-is) whose singular is frequent too."""
+    index = {w: i for i, w in enumerate(words)}
+    pairs = []
+    for i, word in enumerate(words):  # by descending count
+        singular = word[:-1]
+        if (len(word) >= 4 and word.endswith("s") and not word.endswith(("ss", "us", "is", "'s"))
+                and singular in index and counts[index[singular]] >= 100):
+            pairs.append((word, singular))
+        if len(pairs) == n:
+            return pairs
+    return pairs
+
+
+def without_words(corpus, removed):
+    """(words, counts, token_ids, sentence_starts) of the corpus with every token of `removed` deleted."""
+    drop = np.zeros(len(corpus.words), dtype=bool)
+    drop[[corpus.words.index(w) for w in removed]] = True
+    new_id = np.cumsum(~drop) - 1
+    keep_token = ~drop[corpus.token_ids]
+    kept_before = np.concatenate([[0], np.cumsum(keep_token)])
+    token_ids = new_id[corpus.token_ids[keep_token]].astype(np.uint32)
+    starts = np.unique(kept_before[corpus.sentence_starts])  # a sentence left empty merges with the next
+    starts = starts[starts < len(token_ids)]
+    words = [w for w, d in zip(corpus.words, drop) if not d]
+    return words, corpus.counts[~drop], token_ids, starts.astype(np.int64)
+
+
+def neighbour_report(model, words, pairs, title, centered):
+    """Print the 10 nearest vocabulary words of each removed plural; return how many have their singular.
+
+    centered: cosine after subtracting the vocabulary's mean vector from every vector. Early in
+    training all vectors share one large common direction (raw cosines are all ~0.99), which
+    hides the word-specific part; removing it is the usual post-processing (Mu & Viswanath 2018).
+    """
+    table, queries = model.embeddings(), model.embed_words([plural for plural, _ in pairs])
+    if centered:
+        mean = table.mean(0)
+        table, queries = table - mean, queries - mean
+    table = torch.nn.functional.normalize(table, dim=1)
+    queries = torch.nn.functional.normalize(queries, dim=1)
+    hits = 0
+    print(f"-- {title}, {'centered' if centered else 'raw'} cosine")
+    for (plural, singular), query in zip(pairs, queries):
+        scores = table @ query
+        top = torch.topk(scores, 10).indices.tolist()
+        rank = int((scores > scores[words.index(singular)]).sum()) + 1
+        hit = words.index(singular) in top
+        hits += hit
+        print(f"{plural:>10} ({'stem found' if hit else 'stem missing'}, '{singular}' ranks {rank}): "
+              + ", ".join(f"{words[i]} {scores[i]:.2f}" for i in top))
+    print(f"   stem among the 10 nearest: {hits} of {len(pairs)}")
+    return hits
+
+
+def unseen_words(corpus, args):
+    pairs = plural_pairs(corpus.words, corpus.counts)
+    words, counts, token_ids, starts = without_words(corpus, [plural for plural, _ in pairs])
+    print(f"\n== unseen inflected forms: removed {', '.join(p for p, _ in pairs)} "
+          f"({len(corpus) - len(token_ids):,} tokens); vocabulary {len(words):,} words")
+    torch.manual_seed(args.seed)
+    model = RNNSGNS(words, args.embed_size, bidirectional=args.train_bidirectional,
+                    hidden_size=args.train_hidden_size).to(args.device)
+    print(f"model: {'bidirectional' if args.train_bidirectional else 'forward'} LSTM, hidden size "
+          f"{args.train_hidden_size}, other sizes default")
+    assert not set(p for p, _ in pairs) & set(words)
+    for centered in (False, True):
+        neighbour_report(model.eval(), words, pairs, "untrained model (spelling alone)", centered)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.train_lr)
+    n_batches, stream = epoch_batches(token_ids, starts, counts, args.train_batch_size, args.seed,
+                                      args.device)
+    start, steps, losses = time.perf_counter(), 0, []
+    for batch in stream:
+        losses.append(train_step(model, optimizer, batch))
+        steps += 1
+        if time.perf_counter() - start > args.train_seconds:
+            break
+    elapsed = time.perf_counter() - start
+    print(f"trained {steps} steps of {args.train_batch_size} pairs ({steps / n_batches:.1%} of an epoch) in "
+          f"{elapsed:.0f} s, Adam lr {args.train_lr}: loss {np.mean(losses[:3]):.3f} (first 3 steps) -> "
+          f"{np.mean(losses[-3:]):.3f} (last 3)")
+    raw_hits = neighbour_report(model.eval(), words, pairs, "trained model", centered=False)
+    hits = neighbour_report(model.eval(), words, pairs, "trained model", centered=True)
+    print(f"result: {hits} of {len(pairs)} removed forms have their stem among their 10 nearest by centered "
+          f"cosine ({raw_hits} of {len(pairs)} by raw cosine; target >= 3 of 5)")
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    corpus = data.load_corpus(args.dataset, cache_dir=args.cache_dir, min_count=5)
+    print(f"corpus {corpus.name}: {len(corpus):,} tokens, {len(corpus.words):,} words; torch {torch.__version__}, "
+          f"{args.threads} thread(s)")
+    if args.parts in ("both", "unseen"):
+        unseen_words(corpus, args)
+    if args.parts in ("both", "speed"):
+        speed(corpus, args)
+
+
+if __name__ == "__main__":
+    main()

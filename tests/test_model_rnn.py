@@ -1,0 +1,253 @@
+"""RNN-SGNS: character vocabulary, the char-LSTM word encoder, unique-word batching, trainer runs."""
+import math
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+import trainer
+from model import PAD_CHAR, UNKNOWN_CHAR, CharVocab, RNNSGNS, build_model, model_from_checkpoint
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine two threads wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+WORDS = ["the", "cat", "cats", "dog", "dogs", "walk", "walked", "walking", "don't", "a", "café", "extraordinarily"]
+
+
+def small_model(seed=0, **sizes):
+    torch.manual_seed(seed)
+    sizes = {"char_embed_size": 6, "hidden_size": 8, **sizes}
+    return RNNSGNS(WORDS, 5, **sizes)
+
+
+def random_batch(seed, batch=6, neg=3, vocab=len(WORDS)):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, vocab, (batch,), generator=gen), torch.randint(0, vocab, (batch,), generator=gen),
+            torch.randint(0, vocab, (batch, neg), generator=gen))
+
+
+def test_char_vocab_reserves_padding_and_unknown():
+    vocab = CharVocab(WORDS)
+    assert vocab.chars == sorted(set("".join(WORDS)))  # every letter and the apostrophe seen, nothing else
+    assert len(vocab) == len(vocab.chars) + 2
+    char_ids, lengths = vocab.encode(["cat", "dogs", "", "Cat", "c\u2019t", "cωt"])
+    assert lengths.tolist() == [3, 4, 1, 3, 3, 3]
+    c, a, t = (vocab.index[ch] for ch in "cat")
+    assert char_ids[0].tolist() == [c, a, t, PAD_CHAR]
+    assert char_ids[2].tolist() == [UNKNOWN_CHAR, PAD_CHAR, PAD_CHAR, PAD_CHAR]  # empty word: one unknown char
+    assert char_ids[3].tolist() == char_ids[0].tolist()  # normalised as the corpus is: lowercase
+    assert char_ids[4, 1] == vocab.index["'"]  # curly apostrophe as in the corpus
+    assert char_ids[5].tolist() == [c, UNKNOWN_CHAR, t, PAD_CHAR]
+    assert min(vocab.index.values()) == 2
+    assert CharVocab(list(reversed(WORDS))).index == vocab.index  # same alphabet whatever the word order
+
+
+@pytest.mark.parametrize("sizes", [{}, {"bidirectional": True, "num_layers": 2}])
+def test_vector_is_the_same_alone_or_batched_with_longer_and_shorter_words(sizes):
+    model = small_model(**sizes).eval()
+    alone = model.embed_words(["cats"])[0]
+    batched = model.embed_words(["a", "extraordinarily", "cats", "", "dog"])
+    assert torch.allclose(batched[2], alone, atol=1e-6)
+    assert not torch.allclose(batched[1], alone, atol=1e-3)  # different words do get different vectors
+    # both ways of running the LSTM (one packed call for CUDA, one call per length on the CPU) agree
+    for encoder in (model.center_encoder, model.context_encoder):
+        packed = encoder(model.word_chars, model.word_lengths, packed=True)
+        by_length = encoder(model.word_chars, model.word_lengths, packed=False)
+        assert torch.allclose(packed, by_length, atol=1e-6)
+    # the vocabulary's vectors are each word encoded alone
+    table = model.embeddings()
+    for i, word in enumerate(WORDS):
+        assert torch.allclose(table[i], model.embed_words([word])[0], atol=1e-6)
+
+
+def test_unseen_words_and_characters_get_finite_vectors():
+    model = small_model()
+    queries = ["catwalks", "ωμέγα", "", "x" * 60, "Dogs", "naïveté"]
+    vectors = model.embed_words(queries)
+    assert vectors.shape == (len(queries), 5) and torch.isfinite(vectors).all()
+    assert not torch.allclose(vectors[0], vectors[1])
+    assert model.embed_words([]).shape == (0, 5)
+    assert model.training  # embedding in eval mode leaves the training mode as it was
+
+
+def test_dropout_only_in_training():
+    model = small_model(dropout=0.5, num_layers=2)
+    center, context, negs = random_batch(1)
+    assert model(center, context, negs).item() != model(center, context, negs).item()
+    first, second = model.embeddings(), model.embeddings()
+    assert torch.equal(first, second)
+
+
+def reference_loss(center_table, context_table, center_ids, context_ids, neg_ids):
+    """The SGNS loss written out pair by pair from per-word vectors, in float64."""
+    total = 0.0
+    for b in range(len(center_ids)):
+        c = center_table[center_ids[b]]
+        total -= math.log(1 / (1 + math.exp(-float(c @ context_table[context_ids[b]]))))
+        for n in neg_ids[b]:
+            total -= math.log(1 / (1 + math.exp(float(c @ context_table[n]))))
+    return total / len(center_ids)
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad()
+    loss = model(*batch)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("sizes", [{}, {"bidirectional": True, "num_layers": 2, "mlp_size": 7}])
+def test_unique_word_encoding_equals_per_occurrence(sizes):
+    model = small_model(seed=3, **sizes).double()
+    center, context, negs = random_batch(4, batch=10, neg=4)
+    negs[0, :2] = context[0]  # a word both context and negative, and repeated
+    center[1] = center[0]
+    model.unique = True
+    unique_loss, unique_grads = loss_and_grads(model, (center, context, negs))
+    model.unique = False
+    each_loss, each_grads = loss_and_grads(model, (center, context, negs))
+    assert torch.allclose(unique_loss, each_loss, rtol=1e-12)
+    for name, grad in each_grads.items():
+        assert grad.abs().sum() > 0 or name.endswith("char_embed.weight"), name
+        assert torch.allclose(unique_grads[name], grad, rtol=1e-9, atol=1e-12), name
+    # and the loss is SGNS's on the vectors each word gets alone
+    expected = reference_loss(model.embeddings(), model.context_embeddings(), center, context, negs)
+    assert abs(unique_loss.item() - expected) < 1e-9 * abs(expected)
+
+
+def test_short_run_lowers_the_loss():
+    """Words of two topics co-occur within their topic only: a few Adam steps must fit that."""
+    model = small_model(seed=5)
+    topic = torch.tensor([0, 1, 1, 0, 0, 1, 1, 0, 1, 0, 0, 1])  # per word of WORDS
+    gen = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+
+    def batch():
+        center = torch.randint(0, len(WORDS), (64,), generator=gen)
+        same_topic = [torch.nonzero(topic == topic[c]).squeeze(1) for c in center]
+        context = torch.stack([ids[torch.randint(0, len(ids), (1,), generator=gen)][0] for ids in same_topic])
+        return center, context, torch.randint(0, len(WORDS), (64, 3), generator=gen)
+
+    fixed = batch()
+    with torch.no_grad():
+        before = model(*fixed).item()
+    for _ in range(40):
+        optimizer.zero_grad()
+        model(*batch()).backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = model(*fixed).item()
+    print(before, after)
+    assert after < before - 0.5, (before, after)
+
+
+def test_build_model_reads_the_run_flags():
+    model = build_model("rnn", len(WORDS), 5, words=WORDS,
+                        args={"char_embed_size": 4, "hidden_size": 6, "num_layer": 2, "dropout": 0.0,
+                              "bidirectional": True, "mlp_size": None, "batch_size": 10})
+    assert isinstance(model, RNNSGNS)
+    assert model.center_encoder.lstm.num_layers == 2 and model.center_encoder.lstm.bidirectional
+    assert model.center_encoder.head.in_features == 12
+    with pytest.raises(ValueError):
+        build_model("rnn", len(WORDS), 5)  # no words to spell
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the trainer
+
+def write_corpus(path, n_sentences=300, seed=0):
+    rng = np.random.default_rng(seed)
+    topics = [["cat", "cats", "dog", "dogs", "horse", "horses"], ["car", "cars", "bus", "buses", "train", "trains"]]
+    lines = [" ".join(rng.choice(topics[rng.integers(2)] + ["the", "a"], 8)).capitalize() + "."
+             for _ in range(n_sentences)]
+    path.write_text("\n".join(lines))
+    return path
+
+
+def rnn_args(tmp_path, *extra):
+    corpus = write_corpus(tmp_path / "small.txt")
+    return ["--dataset", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--log-dir", str(tmp_path / "runs"),
+            "--model-name", "rnn", "--embed-size", "8", "--char-embed-size", "6", "--hidden-size", "12",
+            "--batch-size", "256", "--remove-th", "1", "--num-threads", "1", "--quiet", "--pip-vocab", "12", *extra]
+
+
+def test_is_character_is_an_alias_with_rnn_defaults():
+    args = trainer.parse_args(["--is-character"])
+    assert (args.model_name, args.optimizer, args.lr, args.engine) == ("rnn", "adam", 0.001, "torch")
+    sgns = trainer.parse_args([])
+    assert (sgns.model_name, sgns.optimizer, sgns.lr, sgns.batch_size) == ("sgns", "sgd", 0.025, 4096)
+
+
+@pytest.mark.parametrize("argv", [["--model-name", "rnn", "--engine", "kernel"],
+                                  ["--model-name", "rnn", "--optimizer", "sparse_adam"],
+                                  ["--model-name", "rnn", "--hidden-size", "0"],
+                                  ["--model-name", "rnn", "--dropout", "1.5"]])
+def test_bad_rnn_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.parse_args(argv)
+    assert exit_info.value.code == 2
+
+
+def test_trainer_run_checkpoint_rebuilds_the_model(tmp_path):
+    export = tmp_path / "vectors.txt"
+    flags = ["--bidirectional", "--num-layer", "2", "--mlp-size", "10", "--dropout", "0.1"]
+    assert trainer.main(rnn_args(tmp_path, "--epochs", "2", "--run-name", "r", "--export", str(export), *flags)) == 0
+    run_dir = tmp_path / "runs" / "r"
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert ckpt["model_name"] == "rnn" and ckpt["epoch"] == 2
+    # both PIP losses were computed on the encoded vocabulary; training lowered the loss
+    assert {"PIP loss", "PIP loss (oracle)"} <= set(ckpt["history"])
+    losses = [value for _, value in ckpt["history"]["Train loss"]]
+    assert losses[1] < losses[0]
+    assert any(p.name == "metadata.tsv" for p in run_dir.rglob("*"))  # TensorBoard projector
+
+    model = model_from_checkpoint(ckpt)
+    assert isinstance(model, RNNSGNS) and model.center_encoder.lstm.bidirectional
+    from gensim.models import KeyedVectors
+    keyed = KeyedVectors.load_word2vec_format(str(export))
+    assert keyed.index_to_key == ckpt["words"]
+    np.testing.assert_allclose(keyed.vectors, model.embeddings().numpy(), rtol=1e-5, atol=1e-6)
+    vectors = model.embed_words(["buss", "horsey"])
+    assert torch.isfinite(vectors).all()
+
+    # evaluate.py rebuilds it too and embeds words the vocabulary lacks
+    import evaluate
+    words, table, embed_fn, _ = evaluate.load_checkpoint(run_dir)
+    assert words == ckpt["words"] and embed_fn is not None
+    np.testing.assert_allclose(embed_fn(["buss", "horsey"]), vectors.numpy(), rtol=1e-5, atol=1e-6)
+    found = evaluate.neighbors(words, table, ["buss"], topn=3, embed_fn=embed_fn)
+    assert len(found["buss"]) == 3
+
+
+def test_interrupted_and_resumed_rnn_run_equals_uninterrupted(tmp_path, monkeypatch):
+    args = rnn_args(tmp_path, "--epochs", "2", "--pip-interval", "0", "--subsample-th", "0")
+    assert trainer.main(args + ["--run-name", "straight"]) == 0
+    real, calls = trainer.torch_epoch, [0]
+
+    def stopping_epoch(*a):
+        *head, step = a
+
+        def counting_step(*s):
+            calls[0] += 1
+            if calls[0] == 80:  # 57 steps an epoch: mid-way through the second
+                signal.raise_signal(signal.SIGINT)
+            step(*s)
+        return real(*head, counting_step)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "torch_epoch", stopping_epoch)
+        assert trainer.main(args + ["--run-name", "stopped"]) == 128 + signal.SIGINT
+    ckpt = torch.load(tmp_path / "runs" / "stopped" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["position"] and ckpt["optimizer"]["state"]
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert trainer.main(["--resume", str(tmp_path / "runs" / "stopped"), "--quiet"]) == 0
+    straight, resumed = (model_from_checkpoint(torch.load(tmp_path / "runs" / name / "checkpoint.pt",
+                                                          weights_only=True)).embeddings()
+                         for name in ("straight", "stopped"))
+    assert torch.allclose(straight, resumed, atol=1e-6)
