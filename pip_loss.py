@@ -21,7 +21,6 @@ import os
 import sys
 import threading
 import time
-import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,6 +35,9 @@ MC_NOISE_BYTES_IN_MEMORY = 1 << 30
 # Matrices with at most this many rows (or columns) get an exact dense SVD instead of the
 # iterative one: at that size it is both exact and faster.
 DENSE_SVD_MAX_SIZE = 2000
+# Largest dimension on the selection curve unless asked otherwise (the Monte Carlo cost grows
+# with it; the paper's optima for corpora of this size are in the low hundreds).
+DEFAULT_MAX_DIM = 300
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,42 +146,17 @@ def _n_threads():
                       else (os.cpu_count() or 1), 8))
 
 
-def _torch_spmm(matrix, dense):
-    """``matrix @ dense`` through torch's CSR kernel (multi-threaded on CPU), or None when
-    torch is missing or rejects the input. The scipy arrays are shared, not copied."""
-    try:
-        import torch
-    except ImportError:
-        return None
-    if matrix.indices.dtype != matrix.indptr.dtype:
-        return None
-    dtype = np.result_type(matrix.dtype, dense.dtype)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            sparse = torch.sparse_csr_tensor(torch.from_numpy(matrix.indptr),
-                                             torch.from_numpy(matrix.indices),
-                                             torch.from_numpy(matrix.data.astype(dtype, copy=False)),
-                                             size=matrix.shape, check_invariants=False)
-            return (sparse @ torch.from_numpy(np.ascontiguousarray(dense, dtype=dtype))).numpy()
-    except (RuntimeError, TypeError):
-        return None
-
-
 def spmm(matrix, dense):
     """``matrix @ dense`` for a CSR matrix and a dense 2-D array, on all cores.
 
-    scipy's product is single-threaded; torch's CSR kernel uses every core and measured about
-    twice as fast here, so it is used when available. The fallback splits the rows over
-    threads (scipy's sparse kernels release the GIL).
+    scipy's product is single-threaded, but its sparse kernels release the GIL, so row ranges
+    run on threads in parallel. (torch's CSR product was tried: with scipy's int32 indices it
+    measured 3 to 5 times slower than this here.)
     """
     matrix = matrix if sp.isspmatrix_csr(matrix) else sp.csr_matrix(matrix)
     dense = np.asarray(dense)
     if matrix.shape[1] != dense.shape[0]:
         raise ValueError(f"cannot multiply {matrix.shape} by {dense.shape}")
-    product = _torch_spmm(matrix, dense) if matrix.nnz and dense.size else None
-    if product is not None:
-        return product
     n_rows = matrix.shape[0]
     out = np.empty((n_rows, dense.shape[1]), dtype=np.result_type(matrix.dtype, dense.dtype))
     n_threads = _n_threads() if matrix.nnz * dense.shape[1] > 10_000_000 else 1
@@ -492,10 +469,10 @@ def select_dimension_from_matrices(M, M1, M2, alpha=0.5, max_dim=None, signal_ra
     PIP loss of every dimension 1..max_dim from a Monte Carlo over fresh noise.
     """
     n = min(M.shape)
-    max_dim = min(n, 500) if max_dim is None else int(max_dim)
+    max_dim = min(n, DEFAULT_MAX_DIM) if max_dim is None else int(max_dim)
     if not 1 <= max_dim <= n:
         raise ValueError(f"max_dim must be between 1 and {n}, got {max_dim}")
-    signal_rank = min(n, max(2 * max_dim, 1000)) if signal_rank is None else min(int(signal_rank), n)
+    signal_rank = min(n, 2 * max_dim) if signal_rank is None else min(int(signal_rank), n)
     signal_rank = max(signal_rank, max_dim)
     sigma = estimate_noise_sigma(M1, M2)
     started = time.perf_counter()
@@ -506,6 +483,12 @@ def select_dimension_from_matrices(M, M1, M2, alpha=0.5, max_dim=None, signal_ra
     if log:
         log(f"  spectrum: top {signal_rank} singular values in {time.perf_counter() - started:.1f} s")
     signal = debias_spectrum(observed, sigma, M.shape)
+    if log:
+        log(f"  noise sigma {sigma:.4g}; {int(np.sum(signal > 0))} of the top {signal_rank} singular "
+            f"values stand above the noise edge {2 * sigma * math.sqrt(max(M.shape)):.4g}")
+        if signal_rank < n and signal[-1] > 0:
+            log("  warning: the smallest computed singular value is still signal; a larger "
+                "signal rank would make the curve's tail more accurate")
     losses = monte_carlo_pip_curve(signal, sigma, n, max_dim, alpha, n_trials, seed, log)
     dims = np.arange(1, max_dim + 1)
     best = int(dims[np.argmin(losses)])
@@ -530,3 +513,139 @@ def select_dimension(token_ids, vocab_size, window, neg, sentence_starts=None, a
             f"{full.nnz:,} non-zeros in the full one")
     return select_dimension_from_matrices(full, half_1, half_2, alpha, max_dim, signal_rank,
                                           n_trials, seed, log)
+
+
+def cached_sppmi(corpus, vocab_size, window, neg, log=None):
+    """SPPMI matrix of a ``data.Corpus``, built once and kept in the corpus cache (.npz, no pickle)."""
+    path = corpus.cache_file(f"sppmi-v{int(vocab_size)}-w{int(window)}-k{neg:g}.npz")
+    if os.path.exists(path):
+        try:
+            return sp.load_npz(path).tocsr()
+        except (OSError, ValueError) as err:
+            if log:
+                log(f"warning: SPPMI cache {path} is damaged ({err}); rebuilding it")
+    matrix = sppmi(corpus.token_ids, vocab_size, window, neg, corpus.sentence_starts)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        sp.save_npz(tmp, matrix)
+        os.replace(tmp, path)
+    except OSError as err:
+        if log:
+            log(f"warning: could not cache the SPPMI matrix in {path}: {err}")
+    return matrix
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: python pip_loss.py --dataset DIR --select-dim
+
+def plot_curve(curve, best_dim, path, title):
+    """Save the expected-PIP-loss curve with the chosen dimension marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    dims, losses = curve
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(dims, losses, color="tab:blue", label="expected PIP loss (Monte Carlo)")
+    ax.axvline(best_dim, color="tab:red", linestyle="--", label=f"minimum: d = {best_dim}")
+    ax.set_xlabel("embedding dimension d")
+    ax.set_ylabel("E ||E_d E_d^T - E* E*^T||_F")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parse_args(argv):
+    import argparse
+    parser = argparse.ArgumentParser(
+        prog="pip_loss.py",
+        description="PIP-loss tools (Yin & Shen 2018). With --select-dim: estimate the "
+                    "embedding dimension that minimises the expected PIP loss for a corpus.")
+    parser.add_argument("--dataset", required=True,
+                        help="corpus: a directory of .txt files, a .txt file, or a dataset name data.py knows")
+    parser.add_argument("--select-dim", action="store_true",
+                        help="run the PIP-loss dimension selection (the only action so far; required)")
+    parser.add_argument("--vocab-size", type=int, default=10000,
+                        help="keep the N most frequent words for the signal matrix (default 10000)")
+    parser.add_argument("--window", type=int, default=5, help="context words on each side (default 5)")
+    parser.add_argument("--neg", type=float, default=5,
+                        help="SPPMI shift k, the number of negative samples (default 5)")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="exponent of the singular values in E = U D^alpha (default 0.5)")
+    parser.add_argument("--max-dim", type=int, default=DEFAULT_MAX_DIM,
+                        help=f"largest dimension on the curve (default {DEFAULT_MAX_DIM})")
+    parser.add_argument("--trials", type=int, default=2, help="Monte Carlo trials (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the split and the noise (default 0)")
+    parser.add_argument("--min-count", type=int, default=5,
+                        help="drop words seen fewer times when building the corpus (default 5)")
+    parser.add_argument("--data-dir", default="data", help="where data.py looks for named datasets (default data)")
+    parser.add_argument("--cache-dir", default="data/cache", help="corpus cache directory (default data/cache)")
+    parser.add_argument("--out-dir", default=None,
+                        help="where to write the curve (default saved/runs/select-dim-<timestamp>)")
+    args = parser.parse_args(argv)
+    if not args.select_dim:
+        parser.error("nothing to do: pass --select-dim")
+    for name in ("vocab_size", "window", "max_dim", "trials"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not args.neg > 0:
+        parser.error("--neg must be positive")
+    return args
+
+
+def main(argv=None):
+    """Entry point; user mistakes print one line and exit with status 2."""
+    import json
+    import shutil
+    args = _parse_args(argv)
+    try:
+        import data  # only the command line needs the corpus reader
+    except ImportError as err:
+        print(f"error: cannot import data.py: {err}", file=sys.stderr)
+        return 2
+    repo = os.path.dirname(os.path.abspath(__file__))
+    out_dir = args.out_dir or os.path.join("saved", "runs", time.strftime("select-dim-%Y%m%d-%H%M%S"))
+    started = time.perf_counter()
+    try:
+        corpus = data.load_corpus(dataset=args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                                  min_count=args.min_count)
+    except (getattr(data, "DatasetError", OSError), OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    vocab_size = min(args.vocab_size, len(corpus.words))
+    max_dim = min(args.max_dim, vocab_size)
+    print(f"corpus {corpus.name}: {len(corpus.token_ids):,} tokens, vocabulary {len(corpus.words):,} "
+          f"(using the top {vocab_size:,}); loaded in {time.perf_counter() - started:.1f} s")
+    try:
+        best, curve = select_dimension(corpus.token_ids, vocab_size, args.window, args.neg,
+                                       sentence_starts=corpus.sentence_starts, alpha=args.alpha,
+                                       max_dim=max_dim, n_trials=args.trials, seed=args.seed, log=print)
+    except (ValueError, MemoryError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dims, losses = curve
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        png = os.path.join(out_dir, "pip_select_dim.png")
+        title = (f"{corpus.name}: V={vocab_size}, window={args.window}, k={args.neg:g}, "
+                 f"alpha={args.alpha:g} -> d={best}")
+        plot_curve(curve, best, png, title)
+        with open(os.path.join(out_dir, "pip_select_dim.json"), "w") as f:
+            json.dump({"best_dim": best, "dims": dims.tolist(), "losses": losses.tolist(),
+                       "sigma": curve.sigma, "vocab_size": vocab_size, "window": args.window,
+                       "neg": args.neg, "alpha": args.alpha, "trials": args.trials, "seed": args.seed,
+                       "corpus_hash": corpus.hash}, f)
+        os.makedirs(os.path.join(repo, "img"), exist_ok=True)
+        shutil.copyfile(png, os.path.join(repo, "img", "pip_select_dim.png"))
+    except OSError as err:
+        print(f"error: cannot write the curve: {err}", file=sys.stderr)
+        return 2
+    print(f"PIP-loss-minimising dimension: {best} (expected PIP loss {losses[best - 1]:.4g}; "
+          f"curve in {png}, copy in img/pip_select_dim.png; {time.perf_counter() - started:.1f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
