@@ -450,9 +450,9 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_pr
         stop = 0
         if averager is not None and (i - first) % args.sync_interval == 0 and i > first:
             stop = averager.sync_point(stop_signal())
-        if args.optimizer == "sgd" and averager is None:
+        if optimizer is None and averager is None:  # manual SGD (model.sparse_grads), summed over ranks
             loss_sum, pairs, stop = sync_sgd_step(model, center_ids, context_ids, neg_ids, lr, stop_signal())
-        elif args.optimizer == "sgd":
+        elif optimizer is None:
             loss_sum, *grads = model.sparse_grads(center_ids, context_ids, neg_ids)
             model.apply_sparse_grads(*grads, lr=lr)
             loss_sum, pairs = float(loss_sum), len(center_ids)
