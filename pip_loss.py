@@ -550,7 +550,7 @@ def plot_curve(curve, best_dim, path, title):
     ax.axvline(best_dim, color="tab:red", linestyle="--", label=f"minimum: d = {best_dim}")
     ax.set_xlabel("embedding dimension d")
     ax.set_ylabel("E ||E_d E_d^T - E* E*^T||_F")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -629,7 +629,7 @@ def main(argv=None):
     try:
         os.makedirs(out_dir, exist_ok=True)
         png = os.path.join(out_dir, "pip_select_dim.png")
-        title = (f"{corpus.name}: V={vocab_size}, window={args.window}, k={args.neg:g}, "
+        title = (f"{os.path.basename(os.path.normpath(str(corpus.name)))}: V={vocab_size}, window={args.window}, k={args.neg:g}, "
                  f"alpha={args.alpha:g} -> d={best}")
         plot_curve(curve, best, png, title)
         with open(os.path.join(out_dir, "pip_select_dim.json"), "w") as f:
