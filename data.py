@@ -9,7 +9,6 @@ import json
 import os
 import re
 import socket
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ MAX_SENTENCE_TOKENS = 10_000  # longer "sentences" (text without punctuation) ar
 # A word is a run of letters with apostrophes allowed inside it ("don't", "o'clock").
 # Sentence ends (. ! ? and blank lines) are matched too, as boundary markers.
 _TOKEN_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*|[.!?]|\n[ \t\r]*\n")
+_ASCII_TOKEN_RE = re.compile(r"[a-z]+(?:'[a-z]+)*|[.!?]|\n[ \t\r]*\n")  # the same on lowercase ASCII, faster
 _MARKUP_RE = re.compile(r"<[^>\n]*>")
 _BOUNDARY_TOKENS = (".", "!", "?")
 
@@ -136,7 +136,8 @@ def normalize(text):
 
 def tokenize(text):
     """Word tokens and sentence-boundary markers ('.', '!', '?' or a blank line) of raw text."""
-    return _TOKEN_RE.findall(normalize(text))
+    text = normalize(text)
+    return (_ASCII_TOKEN_RE if text.isascii() else _TOKEN_RE).findall(text)
 
 
 def sentences(text):
@@ -192,32 +193,71 @@ def _word_mapper(remove_stopwords, lemmatize):
     return mapper
 
 
-def build_arrays(source, min_count=5, remove_stopwords=False, lemmatize=False, progress=None):
+def _encode_block(raw):
+    """Tokenise one block of bytes; returns (bad byte count, its word types, its token ids).
+
+    Ids are local to the block: 0 marks a sentence boundary, i > 0 is types[i - 1]. Blocks
+    are independent, so several processes can tokenise at once.
+    """
+    text = raw.decode("utf-8", errors="replace")
+    bad = max(0, text.count("\ufffd") - raw.count("\ufffd".encode()))
+    tokens = tokenize(text)
+    local_ids = {tok: 0 for tok in _BOUNDARY_TOKENS}
+    types = []
+    for tok in set(tokens).difference(local_ids):
+        if tok[0] == "\n":
+            local_ids[tok] = 0
+        else:
+            types.append(tok)
+            local_ids[tok] = len(types)
+    return bad, types, np.fromiter(map(local_ids.__getitem__, tokens), dtype=np.int32, count=len(tokens))
+
+
+def _encoded_blocks(files, workers):
+    """(bad, types, ids) for every block of every file in order, with None after each file."""
+    blocks = ((path, raw) for path in files for raw in [*_read_blocks(path), None])
+    if workers <= 1:
+        for _, raw in blocks:
+            yield None if raw is None else _encode_block(raw)
+        return
+    import multiprocessing
+    # fork: the children need only this module's functions, already in memory
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pending = []
+        for _, raw in blocks:
+            pending.append(None if raw is None else pool.apply_async(_encode_block, (raw,)))
+            while len(pending) > 2 * workers:  # bounded read-ahead: memory stays O(workers x block)
+                head = pending.pop(0)
+                yield None if head is None else head.get()
+        for head in pending:
+            yield None if head is None else head.get()
+
+
+def build_arrays(source, min_count=5, remove_stopwords=False, lemmatize=False, workers=None):
     """Tokenise every file once and encode it; returns (words, counts, token_ids, sentence_starts).
 
     One pass: each new word type gets a provisional id in order of first sight, the text
     becomes an int32 array of provisional ids (id 0 marks a sentence boundary), and at the
-    end the types are counted, filtered and renumbered by descending frequency.
+    end the types are counted, filtered and renumbered by descending frequency. Blocks are
+    tokenised by `workers` processes (default: one per core) when there are several.
     """
-    type_ids = {tok: 0 for tok in _BOUNDARY_TOKENS}
+    workers = workers or os.cpu_count() or 1
+    n_blocks = sum(1 + os.path.getsize(p) // READ_BLOCK_BYTES for p in source.files)
+    type_ids = {}
     type_words = ["<boundary>"]
     pieces, bad_bytes = [], 0
-    for path in source.files:
-        for raw in _read_blocks(path):
-            text = raw.decode("utf-8", errors="replace")
-            bad = text.count("\ufffd") - raw.count("\ufffd".encode())
-            bad_bytes += max(bad, 0)
-            tokens = tokenize(text)
-            for tok in set(tokens).difference(type_ids):
-                if tok[0] == "\n":
-                    type_ids[tok] = 0
-                else:
-                    type_ids[tok] = len(type_words)
-                    type_words.append(tok)
-            pieces.append(np.fromiter(map(type_ids.__getitem__, tokens), dtype=np.int32, count=len(tokens)))
-            if progress:
-                progress(len(tokens))
-        pieces.append(np.zeros(1, dtype=np.int32))  # a file ends a sentence
+    for block in _encoded_blocks(source.files, workers if n_blocks > 1 else 1):
+        if block is None:
+            pieces.append(np.zeros(1, dtype=np.int32))  # a file ends a sentence
+            continue
+        bad, types, local = block
+        bad_bytes += bad
+        for tok in types:
+            if tok not in type_ids:
+                type_ids[tok] = len(type_words)
+                type_words.append(tok)
+        to_provisional = np.array([0] + [type_ids[tok] for tok in types], dtype=np.int32)
+        pieces.append(to_provisional[local])
     if bad_bytes:
         warnings.warn(f"{source.name}: {bad_bytes} byte(s) were not valid UTF-8 and were replaced")
     provisional = np.concatenate(pieces)

@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NoReturn, Sequence
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -569,7 +569,7 @@ def _json_safe(value):
     return value
 
 
-def _fail(message: str) -> "NoReturn":  # noqa: F821 - string annotation only
+def _fail(message: str) -> NoReturn:
     print(f"evaluate.py: error: {message}", file=sys.stderr)
     sys.exit(2)
 

@@ -95,6 +95,9 @@ def get_parser():
     g.add_argument("--pip-vocab", type=int, default=10_000, help="most frequent words the PIP loss is computed on")
     g.add_argument("--projector-words", type=int, default=10_000,
                    help="most frequent words sent to TensorBoard's projector")
+    g.add_argument("--projector-interval", type=int, default=0,
+                   help="epochs between projector snapshots; 0: only at the end of the run "
+                        "(a snapshot of 10,000 words takes tensorboardX about 2.5 s)")
     g.add_argument("--export", default=None,
                    help="write the vectors in word2vec format at the end (binary if the path ends in .bin)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -135,7 +138,7 @@ def parse_args(argv=None):
                  "log_interval", "save_interval", "pip_vocab", "projector_words", "eval_interval"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("remove_th", "pip_interval"):
+    for name in ("remove_th", "pip_interval", "projector_interval"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if args.lr is None:
@@ -398,13 +401,14 @@ def torch_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_p
     for center_ids, context_ids, next_center in data.iter_pair_batches(kept_ids, starts, args.window_size,
                                                                        args.batch_size, rng, done):
         neg_ids = sampler.sample((len(center_ids), args.neg_sample_size), rng)
-        center_ids, context_ids, neg_ids = (torch.from_numpy(a).to(device, non_blocking=True)
-                                            for a in (center_ids, context_ids, neg_ids))
+        batch = [torch.from_numpy(a) for a in (center_ids, context_ids, neg_ids)]
+        if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step
+            batch = [t.pin_memory() for t in batch]
+        center_ids, context_ids, neg_ids = (t.to(device, non_blocking=True) for t in batch)
         lr = lr_at(args, (epoch + done / n_kept) / args.epochs)
         if optimizer is None:  # plain SGD on the touched rows, no autograd
             loss_sum, *grads = model.sparse_grads(center_ids, context_ids, neg_ids)
             model.apply_sparse_grads(*grads, lr=lr)
-            loss_sum = float(loss_sum)
         else:
             for group in optimizer.param_groups:  # plain SGD (--multi-gpu) steps on the summed loss, as word2vec
                 group["lr"] = lr * len(center_ids) if args.multi_gpu else lr
@@ -414,7 +418,7 @@ def torch_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_p
                 loss = loss.sum() / len(center_ids)
             loss.backward()
             optimizer.step()
-            loss_sum = float(loss.detach()) * len(center_ids)
+            loss_sum = loss.detach() * len(center_ids)
         words_done = (next_center - done) / n_kept * len(corpus)
         done = next_center
         step(loss_sum, len(center_ids), words_done, lr, {"center": done, "rng": json.dumps(rng.bit_generator.state)})
@@ -533,19 +537,36 @@ def train(args):
         epoch_start = time.time()
         epoch_words = 0.0
 
+        device_losses = []  # the torch engine's losses, still on the device: read once per log interval
+
+        def collect_device_losses():
+            if device_losses:
+                total = float(torch.stack(device_losses).sum())
+                device_losses.clear()
+                if not math.isfinite(total):
+                    raise FloatingPointError(f"loss became {total} at epoch {epoch + 1}, by step {state['global_step']}")
+                state["epoch_loss"] += total
+
         def step(loss_sum, pairs, words_done, lr, position):
+            """Account for one step. loss_sum is a float, or a tensor that stays on the device
+            (a GPU is not made to wait for the host at every step)."""
             nonlocal epoch_words
-            if not math.isfinite(loss_sum):
-                raise FloatingPointError(f"loss became {loss_sum} at epoch {epoch + 1}, step {state['global_step'] + 1}")
             state["global_step"] += 1
-            state["epoch_loss"] += loss_sum
+            if torch.is_tensor(loss_sum):
+                device_losses.append(loss_sum.detach())
+            elif math.isfinite(loss_sum):
+                state["epoch_loss"] += loss_sum
+            else:
+                raise FloatingPointError(f"loss became {loss_sum} at epoch {epoch + 1}, step {state['global_step']}")
             state["epoch_pairs"] += pairs
             state["position"] = position
             epoch_words += words_done
             bar.update(words_done)
             if state["global_step"] % args.log_interval == 0 and pairs:
-                writer.add_scalar("Batch loss", loss_sum / pairs, state["global_step"])
-                bar.set_postfix(loss=f"{loss_sum / pairs:.3f}", lr=f"{lr:.2g}", epoch=epoch + 1)
+                batch_loss = float(loss_sum) / pairs
+                collect_device_losses()
+                writer.add_scalar("Batch loss", batch_loss, state["global_step"])
+                bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.2g}", epoch=epoch + 1)
             signals.check()
 
         try:
@@ -559,8 +580,10 @@ def train(args):
             else:
                 torch_epoch(engine_model, optimizer, corpus, args, epoch, state["position"], sampler, keep_prob, step)
         except StopRequested as stop:
+            collect_device_losses()
             interrupted = stop.signum
             break
+        collect_device_losses()
         # A NaN can reach the weights in an update after the last loss was computed: never
         # evaluate or checkpoint such weights.
         if not all(torch.isfinite(p).all() for p in model.parameters()):
@@ -585,8 +608,10 @@ def train(args):
         if oracle is not None and (state["best_oracle_pip"] is None or oracle < state["best_oracle_pip"]):
             state["best_oracle_pip"] = oracle
             save_checkpoint(run_dir / "best.pt", model, optimizer, corpus, args, state)
-        if (epoch + 1) % args.save_interval == 0 or epoch + 1 == args.epochs:
+        last_epoch = epoch + 1 == args.epochs
+        if (epoch + 1) % args.save_interval == 0 or last_epoch:
             save_checkpoint(ckpt_path, model, optimizer, corpus, args, state)
+        if last_epoch or (args.projector_interval and (epoch + 1) % args.projector_interval == 0):
             n = min(args.projector_words, len(corpus.words))
             writer.add_embedding(model.embeddings()[:n].cpu(), metadata=corpus.words[:n], global_step=epoch + 1,
                                  tag="embeddings")

@@ -11,7 +11,6 @@ the corpus is repeated 20 times. Each run is its own process so its peak RSS is 
 """
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,16 +26,19 @@ import evaluate  # noqa: E402
 EVAL = ROOT.parent / "shared" / "eval"
 
 
-def run_child(cmd, **kw):
+# Linux counts the memory a process had when it forked into its child's peak RSS, so the
+# command is started from a small launcher process, not from this (large) one.
+LAUNCHER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
+def run_child(cmd):
     """Run a command; return (wall seconds, peak RSS in MiB, stdout)."""
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, **kw)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"{cmd} failed with exit code {proc.returncode}:\n{out[-2000:]}")
-    return time.time() - start, usage.ru_maxrss / 1024, out
+        raise RuntimeError(f"{cmd} failed with exit code {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return time.time() - start, int(proc.stderr.strip().splitlines()[-1]) / 1024, proc.stdout
 
 
 GENSIM_CHILD = """
@@ -122,7 +124,11 @@ def memory_scaling(args, tmp, repeat=20):
                 out.write(b"\n\n")
     rows = {}
     for name, dataset in (("1x", args.dataset), (f"{repeat}x", str(big))):
-        n_tokens = len(data.load_corpus(dataset, cache_dir=args.cache_dir))  # cache built outside the measure
+        # the cache is built outside the measure, in its own process (building 60M tokens takes 2 GB)
+        out = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import data; "
+                              f"print(len(data.load_corpus({dataset!r}, cache_dir={args.cache_dir!r})))"],
+                             capture_output=True, text=True, check=True).stdout
+        n_tokens = int(out.strip().splitlines()[-1])
         _, rss, _ = run_child([sys.executable, str(ROOT / "trainer.py"), "--dataset", dataset, "--cache-dir",
                                args.cache_dir, "--epochs", "1", "--num-threads", str(args.threads), "--pip-interval",
                                "0", "--quiet", "--log-dir", str(tmp / "runs")])

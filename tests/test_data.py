@@ -1,6 +1,5 @@
 import collections
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -211,3 +210,17 @@ def test_negatives_follow_unigram_power():
     # and the test has power: plain unigram frequencies are rejected
     wrong = stats.chisquare(np.bincount(draws, minlength=8), counts / counts.sum() * len(draws))
     assert wrong.pvalue < 1e-6
+
+
+def test_parallel_tokenising_equals_serial(tmp_path, monkeypatch):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"{i}.txt").write_text(TEXT * (i + 1) + f" book{i} café. ")
+    monkeypatch.setattr(data, "READ_BLOCK_BYTES", 64)  # many blocks a file
+    source = data.resolve_dataset(str(folder))
+    serial = data.build_arrays(source, min_count=1, workers=1)
+    parallel = data.build_arrays(source, min_count=1, workers=2)
+    assert serial[0] == parallel[0]
+    for a, b in zip(serial[1:], parallel[1:]):
+        assert np.array_equal(a, b)

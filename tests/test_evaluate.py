@@ -1,7 +1,6 @@
 """Tests for evaluate.py: similarity, analogy, neighbours, loading, projector export, CLI."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
