@@ -287,7 +287,7 @@ class PipMonitor:
         self.oracle = _cached(oracle_file, lambda: pip_loss.oracle_embedding(self.sppmi, dim), log)
 
     def losses(self, vectors):
-        vectors = vectors[:self.vocab].double().numpy()
+        vectors = vectors[:self.vocab].numpy()  # float32: pip_loss computes in float64 from it
         return {"PIP loss": pip_loss.pip_loss_sppmi(vectors, self.sppmi),
                 "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle)}
 
