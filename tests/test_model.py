@@ -1,22 +1,10 @@
-import math
-
 import numpy as np
 import torch
 
 import cpu_kernel
 import data
 from model import SGNS, build_model
-
-
-def reference_loss(in_w, out_w, center_ids, context_ids, neg_ids):
-    """The SGNS loss written out pair by pair, in float64."""
-    total = 0.0
-    for b in range(len(center_ids)):
-        c = in_w[center_ids[b]]
-        total -= math.log(1 / (1 + math.exp(-float(c @ out_w[context_ids[b]]))))
-        for n in neg_ids[b]:
-            total -= math.log(1 / (1 + math.exp(float(c @ out_w[n]))))
-    return total / len(center_ids)
+from reference import reference_loss
 
 
 def small_case(seed=0, vocab=12, dim=6, batch=5, neg=3):

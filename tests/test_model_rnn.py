@@ -1,5 +1,4 @@
 """RNN-SGNS: character vocabulary, the char-LSTM word encoder, unique-word batching, trainer runs."""
-import math
 import signal
 
 import numpy as np
@@ -8,6 +7,7 @@ import torch
 
 import trainer
 from model import PAD_CHAR, UNKNOWN_CHAR, CharVocab, RNNSGNS, build_model, model_from_checkpoint
+from reference import reference_loss
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -83,17 +83,6 @@ def test_dropout_only_in_training():
     assert model(center, context, negs).item() != model(center, context, negs).item()
     first, second = model.embeddings(), model.embeddings()
     assert torch.equal(first, second)
-
-
-def reference_loss(center_table, context_table, center_ids, context_ids, neg_ids):
-    """The SGNS loss written out pair by pair from per-word vectors, in float64."""
-    total = 0.0
-    for b in range(len(center_ids)):
-        c = center_table[center_ids[b]]
-        total -= math.log(1 / (1 + math.exp(-float(c @ context_table[context_ids[b]]))))
-        for n in neg_ids[b]:
-            total -= math.log(1 / (1 + math.exp(float(c @ context_table[n]))))
-    return total / len(center_ids)
 
 
 def loss_and_grads(model, batch):
