@@ -410,8 +410,11 @@ def torch_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_p
             loss_sum, *grads = model.sparse_grads(center_ids, context_ids, neg_ids)
             model.apply_sparse_grads(*grads, lr=lr)
         else:
-            for group in optimizer.param_groups:  # plain SGD (--multi-gpu) steps on the summed loss, as word2vec
-                group["lr"] = lr * len(center_ids) if args.multi_gpu else lr
+            # sgns under --multi-gpu trains by plain SGD on the summed loss, as word2vec (its lr is
+            # per pair); every other model steps on the mean loss
+            summed = args.multi_gpu and args.model_name == "sgns"
+            for group in optimizer.param_groups:
+                group["lr"] = lr * len(center_ids) if summed else lr
             optimizer.zero_grad(set_to_none=True)
             loss = model(center_ids, context_ids, neg_ids)
             if loss.dim():  # DataParallel (distributed.data_parallel): the loss summed on each GPU

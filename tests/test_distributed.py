@@ -194,7 +194,7 @@ def test_data_parallel_path_equals_the_manual_sgd_path(tmp_path):
     DataParallel runs the module as is, so the same epoch must match the manual sparse SGD."""
     corpus = data.load_corpus(str(write_small_corpus(tmp_path / "s.txt", 200)), cache_dir=str(tmp_path), min_count=1)
     args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
-                              optimizer="sgd", lr=0.05, multi_gpu=True)
+                              optimizer="sgd", lr=0.05, multi_gpu=True, model_name="sgns")
     sampler, keep = data.NegativeSampler(corpus.counts), data.keep_probabilities(corpus.counts, 0)
     results = []
     for dense in (False, True):
