@@ -549,27 +549,6 @@ def select_dimension(token_ids, vocab_size, window, neg, sentence_starts=None, a
                                           n_trials, seed, log)
 
 
-def cached_sppmi(corpus, vocab_size, window, neg, log=None):
-    """SPPMI matrix of a ``data.Corpus``, built once and kept in the corpus cache (.npz, no pickle)."""
-    path = corpus.cache_file(f"sppmi-v{int(vocab_size)}-w{int(window)}-k{neg:g}.npz")
-    if os.path.exists(path):
-        try:
-            return sp.load_npz(path).tocsr()
-        except (OSError, ValueError) as err:
-            if log:
-                log(f"warning: SPPMI cache {path} is damaged ({err}); rebuilding it")
-    matrix = sppmi(corpus.token_ids, vocab_size, window, neg, corpus.sentence_starts)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        sp.save_npz(tmp, matrix)
-        os.replace(tmp, path)
-    except OSError as err:
-        if log:
-            log(f"warning: could not cache the SPPMI matrix in {path}: {err}")
-    return matrix
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line: python pip_loss.py --dataset DIR --select-dim
 
