@@ -144,6 +144,7 @@ def session(args):
             silenced, sys.stdout = sys.stdout, open(os.devnull, "w")
             args.quiet = True
         yield
+        dist.barrier()  # leave together: Gloo can abort a rank whose peer closed its sockets first
     except dist.DistError as err:
         raise DistributedFailure(_describe(err)) from err
     except RuntimeError as err:  # Gloo/NCCL report dead peers and timeouts as plain RuntimeErrors too

@@ -52,6 +52,7 @@ def _join_and_run(rank, world_size, init, worker, args):
                             timeout=timedelta(seconds=30))
     try:
         worker(rank, world_size, *args)
+        dist.barrier()  # tear down together: Gloo can abort a rank whose peer closed its sockets first
     finally:
         dist.destroy_process_group()
 
