@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 CACHE_FORMAT = 2  # bump when the cache layout or the tokeniser changes: old caches rebuild
 READ_BLOCK_BYTES = 8 << 20  # bytes tokenised at a time, so a large corpus never sits in memory as text
@@ -510,3 +511,67 @@ def iter_pair_batches(kept_ids, starts, window, batch_size, rng, start_center=0)
 def epoch_rng(seed, epoch, *stream):
     """The generator for one epoch: a stopped run regenerates the same stream when resumed."""
     return np.random.default_rng([seed, epoch, *stream])
+
+
+def _torch_seed(seed, *stream):
+    """A 63-bit torch seed derived from (seed, *stream), as epoch_rng derives numpy's."""
+    return int(np.random.SeedSequence([seed, *stream]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class WindowBatches:
+    """Training batches built where the model lives (a GPU), with no host round trip per step.
+
+    A batch is a run of consecutive kept centers with their whole (dynamic) window as a fixed
+    C x 2W block, plus a mask of the real pairs, and K negatives per center shared by its
+    window (Ji et al. 2016). Fixed shapes mean no step waits for the host to learn a size.
+    Each chunk of steps draws from a generator seeded by (seed, epoch, first center), so a
+    resumed epoch redraws exactly what it would have drawn.
+    """
+
+    def __init__(self, corpus, keep_prob, sampler, window, neg_count, device):
+        self.device = torch.device(device)
+        self.window, self.neg_count = window, neg_count
+        as_tensor = lambda a, dtype: torch.as_tensor(np.asarray(a), dtype=dtype).to(self.device)  # noqa: E731
+        self.token_ids = as_tensor(corpus.token_ids, torch.int32)  # int64 only for an epoch's kept ids
+        sentence_lengths = np.diff(np.append(corpus.sentence_starts, len(corpus.token_ids)))
+        sentence_of_token = np.repeat(np.arange(len(sentence_lengths), dtype=np.int32), sentence_lengths)
+        self.sentence_of_token = as_tensor(sentence_of_token, torch.int32)
+        self.keep_prob = as_tensor(keep_prob, torch.float32)
+        self.accept = as_tensor(sampler.accept, torch.float32)
+        self.alias = as_tensor(sampler.alias, torch.int64)
+        self.offsets = as_tensor(np.r_[-window:0, 1:window + 1], torch.int64)
+        self.generator = torch.Generator(device=self.device)
+
+    def seeded(self, seed, *stream):
+        self.generator.manual_seed(_torch_seed(seed, *stream))
+        return self.generator
+
+    def subsample(self, seed, epoch):
+        """This epoch's kept ids and the sentence of each; reading their count is one host sync an epoch."""
+        draw = torch.rand(len(self.token_ids), generator=self.seeded(seed, epoch), device=self.device)
+        kept = draw < self.keep_prob[self.token_ids.long()]
+        return self.token_ids[kept].long(), self.sentence_of_token[kept]
+
+    def windows(self, kept_ids, kept_sentence, lo, n_centers, generator):
+        """Windows of the centers kept_ids[lo:lo+n]: (context_ids C x 2W, weight C x 2W, out_ids C x (K+1)).
+
+        out_ids holds each center then its K negatives. Each center draws its reach b in 1..W
+        (word2vec's shrunk window); a context is real (weight 1, else 0) when it is at most b
+        away, inside the array and in the center's sentence. Other slots hold the center's own
+        id, so every id is valid and their zero-weighted updates add nothing.
+        """
+        pos = torch.arange(lo, lo + n_centers, device=self.device)
+        reach = torch.randint(1, self.window + 1, (n_centers, 1), generator=generator, device=self.device)
+        ctx_pos = pos[:, None] + self.offsets
+        inside = (ctx_pos >= 0) & (ctx_pos < len(kept_ids))
+        ctx_pos = torch.where(inside, ctx_pos, pos[:, None])
+        real = inside & (self.offsets.abs() <= reach) & (kept_sentence[ctx_pos] == kept_sentence[pos][:, None])
+        neg_ids = self.negatives((n_centers, self.neg_count), generator)
+        out_ids = torch.cat([kept_ids[pos][:, None], neg_ids], dim=1)
+        return kept_ids[ctx_pos], real.float(), out_ids
+
+    def negatives(self, shape, generator):
+        """Draws from the alias table, as NegativeSampler.sample does on the host."""
+        slot = torch.randint(0, len(self.accept), shape, generator=generator, device=self.device)
+        take_slot = torch.rand(shape, generator=generator, device=self.device) < self.accept[slot]
+        return torch.where(take_slot, slot, self.alias[slot])

@@ -4,6 +4,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
+# window_step: a row met more than this many times in one step (weighted by real pairs) moves by
+# its mean gradient times this, not by the sum of all its gradients. The sum, computed from one
+# stale vector, overshoots for the most frequent words and diverged at d=200, 10 negatives,
+# batch 8192; the mean for every row cost half of WS353 (README, "How training works").
+MAX_SUMMED_GRADIENTS = 64
+
 
 class SGNS(nn.Module):
     """Skip-gram with negative sampling (Mikolov et al. 2013).
@@ -58,6 +64,51 @@ class SGNS(nn.Module):
         out_rows = torch.cat([context_ids, neg_ids.reshape(-1)])
         out_grads = torch.cat([context_grad, neg_grad.reshape(-1, self.embed_size)])
         return loss_sum, center_ids, center_grad, out_rows, out_grads
+
+    @torch.no_grad()
+    def window_grads(self, context_ids, weight, out_ids):
+        """sparse_grads for whole windows, the negatives shared by a window (word2vec's direction).
+
+        context_ids C x W2 with weight C x W2 (1 for a real pair, 0 for padding), out_ids
+        C x (K+1): each window's center then its K negatives. As in word2vec, each context
+        word's in-vector predicts the center's out-vector against the center's negatives, so
+        a window is one product (W2 x d) by (d x (K+1)), batched over the C windows (Ji et al. 2016).
+        """
+        inputs = self.in_embed.weight[context_ids]                       # C x W2 x d
+        outputs = self.out_embed.weight[out_ids]                         # C x (K+1) x d
+        scores = torch.bmm(inputs, outputs.transpose(1, 2))              # C x W2 x (K+1)
+        # -log s(x) for the center (column 0) is softplus(x) - x, -log s(-x) for a negative softplus(x)
+        loss_sum = ((F.softplus(scores).sum(2) - scores[..., 0]) * weight).sum()
+        coef = torch.sigmoid(scores)                                     # d loss / d score: s(x) - label
+        coef[..., 0] -= 1.0
+        coef *= weight.unsqueeze(2)
+        in_grads = torch.bmm(coef, outputs)                              # C x W2 x d
+        out_grads = torch.bmm(coef.transpose(1, 2), inputs)             # C x (K+1) x d
+        d = self.embed_size
+        return loss_sum, context_ids.reshape(-1), in_grads.reshape(-1, d), out_ids.reshape(-1), out_grads.reshape(-1, d)
+
+    @torch.no_grad()
+    def window_step(self, context_ids, weight, out_ids, lr):
+        """One SGD step on whole windows; returns [loss summed over the real pairs, their count].
+
+        A row's summed gradient is scaled down where the row occurs more than MAX_SUMMED_GRADIENTS
+        times. lr is a number, or a 0-d tensor on the device (a captured CUDA graph reads it there).
+        """
+        loss_sum, in_rows, in_grads, out_rows, out_grads = self.window_grads(context_ids, weight, out_ids)
+        in_grads = in_grads * self._damping(in_rows, weight.reshape(-1))
+        out_grads = out_grads * self._damping(out_rows, torch.ones_like(out_rows, dtype=in_grads.dtype))
+        if torch.is_tensor(lr):
+            in_grads, out_grads, lr = in_grads * lr, out_grads * lr, 1.0
+        self.apply_sparse_grads(in_rows, in_grads, out_rows, out_grads, lr)
+        return torch.stack([loss_sum, weight.sum()])
+
+    def _damping(self, rows, weights):
+        """Per-entry factor min(1, MAX_SUMMED_GRADIENTS / k), k the weighted count of the entry's row in rows.
+
+        A V-sized tally (index_add_): no host sync, so a CUDA graph can hold it.
+        """
+        tally = torch.zeros(self.vocab_size, device=rows.device, dtype=weights.dtype).index_add_(0, rows, weights)
+        return (MAX_SUMMED_GRADIENTS / tally[rows]).clamp_(max=1.0).unsqueeze(1)
 
     @torch.no_grad()
     def apply_sparse_grads(self, in_rows, in_grads, out_rows, out_grads, lr):

@@ -27,8 +27,9 @@ from model import RNN_DEFAULTS, build_model
 CHECKPOINT_FORMAT = 1
 RNN_BATCH_SIZE = 65536  # see --batch-size and bench/bench_rnn.py
 TOKENS_PER_KERNEL_CALL = 200_000  # work between two looks at signals, progress and the loss
+STEPS_PER_DRAW = 32  # window_epoch draws this many steps' batches in one go: fewer, larger device kernels
 # Flags a resumed run may change; everything else comes from the saved run.
-RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads", "device", "log_interval", "save_interval", "pip_interval",
+RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads", "device", "cuda_graph", "log_interval", "save_interval", "pip_interval",
                        "export", "quiet")
 
 
@@ -85,6 +86,9 @@ def get_parser():
     g.add_argument("--num-threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
     g.add_argument("--seed", type=int, default=1, help="random seed (runs are reproducible with --num-threads 1)")
     g.add_argument("--device", default="cpu", help="torch device for the torch engine: cpu, cuda, cuda:N")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, replay each sgns SGD step as one captured CUDA graph instead of launching "
+                        "its kernels one by one")
     g = p.add_argument_group("monitoring and output")
     g.add_argument("--log-dir", default="saved/runs", help="each run gets its own folder here")
     g.add_argument("--run-name", default=None, help="name of the run folder (default: date and time)")
@@ -389,8 +393,87 @@ def kernel_epoch(model, corpus, args, epoch, position, sampler, keep_prob, step)
         step(float(loss_out.sum()), int(pairs_out.sum()), words_done, lr_last, {"sentence": sentence})
 
 
+def corpus_words(corpus, kept_done, n_kept):
+    """Corpus words an epoch has covered once kept_done of its n_kept kept tokens are done
+    (integers, so an epoch's steps add up to exactly the corpus)."""
+    return round(kept_done / n_kept * len(corpus))
+
+
+def window_epoch(model, corpus, args, epoch, position, batches, graph_step, step):
+    """One epoch of batched SGD on whole windows (sgns), built on the model's device, from center `position`.
+
+    No step waits for the host: windows and negatives are drawn on the device (data.WindowBatches)
+    STEPS_PER_DRAW steps at a time, and the loss and pair count stay there until step() reads
+    them once per log interval. graph_step (a WindowStepGraph, or None) replays full-size steps on a GPU.
+    """
+    kept_ids, kept_sentence = batches.subsample(args.seed, epoch)
+    n_kept = max(1, len(kept_ids))
+    per_step = max(1, args.batch_size // (args.window_size + 1))  # a center has about W+1 real pairs
+    per_draw = per_step * STEPS_PER_DRAW
+    done = position.get("center", 0)
+    for draw_lo in range(done - done % per_draw, len(kept_ids), per_draw):
+        n_drawn = min(per_draw, len(kept_ids) - draw_lo)
+        drawn = batches.windows(kept_ids, kept_sentence, draw_lo, n_drawn, batches.seeded(args.seed, epoch, draw_lo))
+        for lo in range(done - draw_lo, n_drawn, per_step):
+            window = [t[lo:lo + per_step] for t in drawn]
+            lr = lr_at(args, (epoch + (draw_lo + lo) / n_kept) / args.epochs)
+            if graph_step is not None and len(window[0]) == per_step:
+                stats = graph_step(*window, lr)
+            else:
+                stats = model.window_step(*window, lr)
+            next_center = draw_lo + min(lo + per_step, n_drawn)
+            step(stats[0], stats[1], corpus_words(corpus, next_center, n_kept) - corpus_words(corpus, done, n_kept),
+                 lr, {"center": next_center})
+            done = next_center
+
+
+class WindowStepGraph:
+    """model.window_step for windows of one size, captured once as a CUDA graph and replayed.
+
+    An eager step launches about twenty small kernels, and at batch sizes of thousands of
+    pairs a GPU finishes them faster than the host can launch them; a replay is one launch.
+    """
+
+    def __init__(self, model, per_step, window, neg_count):
+        device = model.in_embed.weight.device
+        self.model = model
+        self.context_ids = torch.zeros((per_step, 2 * window), dtype=torch.int64, device=device)
+        self.weight = torch.zeros((per_step, 2 * window), device=device)  # all padding: warm-up steps change nothing
+        self.out_ids = torch.zeros((per_step, neg_count + 1), dtype=torch.int64, device=device)
+        self.lr = torch.zeros((), device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm up (cuBLAS handles, allocator) outside the capture, as CUDA asks
+            for _ in range(3):
+                model.window_step(self.context_ids, self.weight, self.out_ids, self.lr)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.stats = model.window_step(self.context_ids, self.weight, self.out_ids, self.lr)
+
+    def __call__(self, context_ids, weight, out_ids, lr):
+        self.context_ids.copy_(context_ids)
+        self.weight.copy_(weight)
+        self.out_ids.copy_(out_ids)
+        self.lr.fill_(lr)
+        self.graph.replay()
+        return self.stats.clone()  # the next replay overwrites self.stats
+
+
+def window_step_graph(model, args):
+    """A WindowStepGraph when the run can use one (sgns SGD on a GPU, --cuda-graph), else None."""
+    if not (args.cuda_graph and torch.device(args.device).type == "cuda"):
+        return None
+    try:
+        return WindowStepGraph(model, max(1, args.batch_size // (args.window_size + 1)), args.window_size,
+                               args.neg_sample_size)
+    except RuntimeError as err:  # a driver or build without graph support: eager steps do the same work
+        print(f"warning: CUDA graph capture failed ({str(err).splitlines()[0]}); training with eager steps")
+        return None
+
+
 def torch_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_prob, step):
-    """One epoch of batched PyTorch steps (GPU, SparseAdam), from center `position`."""
+    """One epoch of batched autograd steps (SparseAdam, Adam, rnn, --multi-gpu), from center `position`."""
     rng = data.epoch_rng(args.seed, epoch)
     kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts, keep_prob, rng)
     if "rng" in position:  # mid-epoch resume: continue the same random stream
@@ -398,6 +481,9 @@ def torch_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_p
     n_kept = max(1, len(kept_ids))
     device = torch.device(args.device)
     done = position.get("center", 0)
+    # sgns under --multi-gpu trains by plain SGD on the summed loss, as word2vec (its lr is
+    # per pair); every other model steps on the mean loss
+    summed = args.multi_gpu and args.model_name == "sgns"
     for center_ids, context_ids, next_center in data.iter_pair_batches(kept_ids, starts, args.window_size,
                                                                        args.batch_size, rng, done):
         neg_ids = sampler.sample((len(center_ids), args.neg_sample_size), rng)
@@ -406,25 +492,18 @@ def torch_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_p
             batch = [t.pin_memory() for t in batch]
         center_ids, context_ids, neg_ids = (t.to(device, non_blocking=True) for t in batch)
         lr = lr_at(args, (epoch + done / n_kept) / args.epochs)
-        if optimizer is None:  # plain SGD on the touched rows, no autograd
-            loss_sum, *grads = model.sparse_grads(center_ids, context_ids, neg_ids)
-            model.apply_sparse_grads(*grads, lr=lr)
-        else:
-            # sgns under --multi-gpu trains by plain SGD on the summed loss, as word2vec (its lr is
-            # per pair); every other model steps on the mean loss
-            summed = args.multi_gpu and args.model_name == "sgns"
-            for group in optimizer.param_groups:
-                group["lr"] = lr * len(center_ids) if summed else lr
-            optimizer.zero_grad(set_to_none=True)
-            loss = model(center_ids, context_ids, neg_ids)
-            if loss.dim():  # DataParallel (distributed.data_parallel): the loss summed on each GPU
-                loss = loss.sum() / len(center_ids)
-            loss.backward()
-            optimizer.step()
-            loss_sum = loss.detach() * len(center_ids)
-        words_done = (next_center - done) / n_kept * len(corpus)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * len(center_ids) if summed else lr
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(center_ids, context_ids, neg_ids)
+        if loss.dim():  # DataParallel (distributed.data_parallel): the loss summed on each GPU
+            loss = loss.sum() / len(center_ids)
+        loss.backward()
+        optimizer.step()
+        words_done = corpus_words(corpus, next_center, n_kept) - corpus_words(corpus, done, n_kept)
         done = next_center
-        step(loss_sum, len(center_ids), words_done, lr, {"center": done, "rng": json.dumps(rng.bit_generator.state)})
+        step(loss.detach() * len(center_ids), len(center_ids), words_done, lr,
+             {"center": done, "rng": json.dumps(rng.bit_generator.state)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +605,12 @@ def train(args):
     pip_monitor = PipMonitor(corpus, args) if args.pip_interval and distributed.is_main() else None
     sampler = data.NegativeSampler(corpus.counts, args.ns_exponent)
     keep_prob = data.keep_probabilities(corpus.counts, args.subsample_th)
+    # sgns by plain SGD on the torch engine: batches built on the model's device
+    window_batches = graph_step = None
+    if args.engine == "torch" and optimizer is None and not args.multi_node:
+        window_batches = data.WindowBatches(corpus, keep_prob, sampler, args.window_size, args.neg_sample_size,
+                                            args.device)
+        graph_step = window_step_graph(model, args)
     signals = Signals()
     if args.multi_node:  # ranks stop together, at a step they agree on (distributed.dist_epoch)
         signals.check = lambda: None
@@ -540,9 +625,13 @@ def train(args):
         epoch_start = time.time()
         epoch_words = 0.0
 
-        device_losses = []  # the torch engine's losses, still on the device: read once per log interval
+        device_losses, device_pairs = [], []  # the torch engines' sums, still on the device
 
         def collect_device_losses():
+            """Add the device-side sums to the epoch's: one wait for the device per log interval."""
+            if device_pairs:
+                state["epoch_pairs"] += int(torch.stack(device_pairs).sum())
+                device_pairs.clear()
             if device_losses:
                 total = float(torch.stack(device_losses).sum())
                 device_losses.clear()
@@ -551,8 +640,8 @@ def train(args):
                 state["epoch_loss"] += total
 
         def step(loss_sum, pairs, words_done, lr, position):
-            """Account for one step. loss_sum is a float, or a tensor that stays on the device
-            (a GPU is not made to wait for the host at every step)."""
+            """Account for one step. loss_sum and pairs are numbers, or tensors that stay on the
+            device (a GPU is not made to wait for the host at every step)."""
             nonlocal epoch_words
             state["global_step"] += 1
             if torch.is_tensor(loss_sum):
@@ -561,12 +650,15 @@ def train(args):
                 state["epoch_loss"] += loss_sum
             else:
                 raise FloatingPointError(f"loss became {loss_sum} at epoch {epoch + 1}, step {state['global_step']}")
-            state["epoch_pairs"] += pairs
+            if torch.is_tensor(pairs):
+                device_pairs.append(pairs)
+            else:
+                state["epoch_pairs"] += pairs
             state["position"] = position
             epoch_words += words_done
             bar.update(words_done)
             if state["global_step"] % args.log_interval == 0 and pairs:
-                batch_loss = float(loss_sum) / pairs
+                batch_loss = float(loss_sum) / int(pairs)
                 collect_device_losses()
                 writer.add_scalar("Batch loss", batch_loss, state["global_step"])
                 bar.set_postfix(loss=f"{batch_loss:.3f}", lr=f"{lr:.2g}", epoch=epoch + 1)
@@ -580,6 +672,8 @@ def train(args):
                                               keep_prob, step, lr_at, lambda: signals.received or 0)
                 if stop:
                     raise StopRequested(stop)
+            elif optimizer is None:
+                window_epoch(model, corpus, args, epoch, state["position"], window_batches, graph_step, step)
             else:
                 torch_epoch(engine_model, optimizer, corpus, args, epoch, state["position"], sampler, keep_prob, step)
         except StopRequested as stop:

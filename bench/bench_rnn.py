@@ -58,9 +58,9 @@ def parse_args():
 WINDOW, NEGATIVES, SUBSAMPLE = 5, 5, 1e-3  # the trainer's defaults
 
 
-def epoch_batches(token_ids, sentence_starts, counts, batch_size, seed, device):
-    """The trainer's first epoch: subsampled stream, pair batches and negatives (a generator)."""
-    rng = data.epoch_rng(seed, 0)
+def epoch_batches(token_ids, sentence_starts, counts, batch_size, seed, device, epoch=0):
+    """One epoch as the trainer draws it: subsampled stream, pair batches and negatives (a generator)."""
+    rng = data.epoch_rng(seed, epoch)
     kept, starts = data.subsample(token_ids, sentence_starts, data.keep_probabilities(counts, SUBSAMPLE), rng)
     sampler = data.NegativeSampler(counts)
     n_batches = -(-len(kept) // max(1, batch_size // (WINDOW + 1)))
@@ -187,16 +187,18 @@ def unseen_words(corpus, args):
         neighbour_report(model.eval(), words, pairs, "untrained model (spelling alone)", centered)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=args.train_lr)
-    n_batches, stream = epoch_batches(token_ids, starts, counts, args.train_batch_size, args.seed,
-                                      args.device)
-    start, steps, losses = time.perf_counter(), 0, []
-    for batch in stream:
-        losses.append(train_step(model, optimizer, batch))
-        steps += 1
-        if time.perf_counter() - start > args.train_seconds:
-            break
+    start, steps, losses, epoch = time.perf_counter(), 0, [], 0
+    while time.perf_counter() - start < args.train_seconds:  # epochs until the time is up
+        n_batches, stream = epoch_batches(token_ids, starts, counts, args.train_batch_size, args.seed,
+                                          args.device, epoch)
+        for batch in stream:
+            losses.append(train_step(model, optimizer, batch))
+            steps += 1
+            if time.perf_counter() - start > args.train_seconds:
+                break
+        epoch += 1
     elapsed = time.perf_counter() - start
-    print(f"trained {steps} steps of {args.train_batch_size} pairs ({steps / n_batches:.1%} of an epoch) in "
+    print(f"trained {steps} steps of {args.train_batch_size} pairs ({steps / n_batches:.2f} epochs) in "
           f"{elapsed:.0f} s, Adam lr {args.train_lr}: loss {np.mean(losses[:3]):.3f} (first 3 steps) -> "
           f"{np.mean(losses[-3:]):.3f} (last 3)")
     raw_hits = neighbour_report(model.eval(), words, pairs, "trained model", centered=False)

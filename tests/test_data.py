@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats
 
 import data
@@ -224,3 +225,48 @@ def test_parallel_tokenising_equals_serial(tmp_path, monkeypatch):
     assert serial[0] == parallel[0]
     for a, b in zip(serial[1:], parallel[1:]):
         assert np.array_equal(a, b)
+
+
+def window_case(tmp_path, window=3, neg=4):
+    corpus = load(tmp_path, write_corpus(tmp_path, TEXT * 5))
+    sampler = data.NegativeSampler(corpus.counts)
+    keep = data.keep_probabilities(corpus.counts, 0.05)
+    return corpus, data.WindowBatches(corpus, keep, sampler, window, neg, "cpu")
+
+
+def test_window_batches_mask_exactly_the_pairs_of_the_drawn_windows(tmp_path):
+    corpus, batches = window_case(tmp_path)
+    kept_ids, kept_sentence = batches.subsample(seed=3, epoch=0)
+    assert 0 < len(kept_ids) < len(corpus.token_ids)
+    context_ids, weight, out_ids = batches.windows(kept_ids, kept_sentence, 0, len(kept_ids), batches.seeded(3, 0, 0))
+    assert torch.equal(out_ids[:, 0], kept_ids) and out_ids.shape == (len(kept_ids), 5)  # center, 4 negatives
+    valid = weight.bool()
+    offsets = [-3, -2, -1, 1, 2, 3]
+    for pos in range(len(kept_ids)):
+        real = [pos + off for off, ok in zip(offsets, valid[pos].tolist()) if ok]
+        # a window is every word within the reach drawn for this center, in its sentence: symmetric, contiguous
+        same = [p for p in range(pos - 3, pos + 4) if p != pos and 0 <= p < len(kept_ids)
+                and kept_sentence[p] == kept_sentence[pos]]
+        reach = max([abs(p - pos) for p in real], default=0)
+        assert real == [p for p in same if abs(p - pos) <= reach]
+        assert context_ids[pos][valid[pos]].tolist() == kept_ids[real].tolist()
+    # and reaches of every size occur
+    assert {max([abs(o) for o, ok in zip(offsets, row) if ok], default=0) for row in valid.tolist()} >= {1, 2, 3}
+
+
+def test_window_batches_are_reproducible_and_kept_tokens_follow_keep_probabilities(tmp_path):
+    corpus, batches = window_case(tmp_path)
+    first, second = batches.subsample(7, 1), batches.subsample(7, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert not torch.equal(batches.subsample(7, 2)[0], first[0]) or len(first[0]) == 0
+    keep = data.keep_probabilities(corpus.counts, 0.05)
+    kept = sum(len(batches.subsample(seed, 0)[0]) for seed in range(200)) / 200
+    assert abs(kept - keep[corpus.token_ids].sum()) < 0.03 * len(corpus.token_ids)
+
+
+def test_window_batches_negatives_follow_the_unigram_power(tmp_path):
+    corpus, batches = window_case(tmp_path)
+    draws = batches.negatives((200_000,), batches.seeded(1, 0)).numpy()
+    frequencies = np.bincount(draws, minlength=len(corpus.words)) / len(draws)
+    weights = corpus.counts.astype(np.float64) ** 0.75
+    assert np.abs(frequencies - weights / weights.sum()).max() < 0.005

@@ -190,9 +190,9 @@ def test_shards_cover_the_epoch_once_in_equal_parts_and_change_each_epoch():
     assert not np.array_equal(distributed.shard(kept, starts, 7, 1, 0, 2)[0], distributed.shard(kept, starts, 7, 0, 0, 2)[0])
 
 
-def test_data_parallel_path_equals_the_manual_sgd_path(tmp_path):
+def test_data_parallel_path_equals_sgd_on_sparse_gradients(tmp_path):
     """--multi-gpu trains dense tables through nn.DataParallel with autograd SGD; on a CPU machine
-    DataParallel runs the module as is, so the same epoch must match the manual sparse SGD."""
+    DataParallel runs the module as is, so the same epoch must match SGD on sparse gradients."""
     corpus = data.load_corpus(str(write_small_corpus(tmp_path / "s.txt", 200)), cache_dir=str(tmp_path), min_count=1)
     args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
                               optimizer="sgd", lr=0.05, multi_gpu=True, model_name="sgns")
@@ -202,7 +202,7 @@ def test_data_parallel_path_equals_the_manual_sgd_path(tmp_path):
         torch.manual_seed(1)
         model = SGNS(len(corpus.words), 16, sparse=not dense)
         engine_model = distributed.data_parallel(model, 2) if dense else model
-        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr) if dense else None
+        optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
         trainer.torch_epoch(engine_model, optimizer, corpus, args, 0, {}, sampler, keep, lambda *a: None)
         results.append(model.state_dict())
     for key in results[0]:

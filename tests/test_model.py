@@ -128,3 +128,66 @@ def test_kernel_counts_pairs_like_the_numpy_window():
 
 def test_build_model_by_name():
     assert isinstance(build_model("sgns", 10, 4), SGNS)
+
+
+def test_window_grads_equal_autograd_on_the_expanded_pairs():
+    """A window step is the pair loss over its real pairs, each context word's in-vector against the
+    center's out-vector and the center's shared negatives; padded slots contribute nothing."""
+    model, _, _, _ = small_case(seed=4)
+    gen = torch.Generator().manual_seed(4)
+    out_ids = torch.randint(0, 12, (4, 4), generator=gen)  # each window's center, then 3 negatives
+    out_ids[0, 1] = out_ids[0, 0]  # repeated rows must add up
+    context_ids = torch.randint(0, 12, (4, 6), generator=gen)
+    weight = (torch.rand(4, 6, generator=gen) < 0.6).float()
+    loss_sum, in_rows, in_grads, out_rows, out_grads = model.window_grads(context_ids, weight, out_ids)
+
+    rows, cols = weight.nonzero(as_tuple=True)  # the real pairs, written out one by one
+    pair_in, pair_out, pair_neg = context_ids[rows, cols], out_ids[rows, 0], out_ids[rows, 1:]
+    expected = reference_loss(model.in_embed.weight.double().detach(), model.out_embed.weight.double().detach(),
+                              pair_in, pair_out, pair_neg) * len(rows)
+    assert abs(loss_sum.item() - expected) < 1e-5 * abs(expected)
+    (model(pair_in, pair_out, pair_neg) * len(rows)).backward()
+    auto_in, auto_out = dense_grads(model)
+    assert torch.allclose(torch.zeros_like(auto_in).index_add_(0, in_rows, in_grads), auto_in, atol=1e-6)
+    assert torch.allclose(torch.zeros_like(auto_out).index_add_(0, out_rows, out_grads), auto_out, atol=1e-6)
+
+
+def test_window_step_is_sgd_with_the_lr_as_number_or_tensor():
+    model, _, _, _ = small_case(seed=5)
+    gen = torch.Generator().manual_seed(5)
+    out_ids, context_ids = torch.randint(0, 12, (3, 3), generator=gen), torch.randint(0, 12, (3, 4), generator=gen)
+    weight = (torch.rand(3, 4, generator=gen) < 0.7).float()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    _, in_rows, in_grads, out_rows, out_grads = model.window_grads(context_ids, weight, out_ids)
+    results = []
+    for lr in (0.1, torch.tensor(0.1)):
+        model.load_state_dict(start)
+        stats = model.window_step(context_ids, weight, out_ids, lr)
+        assert stats[1] == weight.sum()
+        results.append({k: v.clone() for k, v in model.state_dict().items()})
+    expected_in = start["in_embed.weight"].index_add(0, in_rows, in_grads, alpha=-0.1)
+    expected_out = start["out_embed.weight"].index_add(0, out_rows, out_grads, alpha=-0.1)
+    for result in results:
+        assert torch.allclose(result["in_embed.weight"], expected_in, atol=1e-7)
+        assert torch.allclose(result["out_embed.weight"], expected_out, atol=1e-7)
+
+
+def test_window_step_caps_the_summed_gradient_of_rows_met_too_often(monkeypatch):
+    """A row met k > MAX_SUMMED_GRADIENTS times moves by its mean gradient times the cap; others by their sum."""
+    import model as model_module
+    monkeypatch.setattr(model_module, "MAX_SUMMED_GRADIENTS", 2)
+    model, _, _, _ = small_case(seed=6)
+    out_ids = torch.tensor([[0, 5, 6], [1, 5, 7], [2, 5, 8], [3, 5, 9]])  # out row 5 met 4 times, others once
+    context_ids = torch.tensor([[4, 10], [4, 11], [4, 11], [10, 4]])
+    weight = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # in row 4: 4 real pairs, 11: 1, 10: 1
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    _, in_rows, in_grads, out_rows, out_grads = model.window_grads(context_ids, weight, out_ids)
+    summed_in = torch.zeros_like(start["in_embed.weight"]).index_add_(0, in_rows, in_grads)
+    summed_out = torch.zeros_like(start["out_embed.weight"]).index_add_(0, out_rows, out_grads)
+    model.window_step(context_ids, weight, out_ids, 0.1)
+    in_scale = torch.ones(12, 1)
+    in_scale[4] = 2 / 4
+    out_scale = torch.ones(12, 1)
+    out_scale[5] = 2 / 4
+    assert torch.allclose(model.in_embed.weight, start["in_embed.weight"] - 0.1 * in_scale * summed_in, atol=1e-6)
+    assert torch.allclose(model.out_embed.weight, start["out_embed.weight"] - 0.1 * out_scale * summed_out, atol=1e-6)

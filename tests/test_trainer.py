@@ -127,6 +127,7 @@ def final_vectors(tmp_path, name):
 @pytest.mark.parametrize("engine,stop_step,extra", [
     ("kernel_epoch", 20, []),  # 16 kernel calls an epoch
     ("torch_epoch", 150, ["--optimizer", "sparse_adam", "--batch-size", "256"]),  # 115 batches an epoch
+    ("window_epoch", 140, ["--engine", "torch", "--batch-size", "256"]),  # in the middle of a draw of steps
 ])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, corpus_file, monkeypatch, engine, stop_step,
                                                           extra):
@@ -187,3 +188,25 @@ def test_evaluation_scalars_and_pictures(tmp_path, corpus_file):
     for picture in ("curves.png", "projection.png"):
         assert (run_dir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (projector / "vectors.tsv").exists() and (projector / "metadata.tsv").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_steps_equal_eager_steps():
+    """The captured step replays window_step: the same windows give the same weights and sums."""
+    from model import SGNS
+    torch.manual_seed(0)
+    eager = SGNS(500, 32).cuda()
+    with torch.no_grad():
+        eager.out_embed.weight.normal_(0, 0.1)
+    captured = SGNS(500, 32).cuda()
+    captured.load_state_dict(eager.state_dict())
+    graph_step = trainer.WindowStepGraph(captured, per_step=64, window=3, neg_count=4)
+    for i in range(5):
+        context_ids = torch.randint(0, 500, (64, 6), device="cuda")
+        weight = (torch.rand(64, 6, device="cuda") < 0.7).float()
+        out_ids = torch.randint(0, 500, (64, 5), device="cuda")
+        lr = 0.05 / (i + 1)
+        expected = eager.window_step(context_ids, weight, out_ids, lr)
+        torch.testing.assert_close(graph_step(context_ids, weight, out_ids, lr), expected)
+    for key, value in eager.state_dict().items():
+        torch.testing.assert_close(captured.state_dict()[key], value, atol=1e-6, rtol=1e-5)
