@@ -308,26 +308,32 @@ def _unpack(packed):
     return rows, packed[:, 2:]
 
 
-def sync_sgd_step(model, center_ids, context_ids, neg_ids, lr, stop_signal=0):
-    """One synchronous SGD step: every rank applies the sum of all ranks' gradients.
+def sync_window_step(model, context_ids, weight, out_ids, lr, stop_signal=0):
+    """One synchronous window step (model.window_step) over all ranks' windows together.
 
-    The SGNS loss is a sum over pairs, so this equals one single-process step on the
-    concatenated global batch. Only touched rows travel: the center (in_embed) and context
-    (out_embed) rows are numbered 0..V-1 and V..2V-1, coalesced, packed with their ids and
-    all-gathered (after a tiny all-gather of the row counts, the loss and the stop signal).
-    Returns (global loss sum, global pairs, agreed stop signal).
+    The loss is a sum over pairs, so summing every rank's gradients gives one single-process
+    step on the concatenated global batch; each row is then scaled as window_step scales it,
+    by its count over all ranks (model.row_damping). Only touched rows travel: in_embed rows
+    are numbered 0..V-1 and out_embed rows V..2V-1, coalesced with their counts, packed with
+    their ids and all-gathered (after a tiny all-gather of the row counts, the loss, the pairs
+    and the stop signal). Returns (global loss sum, global pairs, agreed stop signal).
     """
     vocab = model.vocab_size
     assert 2 * vocab < 2 ** 36, "row ids must survive the float32 packing"
-    loss_sum, in_rows, in_grads, out_rows, out_grads = model.sparse_grads(center_ids, context_ids, neg_ids)
-    rows, grads = coalesce_rows(torch.cat([in_rows, out_rows + vocab]), torch.cat([in_grads, out_grads]))
-    header = _exchange_header(len(rows), float(loss_sum), len(center_ids), stop_signal)
+    loss_sum, in_rows, in_grads, out_rows, out_grads = model.window_grads(context_ids, weight, out_ids)
+    uses = torch.cat([weight.reshape(-1), weight.new_ones(len(out_rows))])  # real pairs per in row; out rows: 1
+    rows, counted = coalesce_rows(torch.cat([in_rows, out_rows + vocab]),
+                                  torch.cat([uses.unsqueeze(1), torch.cat([in_grads, out_grads])], dim=1))
+    header = _exchange_header(len(rows), float(loss_sum), float(weight.sum()), stop_signal)
     counts = header[:, 0].long().tolist()
-    packed = _pack(rows, grads)
+    packed = _pack(rows, counted)
     packed = torch.cat([packed, packed.new_zeros((max(counts) - len(rows), packed.shape[1]))])
-    all_rows, all_grads = _unpack(torch.cat([part[:n] for part, n in zip(_all_gather_equal(packed), counts)]))
+    all_rows, all_counted = _unpack(torch.cat([part[:n] for part, n in zip(_all_gather_equal(packed), counts)]))
     is_in = all_rows < vocab
-    model.apply_sparse_grads(all_rows[is_in], all_grads[is_in], all_rows[~is_in] - vocab, all_grads[~is_in], lr=lr)
+    in_rows, out_rows = all_rows[is_in], all_rows[~is_in] - vocab
+    in_grads = all_counted[is_in, 1:] * model.row_damping(in_rows, all_counted[is_in, 0])
+    out_grads = all_counted[~is_in, 1:] * model.row_damping(out_rows, all_counted[~is_in, 0])
+    model.apply_sparse_grads(in_rows, in_grads, out_rows, out_grads, lr=lr)
     return float(header[:, 1].sum()), int(header[:, 2].sum()), int(header[:, 3].max())
 
 
@@ -420,45 +426,44 @@ class Averager:
 
 # ---------------------------------------------------------------------------------------------
 
-def dist_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_prob, step, lr_at, stop_signal):
+def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, lr_at, stop_signal):
     """One epoch of a --multi-node run on this rank's shard; returns the agreed stop signal or 0.
 
     All ranks make the same number of steps (their shards differ by at most one token) and
     draw windows and negatives from a generator seeded by (seed, epoch, rank, step), so a
-    run stopped at step i resumes exactly there. stop_signal() is this rank's pending
-    SIGINT/SIGTERM: ranks stop together at a step they agree on (sync: the next step; async:
-    the next sync point but one).
+    run stopped at step i resumes exactly there. Plain SGD steps on whole windows, as a
+    single process does (data.WindowBatches, model.window_step); other optimizers on the
+    pairs of those windows, by autograd. stop_signal() is this rank's pending SIGINT/SIGTERM:
+    ranks stop together at a step they agree on (sync: the next step; async: the next sync
+    point but one).
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts, keep_prob,
-                                      data.epoch_rng(args.seed, epoch))  # the same on every rank
+    kept_ids, kept_sentence = (t.cpu().numpy() for t in batches.subsample(args.seed, epoch))  # equal on all ranks
+    starts = np.flatnonzero(np.diff(kept_sentence, prepend=-1))  # where each kept sentence begins
     ids, local_starts = shard(kept_ids, starts, args.seed, epoch, rank, world_size)
+    device = batches.device
+    local_ids = torch.from_numpy(ids.astype(np.int64)).to(device)
+    sentence_lengths = np.diff(np.append(local_starts, len(ids)))
+    local_sentence = torch.from_numpy(np.repeat(np.arange(len(local_starts)), sentence_lengths)).to(device)
     centers_per_step = max(1, args.batch_size // world_size // (args.window_size + 1))
     n_steps = max(1, math.ceil(math.ceil(len(kept_ids) / world_size) / centers_per_step))
-    device = torch.device(args.device)
     averager = Averager(model) if args.dist_mode == "async" else None
     words_per_step = len(corpus) / n_steps  # all ranks together go through the corpus once an epoch
     first = position.get("step", 0)
     for i in range(first, n_steps):
         lo = min(i * centers_per_step, len(ids))
         hi = min(lo + centers_per_step, len(ids))
-        rng = data.epoch_rng(args.seed, epoch, 1 + rank, i)
-        center_ids, context_ids = data.window_pairs(ids, local_starts, lo, hi, args.window_size, rng)
-        neg_ids = sampler.sample((len(center_ids), args.neg_sample_size), rng)
-        center_ids, context_ids, neg_ids = (torch.from_numpy(np.asarray(a, dtype=np.int64)).to(device)
-                                            for a in (center_ids, context_ids, neg_ids))
+        window = batches.windows(local_ids, local_sentence, lo, hi - lo, batches.seeded(args.seed, epoch, 1 + rank, i))
         lr = lr_at(args, (epoch + i / n_steps) / args.epochs)
         stop = 0
         if averager is not None and (i - first) % args.sync_interval == 0 and i > first:
             stop = averager.sync_point(stop_signal())
-        if optimizer is None and averager is None:  # manual SGD (model.sparse_grads), summed over ranks
-            loss_sum, pairs, stop = sync_sgd_step(model, center_ids, context_ids, neg_ids, lr, stop_signal())
+        if optimizer is None and averager is None:  # SGD summed over ranks
+            loss_sum, pairs, stop = sync_window_step(model, *window, lr, stop_signal())
         elif optimizer is None:
-            loss_sum, *grads = model.sparse_grads(center_ids, context_ids, neg_ids)
-            model.apply_sparse_grads(*grads, lr=lr)
-            loss_sum, pairs = float(loss_sum), len(center_ids)
+            loss_sum, pairs = model.window_step(*window, lr)
         else:
-            loss_sum, pairs, sync_stop = _autograd_step(model, optimizer, center_ids, context_ids, neg_ids, lr,
+            loss_sum, pairs, sync_stop = _autograd_step(model, optimizer, *window_pairs(*window), lr,
                                                         averager is None, stop_signal())
             stop = max(stop, sync_stop)
         step(loss_sum, pairs, words_per_step, lr, {"step": i + 1})
@@ -469,6 +474,12 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_pr
     if averager is not None:
         averager.finish()  # every epoch ends with identical parameters: PIP loss and checkpoints see the consensus
     return 0
+
+
+def window_pairs(context_ids, weight, out_ids):
+    """The real (center, context) pairs of windows and each pair's negatives (its center's), for autograd models."""
+    rows, cols = weight.nonzero(as_tuple=True)
+    return out_ids[rows, 0], context_ids[rows, cols], out_ids[rows, 1:]
 
 
 def _autograd_step(model, optimizer, center_ids, context_ids, neg_ids, lr, synchronous, stop_signal):

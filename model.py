@@ -7,7 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 # window_step: a row met more than this many times in one step (weighted by real pairs) moves by
 # its mean gradient times this, not by the sum of all its gradients. The sum, computed from one
 # stale vector, overshoots for the most frequent words and diverged at d=200, 10 negatives,
-# batch 8192; the mean for every row cost half of WS353 (README, "How training works").
+# batch 8192; the mean for every row left WS353 at 0.03 (README, "How training works").
 MAX_SUMMED_GRADIENTS = 64
 
 
@@ -42,37 +42,15 @@ class SGNS(nn.Module):
         return self.in_embed.weight.detach()
 
     @torch.no_grad()
-    def sparse_grads(self, center_ids, context_ids, neg_ids):
-        """Loss summed over the pairs and its gradient as touched rows, without autograd.
-
-        Returns (loss_sum, in_rows, in_grads, out_rows, out_grads): the gradient of the
-        summed loss is in_grads scattered (added) into in_embed rows in_rows, and likewise
-        for out_embed. Rows may repeat; index_add_ sums them.
-        """
-        in_w, out_w = self.in_embed.weight, self.out_embed.weight
-        center = in_w[center_ids]                             # B x d
-        context = out_w[context_ids]                          # B x d
-        negatives = out_w[neg_ids]                            # B x K x d
-        pos_score = (center * context).sum(-1)
-        neg_score = torch.bmm(negatives, center.unsqueeze(2)).squeeze(2)
-        loss_sum = -(F.logsigmoid(pos_score).sum() + F.logsigmoid(-neg_score).sum())
-        pos_coef = torch.sigmoid(pos_score) - 1.0             # d loss / d score, positive pair
-        neg_coef = torch.sigmoid(neg_score)                   # d loss / d score, negatives
-        center_grad = pos_coef.unsqueeze(1) * context + torch.bmm(neg_coef.unsqueeze(1), negatives).squeeze(1)
-        context_grad = pos_coef.unsqueeze(1) * center
-        neg_grad = neg_coef.unsqueeze(2) * center.unsqueeze(1)
-        out_rows = torch.cat([context_ids, neg_ids.reshape(-1)])
-        out_grads = torch.cat([context_grad, neg_grad.reshape(-1, self.embed_size)])
-        return loss_sum, center_ids, center_grad, out_rows, out_grads
-
-    @torch.no_grad()
     def window_grads(self, context_ids, weight, out_ids):
-        """sparse_grads for whole windows, the negatives shared by a window (word2vec's direction).
+        """Loss summed over the real pairs of whole windows, and its gradient as touched rows, without autograd.
 
         context_ids C x W2 with weight C x W2 (1 for a real pair, 0 for padding), out_ids
         C x (K+1): each window's center then its K negatives. As in word2vec, each context
         word's in-vector predicts the center's out-vector against the center's negatives, so
         a window is one product (W2 x d) by (d x (K+1)), batched over the C windows (Ji et al. 2016).
+        Returns (loss_sum, in_rows, in_grads, out_rows, out_grads): the gradient is in_grads added
+        (index_add_, rows may repeat) into in_embed rows in_rows, and likewise for out_embed.
         """
         inputs = self.in_embed.weight[context_ids]                       # C x W2 x d
         outputs = self.out_embed.weight[out_ids]                         # C x (K+1) x d
@@ -95,14 +73,14 @@ class SGNS(nn.Module):
         times. lr is a number, or a 0-d tensor on the device (a captured CUDA graph reads it there).
         """
         loss_sum, in_rows, in_grads, out_rows, out_grads = self.window_grads(context_ids, weight, out_ids)
-        in_grads = in_grads * self._damping(in_rows, weight.reshape(-1))
-        out_grads = out_grads * self._damping(out_rows, torch.ones_like(out_rows, dtype=in_grads.dtype))
+        in_grads = in_grads * self.row_damping(in_rows, weight.reshape(-1))
+        out_grads = out_grads * self.row_damping(out_rows, torch.ones_like(out_rows, dtype=in_grads.dtype))
         if torch.is_tensor(lr):
             in_grads, out_grads, lr = in_grads * lr, out_grads * lr, 1.0
         self.apply_sparse_grads(in_rows, in_grads, out_rows, out_grads, lr)
         return torch.stack([loss_sum, weight.sum()])
 
-    def _damping(self, rows, weights):
+    def row_damping(self, rows, weights):
         """Per-entry factor min(1, MAX_SUMMED_GRADIENTS / k), k the weighted count of the entry's row in rows.
 
         A V-sized tally (index_add_): no host sync, so a CUDA graph can hold it.

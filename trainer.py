@@ -576,7 +576,7 @@ def train(args):
         optimizer = torch.optim.SparseAdam(list(model.parameters()), lr=args.lr)
     elif args.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    elif args.multi_gpu or not hasattr(model, "sparse_grads"):  # SGD through autograd (rnn has no sparse_grads)
+    elif args.multi_gpu or not hasattr(model, "window_step"):  # SGD through autograd (rnn has no window_step)
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     state = {"epoch": 0, "position": {}, "global_step": 0, "epoch_loss": 0.0, "epoch_pairs": 0,
              "best_oracle_pip": None, "history": {}}
@@ -605,12 +605,13 @@ def train(args):
     pip_monitor = PipMonitor(corpus, args) if args.pip_interval and distributed.is_main() else None
     sampler = data.NegativeSampler(corpus.counts, args.ns_exponent)
     keep_prob = data.keep_probabilities(corpus.counts, args.subsample_th)
-    # sgns by plain SGD on the torch engine: batches built on the model's device
+    # batches built on the model's device: sgns by plain SGD on the torch engine, and every --multi-node run
     window_batches = graph_step = None
-    if args.engine == "torch" and optimizer is None and not args.multi_node:
+    if args.engine == "torch" and (optimizer is None or args.multi_node):
         window_batches = data.WindowBatches(corpus, keep_prob, sampler, args.window_size, args.neg_sample_size,
                                             args.device)
-        graph_step = window_step_graph(model, args)
+        if not args.multi_node:
+            graph_step = window_step_graph(model, args)
     signals = Signals()
     if args.multi_node:  # ranks stop together, at a step they agree on (distributed.dist_epoch)
         signals.check = lambda: None
@@ -668,8 +669,8 @@ def train(args):
             if args.engine == "kernel":
                 kernel_epoch(model, corpus, args, epoch, state["position"], sampler, keep_prob, step)
             elif args.multi_node:
-                stop = distributed.dist_epoch(model, optimizer, corpus, args, epoch, state["position"], sampler,
-                                              keep_prob, step, lr_at, lambda: signals.received or 0)
+                stop = distributed.dist_epoch(model, optimizer, corpus, args, epoch, state["position"], window_batches,
+                                              step, lr_at, lambda: signals.received or 0)
                 if stop:
                     raise StopRequested(stop)
             elif optimizer is None:

@@ -108,9 +108,9 @@ def speed(corpus, args):
     time_steps(model, initial_state, batches[:1], unique=True)  # warm-up (allocator, kernels); not timed
     unique_step = time_steps(model, initial_state, batches[1:1 + args.unique_batches], unique=True)
     occurrence_step = time_steps(model, initial_state, batches[1:1 + args.occurrence_batches], unique=False)
-    print(f"unique-word encoding:    {unique_step:8.2f} s/batch (mean of {args.unique_batches}) "
+    print(f"unique-word encoding:    {unique_step:8.3f} s/batch (mean of {args.unique_batches}) "
           f"-> epoch ~{unique_step * n_batches / 60:7.1f} min (extrapolated)")
-    print(f"per-occurrence encoding: {occurrence_step:8.2f} s/batch (mean of {args.occurrence_batches}) "
+    print(f"per-occurrence encoding: {occurrence_step:8.3f} s/batch (mean of {args.occurrence_batches}) "
           f"-> epoch ~{occurrence_step * n_batches / 60:7.1f} min (extrapolated)")
     print(f"speed-up: {occurrence_step / unique_step:.1f}x (target >= 10x)")
 

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 
 import data
 import distributed
+import model as model_module
 import trainer
 from model import SGNS
 from test_trainer import base_args, write_small_corpus
@@ -58,10 +59,20 @@ def _join_and_run(rank, world_size, init, worker, args):
 
 
 def hand_made_batches(n_steps, batch, seed=0):
+    """(center_ids, context_ids, neg_ids) batches of pairs."""
     rng = np.random.default_rng(seed)
     for _ in range(n_steps):
         yield (torch.from_numpy(rng.integers(0, VOCAB, batch)), torch.from_numpy(rng.integers(0, VOCAB, batch)),
                torch.from_numpy(rng.integers(0, VOCAB, (batch, NEG))))
+
+
+def hand_made_windows(n_steps, batch, seed=0):
+    """(context_ids, weight, out_ids) windows as data.WindowBatches makes them, 4 slots a window."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_steps):
+        yield (torch.from_numpy(rng.integers(0, VOCAB, (batch, 4))),
+               torch.from_numpy((rng.random((batch, 4)) < 0.7).astype(np.float32)),
+               torch.from_numpy(rng.integers(0, VOCAB, (batch, NEG + 1))))
 
 
 def start_model(sparse=True):
@@ -77,13 +88,18 @@ def split(tensor, rank, world_size, last):
     return tensor[:0] if last and rank == 1 else tensor[rank::world_size]
 
 
+SMALL_CAP = 3  # MAX_SUMMED_GRADIENTS for the sync test: with 40 words, many rows pass it
+
+
 def _sync_worker(rank, world_size, out_dir):
-    batches = list(hand_made_batches(4, 30))
+    model_module.MAX_SUMMED_GRADIENTS = SMALL_CAP
+    batches, windows = list(hand_made_batches(4, 30)), list(hand_made_windows(4, 30))
     sgd, adam_model = start_model(), start_model()
     adam = torch.optim.SparseAdam(list(adam_model.parameters()), lr=0.01)
-    for i, batch in enumerate(batches):
-        local = [split(t, rank, world_size, i == len(batches) - 1) for t in batch]
-        distributed.sync_sgd_step(sgd, *local, lr=0.1)
+    for i, (batch, window) in enumerate(zip(batches, windows)):
+        last = i == len(batches) - 1
+        distributed.sync_window_step(sgd, *[split(t, rank, world_size, last) for t in window], lr=0.1)
+        local = [split(t, rank, world_size, last) for t in batch]
         adam.zero_grad(set_to_none=True)
         if len(local[0]):
             adam_model(*local).backward()
@@ -92,16 +108,17 @@ def _sync_worker(rank, world_size, out_dir):
     torch.save({"sgd": sgd.state_dict(), "adam": adam_model.state_dict()}, out_dir / f"rank{rank}.pt")
 
 
-def test_sync_steps_equal_single_process_steps_on_the_global_batch(tmp_path):
+def test_sync_steps_equal_single_process_steps_on_the_global_batch(tmp_path, monkeypatch):
+    """Sync SGD (row sums capped by the global counts) and sync SparseAdam both equal one process."""
     run_ranks(_sync_worker, tmp_path)
-    batches = list(hand_made_batches(4, 30))
+    monkeypatch.setattr(model_module, "MAX_SUMMED_GRADIENTS", SMALL_CAP)
+    batches, windows = list(hand_made_batches(4, 30)), list(hand_made_windows(4, 30))
     sgd, adam_model = start_model(), start_model()
     adam = torch.optim.SparseAdam(list(adam_model.parameters()), lr=0.01)
-    for i, batch in enumerate(batches):
+    for i, (batch, window) in enumerate(zip(batches, windows)):
         if i == len(batches) - 1:  # what the two ranks had together on the last step: rank 0's rows only
-            batch = [t[0::2] for t in batch]
-        loss_sum, *grads = sgd.sparse_grads(*batch)
-        sgd.apply_sparse_grads(*grads, lr=0.1)
+            batch, window = [t[0::2] for t in batch], [t[0::2] for t in window]
+        sgd.window_step(*window, lr=0.1)
         adam.zero_grad(set_to_none=True)
         adam_model(*batch).backward()
         adam.step()
@@ -116,12 +133,11 @@ def test_sync_steps_equal_single_process_steps_on_the_global_batch(tmp_path):
 def _averager_worker(rank, world_size, out_dir):
     model = start_model()
     averager = distributed.Averager(model)
-    for i, batch in enumerate(hand_made_batches(7, 20, seed=10 + rank)):  # each rank its own data
+    for i, window in enumerate(hand_made_windows(7, 20, seed=10 + rank)):  # each rank its own data
         if i and i % 2 == 0:
             agreed = averager.sync_point(stop_signal=2 if (rank == 1 and i == 2) else 0)
             assert agreed == (0 if i != 4 else 2 if rank == 1 else signal.SIGTERM), (rank, i, agreed)
-        loss_sum, *grads = model.sparse_grads(*batch)
-        model.apply_sparse_grads(*grads, lr=0.1)
+        model.window_step(*window, lr=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     averager.finish()
     torch.save({"before": before, "after": model.state_dict()}, out_dir / f"rank{rank}.pt")
@@ -146,8 +162,8 @@ def _epoch_worker(rank, world_size, corpus_file, cache_dir, mode, out_dir):
                               dist_mode=mode, sync_interval=5, optimizer="sgd", lr=0.025)
     torch.manual_seed(1)
     model = SGNS(len(corpus.words), 16)
-    sampler = data.NegativeSampler(corpus.counts)
-    keep_prob = data.keep_probabilities(corpus.counts, 0)
+    batches = data.WindowBatches(corpus, data.keep_probabilities(corpus.counts, 0), data.NegativeSampler(corpus.counts),
+                                 args.window_size, args.neg_sample_size, "cpu")
     losses = []
     for epoch in range(args.epochs):
         epoch_loss = [0.0, 0]
@@ -155,9 +171,9 @@ def _epoch_worker(rank, world_size, corpus_file, cache_dir, mode, out_dir):
         def step(loss_sum, pairs, words, lr, position):
             epoch_loss[0] += loss_sum
             epoch_loss[1] += pairs
-        assert distributed.dist_epoch(model, None, corpus, args, epoch, {}, sampler, keep_prob, step,
-                                      trainer.lr_at, lambda: 0) == 0
-        losses.append(epoch_loss[0] / epoch_loss[1])
+        assert distributed.dist_epoch(model, None, corpus, args, epoch, {}, batches, step, trainer.lr_at,
+                                      lambda: 0) == 0
+        losses.append(float(epoch_loss[0]) / float(epoch_loss[1]))
     torch.save({"model": model.state_dict(), "losses": torch.tensor(losses)}, out_dir / f"rank{rank}.pt")
 
 

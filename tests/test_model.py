@@ -39,31 +39,6 @@ def dense_grads(model):
     return model.in_embed.weight.grad.to_dense(), model.out_embed.weight.grad.to_dense()
 
 
-def test_sparse_grads_equal_autograd():
-    model, center_ids, context_ids, neg_ids = small_case(seed=1)
-    neg_ids[0, 0] = context_ids[0]  # repeated rows must add up
-    loss = model(center_ids, context_ids, neg_ids) * len(center_ids)
-    loss.backward()
-    auto_in, auto_out = dense_grads(model)
-    loss_sum, in_rows, in_grads, out_rows, out_grads = model.sparse_grads(center_ids, context_ids, neg_ids)
-    assert torch.allclose(loss_sum, loss.detach(), rtol=1e-6)
-    manual_in = torch.zeros_like(auto_in).index_add_(0, in_rows, in_grads)
-    manual_out = torch.zeros_like(auto_out).index_add_(0, out_rows, out_grads)
-    assert torch.allclose(manual_in, auto_in, atol=1e-6)
-    assert torch.allclose(manual_out, auto_out, atol=1e-6)
-
-
-def test_apply_sparse_grads_is_sgd():
-    model, center_ids, context_ids, neg_ids = small_case(seed=2)
-    before_in, before_out = model.in_embed.weight.clone(), model.out_embed.weight.clone()
-    (model(center_ids, context_ids, neg_ids) * len(center_ids)).backward()
-    auto_in, auto_out = dense_grads(model)
-    _, *grads = model.sparse_grads(center_ids, context_ids, neg_ids)
-    model.apply_sparse_grads(*grads, lr=0.1)
-    assert torch.allclose(model.in_embed.weight, before_in - 0.1 * auto_in, atol=1e-6)
-    assert torch.allclose(model.out_embed.weight, before_out - 0.1 * auto_out, atol=1e-6)
-
-
 def test_kernel_pair_step_equals_reference_gradient():
     model, _, _, _ = small_case(seed=3)
     center, context = torch.tensor([4]), torch.tensor([7])
