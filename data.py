@@ -18,6 +18,7 @@ import torch
 
 CACHE_FORMAT = 2  # bump when the cache layout or the tokeniser changes: old caches rebuild
 READ_BLOCK_BYTES = 8 << 20  # bytes tokenised at a time, so a large corpus never sits in memory as text
+STEPS_PER_DRAW = 32  # WindowBatches users draw this many steps' windows in one go: fewer, larger kernels
 MAX_SENTENCE_TOKENS = 10_000  # longer "sentences" (text without punctuation) are cut, as gensim does
 
 # A word is a run of letters with apostrophes allowed inside it ("don't", "o'clock").

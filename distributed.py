@@ -430,8 +430,8 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, l
     """One epoch of a --multi-node run on this rank's shard; returns the agreed stop signal or 0.
 
     All ranks make the same number of steps (their shards differ by at most one token) and
-    draw windows and negatives from a generator seeded by (seed, epoch, rank, step), so a
-    run stopped at step i resumes exactly there. Plain SGD steps on whole windows, as a
+    draw windows and negatives from a generator seeded by (seed, epoch, rank, first step of
+    the draw), so a run stopped at step i resumes exactly there. Plain SGD steps on whole windows, as a
     single process does (data.WindowBatches, model.window_step); other optimizers on the
     pairs of those windows, by autograd. stop_signal() is this rank's pending SIGINT/SIGTERM:
     ranks stop together at a step they agree on (sync: the next step; async: the next sync
@@ -451,9 +451,14 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, l
     words_per_step = len(corpus) / n_steps  # all ranks together go through the corpus once an epoch
     first = position.get("step", 0)
     for i in range(first, n_steps):
-        lo = min(i * centers_per_step, len(ids))
-        hi = min(lo + centers_per_step, len(ids))
-        window = batches.windows(local_ids, local_sentence, lo, hi - lo, batches.seeded(args.seed, epoch, 1 + rank, i))
+        if i == first or i % data.STEPS_PER_DRAW == 0:  # windows drawn for STEPS_PER_DRAW steps at a time
+            draw_first = i - i % data.STEPS_PER_DRAW
+            lo = min(draw_first * centers_per_step, len(ids))
+            hi = min(lo + centers_per_step * data.STEPS_PER_DRAW, len(ids))
+            drawn = batches.windows(local_ids, local_sentence, lo, hi - lo,
+                                    batches.seeded(args.seed, epoch, 1 + rank, draw_first))
+        offset = (i - draw_first) * centers_per_step
+        window = [t[offset:offset + centers_per_step] for t in drawn]
         lr = lr_at(args, (epoch + i / n_steps) / args.epochs)
         stop = 0
         if averager is not None and (i - first) % args.sync_interval == 0 and i > first:

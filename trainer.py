@@ -27,7 +27,6 @@ from model import RNN_DEFAULTS, build_model
 CHECKPOINT_FORMAT = 1
 RNN_BATCH_SIZE = 65536  # see --batch-size and bench/bench_rnn.py
 TOKENS_PER_KERNEL_CALL = 200_000  # work between two looks at signals, progress and the loss
-STEPS_PER_DRAW = 32  # window_epoch draws this many steps' batches in one go: fewer, larger device kernels
 # Flags a resumed run may change; everything else comes from the saved run.
 RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads", "device", "cuda_graph", "log_interval", "save_interval", "pip_interval",
                        "export", "quiet")
@@ -403,13 +402,13 @@ def window_epoch(model, corpus, args, epoch, position, batches, graph_step, step
     """One epoch of batched SGD on whole windows (sgns), built on the model's device, from center `position`.
 
     No step waits for the host: windows and negatives are drawn on the device (data.WindowBatches)
-    STEPS_PER_DRAW steps at a time, and the loss and pair count stay there until step() reads
+    data.STEPS_PER_DRAW steps at a time, and the loss and pair count stay there until step() reads
     them once per log interval. graph_step (a WindowStepGraph, or None) replays full-size steps on a GPU.
     """
     kept_ids, kept_sentence = batches.subsample(args.seed, epoch)
     n_kept = max(1, len(kept_ids))
     per_step = max(1, args.batch_size // (args.window_size + 1))  # a center has about W+1 real pairs
-    per_draw = per_step * STEPS_PER_DRAW
+    per_draw = per_step * data.STEPS_PER_DRAW
     done = position.get("center", 0)
     for draw_lo in range(done - done % per_draw, len(kept_ids), per_draw):
         n_drawn = min(per_draw, len(kept_ids) - draw_lo)
