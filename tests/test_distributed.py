@@ -188,6 +188,39 @@ def test_distributed_epochs_learn_and_end_with_identical_parameters(tmp_path, mo
     assert losses[-1] < losses[0] - 0.1, losses
 
 
+def _resume_worker(rank, world_size, corpus_file, cache_dir, out_dir):
+    corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
+    args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
+                              dist_mode="sync", sync_interval=5, optimizer="sgd", lr=0.025)
+    batches = data.WindowBatches(corpus, data.keep_probabilities(corpus.counts, 1e-2),
+                                 data.NegativeSampler(corpus.counts), args.window_size, args.neg_sample_size, "cpu")
+    models = []
+    for stop_at in (None, 37):  # 37: in the middle of the second draw of steps
+        torch.manual_seed(1)
+        model = SGNS(len(corpus.words), 16)
+        state = {"steps": 0, "position": {}}
+
+        def step(loss_sum, pairs, words, lr, position):
+            state["steps"] += 1
+            state["position"] = position
+        stop_signal = lambda: 2 if stop_at is not None and state["steps"] >= stop_at else 0  # noqa: E731
+        if distributed.dist_epoch(model, None, corpus, args, 0, {}, batches, step, trainer.lr_at, stop_signal):
+            assert state["position"] == {"step": stop_at + 1}  # the agreed step is made, then the ranks stop
+            assert distributed.dist_epoch(model, None, corpus, args, 0, state["position"], batches, step,
+                                          trainer.lr_at, lambda: 0) == 0
+        models.append(model.state_dict())
+    torch.save({"straight": models[0], "resumed": models[1]}, out_dir / f"rank{rank}.pt")
+
+
+def test_a_stopped_and_resumed_distributed_epoch_equals_an_uninterrupted_one(tmp_path):
+    corpus_file = write_small_corpus(tmp_path / "small.txt", n_sentences=300)
+    run_ranks(_resume_worker, corpus_file, tmp_path / "cache", tmp_path)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for key, expected in result["straight"].items():
+            torch.testing.assert_close(result["resumed"][key], expected, atol=1e-6, rtol=1e-6)
+
+
 def test_shards_cover_the_epoch_once_in_equal_parts_and_change_each_epoch():
     rng = np.random.default_rng(0)
     starts = np.unique(np.concatenate([[0], rng.integers(1, 5000, 600)]))
