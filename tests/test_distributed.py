@@ -162,6 +162,9 @@ def _epoch_worker(rank, world_size, corpus_file, cache_dir, mode, out_dir):
                               dist_mode=mode, sync_interval=5, optimizer="sgd", lr=0.025)
     torch.manual_seed(1)
     model = SGNS(len(corpus.words), 16)
+    optimizer = None
+    if mode == "sync-sparse_adam":  # autograd on the windows' pairs, gradients averaged over ranks
+        args.dist_mode, optimizer = "sync", torch.optim.SparseAdam(list(model.parameters()), lr=0.01)
     batches = data.WindowBatches(corpus, data.keep_probabilities(corpus.counts, 0), data.NegativeSampler(corpus.counts),
                                  args.window_size, args.neg_sample_size, "cpu")
     losses = []
@@ -171,13 +174,13 @@ def _epoch_worker(rank, world_size, corpus_file, cache_dir, mode, out_dir):
         def step(loss_sum, pairs, words, lr, position):
             epoch_loss[0] += loss_sum
             epoch_loss[1] += pairs
-        assert distributed.dist_epoch(model, None, corpus, args, epoch, {}, batches, step, trainer.lr_at,
+        assert distributed.dist_epoch(model, optimizer, corpus, args, epoch, {}, batches, step, trainer.lr_at,
                                       lambda: 0) == 0
         losses.append(float(epoch_loss[0]) / float(epoch_loss[1]))
     torch.save({"model": model.state_dict(), "losses": torch.tensor(losses)}, out_dir / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("mode", ["sync", "async", "sync-sparse_adam"])
 def test_distributed_epochs_learn_and_end_with_identical_parameters(tmp_path, mode):
     corpus_file = write_small_corpus(tmp_path / "small.txt", n_sentences=300)
     run_ranks(_epoch_worker, corpus_file, tmp_path / "cache", mode, tmp_path)
