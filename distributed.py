@@ -289,23 +289,21 @@ def _exchange_header(*numbers):
     return torch.stack(_all_gather_equal(mine)).cpu()
 
 
-def coalesce_rows(rows, grads):
-    """Sum the gradients of repeated rows: fewer rows to send and to apply."""
-    unique, inverse = torch.unique(rows, return_inverse=True)
-    summed = grads.new_zeros((len(unique),) + grads.shape[1:]).index_add_(0, inverse, grads)
-    return unique, summed
+def _ids_as_floats(ids, out):
+    """Write row ids into two float32 columns of out (id // 4096, id % 4096: both exact in float32),
+    so that one all-gather carries ids and gradients together."""
+    out[:, 0] = torch.div(ids, 4096, rounding_mode="floor")
+    out[:, 1] = torch.remainder(ids, 4096)
 
 
-def _pack(rows, grads):
-    """Row ids and gradients in one float32 tensor (ids split in two exact 12-bit-and-up halves), so one
-    all-gather carries both."""
-    hi, lo = torch.div(rows, 4096, rounding_mode="floor"), torch.remainder(rows, 4096)
-    return torch.cat([hi.unsqueeze(1).to(grads.dtype), lo.unsqueeze(1).to(grads.dtype), grads], dim=1)
+def _floats_as_ids(columns):
+    return columns[:, 0].long() * 4096 + columns[:, 1].long()
 
 
-def _unpack(packed):
-    rows = packed[:, 0].long() * 4096 + packed[:, 1].long()
-    return rows, packed[:, 2:]
+def _split_buffer(flat, n_max, dim):
+    """A flat row buffer as (n_max x dim gradients, n_max x 3 [id, id, count]): two contiguous views,
+    so index_add_ writes the gradients at full speed and one all-gather sends everything."""
+    return flat[:n_max * dim].view(n_max, dim), flat[n_max * dim:].view(n_max, 3)
 
 
 def sync_window_step(model, context_ids, weight, out_ids, lr, stop_signal=0):
@@ -313,27 +311,43 @@ def sync_window_step(model, context_ids, weight, out_ids, lr, stop_signal=0):
 
     The loss is a sum over pairs, so summing every rank's gradients gives one single-process
     step on the concatenated global batch; each row is then scaled as window_step scales it,
-    by its count over all ranks (model.row_damping). Only touched rows travel: in_embed rows
-    are numbered 0..V-1 and out_embed rows V..2V-1, coalesced with their counts, packed with
-    their ids and all-gathered (after a tiny all-gather of the row counts, the loss, the pairs
-    and the stop signal). Returns (global loss sum, global pairs, agreed stop signal).
+    by its count over all ranks (model.row_damping). Only touched rows travel: each rank sums
+    its gradients per row straight into one buffer (in_embed rows first, numbered 0..V-1, then
+    out_embed rows, V..2V-1, with their ids and counts), and all ranks all-gather the buffers,
+    after a tiny all-gather of the row counts, the loss, the pairs and the stop signal.
+    Returns (global loss sum, global pairs, agreed stop signal).
     """
-    vocab = model.vocab_size
+    vocab, dim = model.vocab_size, model.embed_size
     assert 2 * vocab < 2 ** 36, "row ids must survive the float32 packing"
     loss_sum, in_rows, in_grads, out_rows, out_grads = model.window_grads(context_ids, weight, out_ids)
-    uses = torch.cat([weight.reshape(-1), weight.new_ones(len(out_rows))])  # real pairs per in row; out rows: 1
-    rows, counted = coalesce_rows(torch.cat([in_rows, out_rows + vocab]),
-                                  torch.cat([uses.unsqueeze(1), torch.cat([in_grads, out_grads])], dim=1))
-    header = _exchange_header(len(rows), float(loss_sum), float(weight.sum()), stop_signal)
+    in_unique, in_where = torch.unique(in_rows, return_inverse=True)
+    out_unique, out_where = torch.unique(out_rows, return_inverse=True)
+    n_in, n_rows = len(in_unique), len(in_unique) + len(out_unique)
+    header = _exchange_header(n_rows, float(loss_sum), float(weight.sum()), stop_signal)
     counts = header[:, 0].long().tolist()
-    packed = _pack(rows, counted)
-    packed = torch.cat([packed, packed.new_zeros((max(counts) - len(rows), packed.shape[1]))])
-    all_rows, all_counted = _unpack(torch.cat([part[:n] for part, n in zip(_all_gather_equal(packed), counts)]))
-    is_in = all_rows < vocab
-    in_rows, out_rows = all_rows[is_in], all_rows[~is_in] - vocab
-    in_grads = all_counted[is_in, 1:] * model.row_damping(in_rows, all_counted[is_in, 0])
-    out_grads = all_counted[~is_in, 1:] * model.row_damping(out_rows, all_counted[~is_in, 0])
-    model.apply_sparse_grads(in_rows, in_grads, out_rows, out_grads, lr=lr)
+    n_max = max(counts)  # every rank sends a buffer of the longest rank's size
+    flat = in_grads.new_zeros(n_max * (dim + 3))
+    grads, meta = _split_buffer(flat, n_max, dim)
+    grads[:n_in].index_add_(0, in_where, in_grads)
+    grads[n_in:n_rows].index_add_(0, out_where, out_grads)
+    _ids_as_floats(torch.cat([in_unique, out_unique + vocab]), meta[:n_rows])
+    meta[:n_in, 2].index_add_(0, in_where, weight.reshape(-1))  # real pairs behind each in row
+    meta[n_in:n_rows, 2].index_add_(0, out_where, torch.ones_like(out_grads[:, 0]))
+    parts = []
+    for part, n in zip(_all_gather_equal(flat), counts):
+        part_grads, part_meta = _split_buffer(part, n_max, dim)
+        ids = _floats_as_ids(part_meta[:n])
+        parts.append((ids, int(torch.searchsorted(ids, vocab)), part_meta[:n, 2], part_grads[:n]))  # in rows, then out
+    in_factor = model.row_damping(torch.cat([ids[:k] for ids, k, _, _ in parts]),
+                                  torch.cat([uses[:k] for _, k, uses, _ in parts]))
+    out_factor = model.row_damping(torch.cat([ids[k:] - vocab for ids, k, _, _ in parts]),
+                                   torch.cat([uses[k:] for _, k, uses, _ in parts]))
+    in_offset = out_offset = 0
+    for ids, k, _, part_grads in parts:
+        n_out = len(ids) - k
+        model.apply_sparse_grads(ids[:k], part_grads[:k] * in_factor[in_offset:in_offset + k], ids[k:] - vocab,
+                                 part_grads[k:] * out_factor[out_offset:out_offset + n_out], lr)
+        in_offset, out_offset = in_offset + k, out_offset + n_out
     return float(header[:, 1].sum()), int(header[:, 2].sum()), int(header[:, 3].max())
 
 
