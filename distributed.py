@@ -445,11 +445,11 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, l
 
     All ranks make the same number of steps (their shards differ by at most one token) and
     draw windows and negatives from a generator seeded by (seed, epoch, rank, first step of
-    the draw), so a run stopped at step i resumes exactly there. Plain SGD steps on whole windows, as a
-    single process does (data.WindowBatches, model.window_step); other optimizers on the
-    pairs of those windows, by autograd. stop_signal() is this rank's pending SIGINT/SIGTERM:
-    ranks stop together at a step they agree on (sync: the next step; async: the next sync
-    point but one).
+    the draw), so a run stopped at step i resumes exactly there. Plain SGD steps on whole
+    windows, as a single process does (data.WindowBatches, model.window_step); other
+    optimizers step on the pairs of those windows, by autograd. stop_signal() is this rank's
+    pending SIGINT/SIGTERM: ranks stop together at a step they agree on (sync: the next
+    step; async: the next sync point but one).
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     kept_ids, kept_sentence = (t.cpu().numpy() for t in batches.subsample(args.seed, epoch))  # equal on all ranks

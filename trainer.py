@@ -28,8 +28,8 @@ CHECKPOINT_FORMAT = 1
 RNN_BATCH_SIZE = 65536  # see --batch-size and bench/bench_rnn.py
 TOKENS_PER_KERNEL_CALL = 200_000  # work between two looks at signals, progress and the loss
 # Flags a resumed run may change; everything else comes from the saved run.
-RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads", "device", "cuda_graph", "log_interval", "save_interval", "pip_interval",
-                       "export", "quiet")
+RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads",
+                       "device", "cuda_graph", "log_interval", "save_interval", "pip_interval", "export", "quiet")
 
 
 def get_parser():

@@ -1,7 +1,7 @@
 """The seed's experiments table on this machine: 1 process vs 2 processes (Gloo, one thread each),
 sync and async, d = 50 and 200, batch 1024 and 8192; time per epoch, words/s and lowest PIP loss.
 
-    NLTK_DATA=../shared/nltk_data python bench/bench_distributed.py            # 12 runs, ~15 min on 2 idle cores
+    NLTK_DATA=../shared/nltk_data python bench/bench_distributed.py            # 3 x 12 runs, ~12 min on 2 idle cores
     python bench/bench_distributed.py --words 0                                 # the whole Gutenberg corpus
 
 Every run is `trainer.py --engine torch` (batched steps, the engine distributed runs use) for 1 epoch;
@@ -81,6 +81,7 @@ def main():
     p.add_argument("--pip-vocab", type=int, default=5_000, help="most frequent words the PIP loss is computed on")
     p.add_argument("--dims", type=int, nargs="+", default=[50, 200], help="embedding sizes")
     p.add_argument("--batches", type=int, nargs="+", default=[1024, 8192], help="global batch sizes (pairs)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each setting; the table keeps the fastest")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:
         work = Path(tmp)
@@ -88,15 +89,21 @@ def main():
         args.dataset, described = corpus_subset(args.dataset, args.words, work / "books")
         print(f"corpus: {described or args.dataset}; 1 epoch per run, torch engine, one thread per process, "
               f"{os.cpu_count()} CPU cores, PIP loss (oracle) on the {args.pip_vocab} most frequent words")
-        rows = []
-        for dim in args.dims:
-            for batch in args.batches:
-                for procs, mode in ((1, "-"), (2, "sync"), (2, "async")):
-                    name = f"d{dim}-b{batch}-p{procs}-{mode}"
-                    result = run(name, procs, mode, dim, batch, args, work)
-                    rows.append({"dim": dim, "batch": batch, "procs": procs, "mode": mode, **result})
-                    print(f"  {name}: {result['epoch_time']:.1f} s/epoch, {result['words_per_s']:,.0f} words/s, "
-                          f"PIP {result['pip']:.4g} (wall {result['wall']:.0f} s)", flush=True)
+        settings = [(dim, batch, procs, mode) for dim in args.dims for batch in args.batches
+                    for procs, mode in ((1, "-"), (2, "sync"), (2, "async"))]
+        best = {}
+        # Rounds over all settings, each setting's fastest epoch kept: a slow spell of this shared
+        # box (single runs vary by up to 30%) then hits every setting instead of a few.
+        for repeat in range(args.repeats):
+            for dim, batch, procs, mode in settings:
+                name = f"d{dim}-b{batch}-p{procs}-{mode}"
+                result = run(f"{name}-r{repeat}", procs, mode, dim, batch, args, work)
+                print(f"  {name} (round {repeat + 1}): {result['epoch_time']:.1f} s/epoch, "
+                      f"{result['words_per_s']:,.0f} words/s, PIP {result['pip']:.4g} (wall {result['wall']:.0f} s)",
+                      flush=True)
+                if name not in best or result["epoch_time"] < best[name]["epoch_time"]:
+                    best[name] = {"dim": dim, "batch": batch, "procs": procs, "mode": mode, **result}
+        rows = list(best.values())
     print("\n| model | nodes (processes) | sync | embedding | batch | time/epoch (s) | words/s | lowest PIP loss |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
