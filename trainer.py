@@ -429,13 +429,12 @@ def window_epoch(model, corpus, args, epoch, position, batches, graph_step, step
 class WindowStepGraph:
     """model.window_step for windows of one size, captured once as a CUDA graph and replayed.
 
-    An eager step launches about twenty small kernels, and at batch sizes of thousands of
+    An eager step launches a few dozen small kernels, and at batch sizes of thousands of
     pairs a GPU finishes them faster than the host can launch them; a replay is one launch.
     """
 
     def __init__(self, model, per_step, window, neg_count):
         device = model.in_embed.weight.device
-        self.model = model
         self.context_ids = torch.zeros((per_step, 2 * window), dtype=torch.int64, device=device)
         self.weight = torch.zeros((per_step, 2 * window), device=device)  # all padding: warm-up steps change nothing
         self.out_ids = torch.zeros((per_step, neg_count + 1), dtype=torch.int64, device=device)
