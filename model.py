@@ -74,11 +74,11 @@ class SGNS(nn.Module):
         times. lr is a number, or a 0-d tensor on the device (a captured CUDA graph reads it there).
         """
         loss_sum, in_rows, in_grads, out_rows, out_grads = self.window_grads(context_ids, weight, out_ids)
-        in_grads = in_grads * self.row_damping(in_rows, weight.reshape(-1))
-        out_grads = out_grads * self.row_damping(out_rows, torch.ones_like(out_rows, dtype=in_grads.dtype))
-        if torch.is_tensor(lr):
-            in_grads, out_grads, lr = in_grads * lr, out_grads * lr, 1.0
-        self.apply_sparse_grads(in_rows, in_grads, out_rows, out_grads, lr)
+        in_scale = self.row_damping(in_rows, weight.reshape(-1))
+        out_scale = self.row_damping(out_rows, torch.ones_like(out_rows, dtype=in_grads.dtype))
+        if torch.is_tensor(lr):  # folded into the per-row factors: no extra pass over the gradients
+            in_scale, out_scale, lr = in_scale * lr, out_scale * lr, 1.0
+        self.apply_sparse_grads(in_rows, in_grads * in_scale, out_rows, out_grads * out_scale, lr)
         return torch.stack([loss_sum, weight.sum()])
 
     def row_damping(self, rows, weights):
