@@ -525,7 +525,7 @@ class WindowBatches:
     A batch is a run of consecutive kept centers with their whole (dynamic) window as a fixed
     C x 2W block, plus a mask of the real pairs, and K negatives per center shared by its
     window (Ji et al. 2016). Fixed shapes mean no step waits for the host to learn a size.
-    Each chunk of steps draws from a generator seeded by (seed, epoch, first center), so a
+    Callers draw each chunk of steps from seeded(seed, epoch, where the chunk starts), so a
     resumed epoch redraws exactly what it would have drawn.
     """
 
