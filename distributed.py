@@ -482,7 +482,7 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, l
         elif optimizer is None:
             loss_sum, pairs = model.window_step(*window, lr)
         else:
-            loss_sum, pairs, sync_stop = _autograd_step(model, optimizer, *window_pairs(*window), lr,
+            loss_sum, pairs, sync_stop = _autograd_step(model, optimizer, *pairs_of_windows(*window), lr,
                                                         averager is None, stop_signal())
             stop = max(stop, sync_stop)
         step(loss_sum, pairs, words_per_step, lr, {"step": i + 1})
@@ -495,7 +495,7 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, l
     return 0
 
 
-def window_pairs(context_ids, weight, out_ids):
+def pairs_of_windows(context_ids, weight, out_ids):
     """The real (center, context) pairs of windows and each pair's negatives (its center's), for autograd models."""
     rows, cols = weight.nonzero(as_tuple=True)
     return out_ids[rows, 0], context_ids[rows, cols], out_ids[rows, 1:]
