@@ -283,10 +283,19 @@ def _gather_rows(rows, values, counts):
             torch.cat([v[:int(c)] for v, c in zip(all_values, counts)]))
 
 
-def _exchange_header(*numbers):
-    """All ranks' small per-step numbers (row count, loss, pairs, stop signal) in one collective."""
+def _exchange_header(*numbers, async_op=False):
+    """All ranks' small per-step numbers (row count, loss, pairs, stop signal) in one collective.
+
+    With async_op, returns a function that waits for the exchange and then gives the table."""
     mine = torch.tensor(numbers, dtype=torch.float64, device=_comm_device())
-    return torch.stack(_all_gather_equal(mine)).cpu()
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    work = dist.all_gather(parts, mine, async_op=async_op)
+
+    def table():
+        if work is not None:
+            work.wait()
+        return torch.stack(parts).cpu()
+    return table if async_op else table()
 
 
 def _ids_as_floats(ids, out):
@@ -300,21 +309,16 @@ def _floats_as_ids(columns):
     return columns[:, 0].long() * 4096 + columns[:, 1].long()
 
 
-def _split_buffer(flat, n_max, dim):
-    """A flat row buffer as (n_max x dim gradients, n_max x 3 [id, id, count]): two contiguous views,
-    so index_add_ writes the gradients at full speed and one all-gather sends everything."""
-    return flat[:n_max * dim].view(n_max, dim), flat[n_max * dim:].view(n_max, 3)
-
-
 def sync_window_step(model, context_ids, weight, out_ids, lr, stop_signal=0):
     """One synchronous window step (model.window_step) over all ranks' windows together.
 
     The loss is a sum over pairs, so summing every rank's gradients gives one single-process
     step on the concatenated global batch; each row is then scaled as window_step scales it,
     by its count over all ranks (model.row_damping). Only touched rows travel: each rank sums
-    its gradients per row straight into one buffer (in_embed rows first, numbered 0..V-1, then
-    out_embed rows, V..2V-1, with their ids and counts), and all ranks all-gather the buffers,
-    after a tiny all-gather of the row counts, the loss, the pairs and the stop signal.
+    its gradients per row into one buffer of rows [gradient | id | id | uses] (in_embed rows
+    first, numbered 0..V-1, then out_embed rows, V..2V-1), and all ranks all-gather the buffers,
+    padded to the longest. The row counts, losses, pairs and stop signals travel before, in a
+    tiny all-gather that runs while the buffer is filled.
     Returns (global loss sum, global pairs, agreed stop signal).
     """
     vocab, dim = model.vocab_size, model.embed_size
@@ -323,21 +327,25 @@ def sync_window_step(model, context_ids, weight, out_ids, lr, stop_signal=0):
     in_unique, in_where = torch.unique(in_rows, return_inverse=True)
     out_unique, out_where = torch.unique(out_rows, return_inverse=True)
     n_in, n_rows = len(in_unique), len(in_unique) + len(out_unique)
-    header = _exchange_header(n_rows, float(loss_sum), float(weight.sum()), stop_signal)
+    header = _exchange_header(n_rows, float(loss_sum), float(weight.sum()), stop_signal, async_op=True)
+    # Room for every row this step could touch; rows past n_rows are padding nobody reads.
+    buffer = in_grads.new_empty(max(len(in_rows) + len(out_rows), 1), dim + 3)
+    mine = buffer[:n_rows]
+    mine.zero_()
+    mine[:n_in, :dim].index_add_(0, in_where, in_grads)
+    mine[n_in:, :dim].index_add_(0, out_where, out_grads)
+    _ids_as_floats(torch.cat([in_unique, out_unique + vocab]), mine[:, dim:dim + 2])
+    mine[:n_in, dim + 2].index_add_(0, in_where, weight.reshape(-1))  # real pairs behind each in row
+    mine[n_in:, dim + 2].index_add_(0, out_where, torch.ones_like(out_grads[:, 0]))
+    header = header()
     counts = header[:, 0].long().tolist()
-    n_max = max(counts)  # every rank sends a buffer of the longest rank's size
-    flat = in_grads.new_zeros(n_max * (dim + 3))
-    grads, meta = _split_buffer(flat, n_max, dim)
-    grads[:n_in].index_add_(0, in_where, in_grads)
-    grads[n_in:n_rows].index_add_(0, out_where, out_grads)
-    _ids_as_floats(torch.cat([in_unique, out_unique + vocab]), meta[:n_rows])
-    meta[:n_in, 2].index_add_(0, in_where, weight.reshape(-1))  # real pairs behind each in row
-    meta[n_in:n_rows, 2].index_add_(0, out_where, torch.ones_like(out_grads[:, 0]))
+    n_max = max(counts)  # every rank sends the longest rank's row count
+    if n_max > len(buffer):  # a rank with more windows (the last, shorter step): pad with a copy
+        buffer = torch.cat([mine, buffer.new_empty(n_max - n_rows, dim + 3)])
     parts = []
-    for part, n in zip(_all_gather_equal(flat), counts):
-        part_grads, part_meta = _split_buffer(part, n_max, dim)
-        ids = _floats_as_ids(part_meta[:n])
-        parts.append((ids, int(torch.searchsorted(ids, vocab)), part_meta[:n, 2], part_grads[:n]))  # in rows, then out
+    for part, n in zip(_all_gather_equal(buffer[:n_max]), counts):
+        ids = _floats_as_ids(part[:n, dim:dim + 2])
+        parts.append((ids, int(torch.searchsorted(ids, vocab)), part[:n, dim + 2], part[:n, :dim]))  # in, then out
     in_factor = model.row_damping(torch.cat([ids[:k] for ids, k, _, _ in parts]),
                                   torch.cat([uses[:k] for _, k, uses, _ in parts]))
     out_factor = model.row_damping(torch.cat([ids[k:] - vocab for ids, k, _, _ in parts]),
