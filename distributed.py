@@ -283,19 +283,17 @@ def _gather_rows(rows, values, counts):
             torch.cat([v[:int(c)] for v, c in zip(all_values, counts)]))
 
 
-def _exchange_header(*numbers, async_op=False):
-    """All ranks' small per-step numbers (row count, loss, pairs, stop signal) in one collective.
-
-    With async_op, returns a function that waits for the exchange and then gives the table."""
+def _start_header(*numbers):
+    """Start the all-gather of every rank's small per-step numbers (row count, loss, pairs, stop
+    signal); returns a function that waits for it and gives them as a world_size x n table."""
     mine = torch.tensor(numbers, dtype=torch.float64, device=_comm_device())
     parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    work = dist.all_gather(parts, mine, async_op=async_op)
+    work = dist.all_gather(parts, mine, async_op=True)
 
     def table():
-        if work is not None:
-            work.wait()
+        work.wait()
         return torch.stack(parts).cpu()
-    return table if async_op else table()
+    return table
 
 
 def _ids_as_floats(ids, out):
@@ -327,7 +325,7 @@ def sync_window_step(model, context_ids, weight, out_ids, lr, stop_signal=0):
     in_unique, in_where = torch.unique(in_rows, return_inverse=True)
     out_unique, out_where = torch.unique(out_rows, return_inverse=True)
     n_in, n_rows = len(in_unique), len(in_unique) + len(out_unique)
-    header = _exchange_header(n_rows, float(loss_sum), float(weight.sum()), stop_signal, async_op=True)
+    header_table = _start_header(n_rows, float(loss_sum), float(weight.sum()), stop_signal)
     # Room for every row this step could touch; rows past n_rows are padding nobody reads.
     buffer = in_grads.new_empty(max(len(in_rows) + len(out_rows), 1), dim + 3)
     mine = buffer[:n_rows]
@@ -337,7 +335,7 @@ def sync_window_step(model, context_ids, weight, out_ids, lr, stop_signal=0):
     _ids_as_floats(torch.cat([in_unique, out_unique + vocab]), mine[:, dim:dim + 2])
     mine[:n_in, dim + 2].index_add_(0, in_where, weight.reshape(-1))  # real pairs behind each in row
     mine[n_in:, dim + 2].index_add_(0, out_where, torch.ones_like(out_grads[:, 0]))
-    header = header()
+    header = header_table()  # normally arrived while the buffer filled
     counts = header[:, 0].long().tolist()
     n_max = max(counts)  # every rank sends the longest rank's row count
     if n_max > len(buffer):  # a rank with more windows (the last, shorter step): pad with a copy
@@ -377,7 +375,7 @@ def sync_gradients(model, n_local, stop_signal=0):
     sparse_grads = [p.grad.coalesce() if p.grad is not None else
                     torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.int64, device=p.device),
                                             p.new_zeros((0,) + p.shape[1:]), p.shape) for p in sparse]
-    header = _exchange_header(n_local, stop_signal, *[g.indices().shape[1] for g in sparse_grads])
+    header = _start_header(n_local, stop_signal, *[g.indices().shape[1] for g in sparse_grads])()
     n_global = float(header[:, 0].sum())
     for column, (p, g) in enumerate(zip(sparse, sparse_grads), start=2):
         rows, values = _gather_rows(g.indices()[0], g.values() * n_local, header[:, column].long().tolist())

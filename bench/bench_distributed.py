@@ -69,7 +69,7 @@ def _probe_rank(rank, init, sizes, repeats, results):
 
 
 def gloo_probe(sizes=(4, 250_000, 750_000), repeats=200):
-    """What one collective costs here: sync mode makes two a step (row counts, then rows)."""
+    """What one collective costs here: a sync step waits for at least one (its rows)."""
     with mp.Manager() as manager:
         results = manager.dict()
         mp.start_processes(_probe_rank, args=(f"tcp://127.0.0.1:{free_port()}", sizes, repeats, results),
@@ -157,9 +157,9 @@ def main():
                   f"{sync['pip'] / one['pip']:.3f} | {one['epoch_time'] / one['steps'] * 1e3:.2f} | "
                   f"{sync['epoch_time'] / sync['steps'] * 1e3:.2f} |")
     print("targets: async >= 1.6x, sync >= 1.3x, final PIP loss within 10% (ratio <= 1.10)")
-    print(f"a sync step waits for 2 collectives (the second one also carries the rows): at least "
-          f"{2 * latency * 1e3:.2f} ms a step here, whatever the batch; 1.3x needs a sync step at most "
-          f"1/1.3 of the 1-process step")
+    print(f"a sync step waits for at least one all-gather (its rows; the row counts travel while they are "
+          f"summed): at least {latency * 1e3:.2f} ms a step here, whatever the batch; 1.3x needs a sync step "
+          f"at most 1/1.3 of the 1-process step")
 
 
 if __name__ == "__main__":
