@@ -7,6 +7,7 @@ so the trainer can call them between epochs without touching files:
 * :func:`similarity`  - Spearman rho between cosine and human scores;
 * :func:`analogy`     - Google analogy accuracy (3CosAdd or 3CosMul);
 * :func:`neighbors`   - nearest neighbours by cosine;
+* :func:`all_but_the_top` - optional post-processing before any of these;
 * :func:`export_projector` - TensorBoard projector ``vectors.tsv``/``metadata.tsv``.
 
 Run as a script it reads a checkpoint (``--checkpoint``) or a word2vec file
@@ -125,6 +126,30 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     # with everything instead of producing NaNs that poison argmax/spearman.
     norms[norms == 0] = 1.0
     return matrix / norms
+
+
+def all_but_the_top(vectors: np.ndarray, n_directions: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The "all-but-the-top" post-processing of Mu & Viswanath (2018), fitted on ``vectors``.
+
+    Returns a function that subtracts the vocabulary's mean vector from any rows and projects
+    out the ``n_directions`` principal directions of the centred vocabulary. Vectors that share
+    a large common component (a character model's encoders give every word one) have cosines
+    dominated by it; removing it lets the word-specific part decide neighbours. The function
+    also maps vectors of words outside the vocabulary, so queries and table stay comparable.
+    """
+    table = np.asarray(vectors, dtype=np.float32)
+    mean = table.mean(axis=0) if len(table) else np.zeros(table.shape[1], dtype=np.float32)
+    top = np.zeros((0, table.shape[1]), dtype=np.float32)
+    if n_directions > 0 and len(table):
+        centred = table - mean
+        # eigenvectors of the d x d scatter matrix: the principal directions without a V x d SVD
+        _, eigenvectors = np.linalg.eigh((centred.T @ centred).astype(np.float64))
+        top = eigenvectors[:, ::-1][:, :n_directions].T.astype(np.float32)
+
+    def transform(rows: np.ndarray) -> np.ndarray:
+        centred_rows = np.asarray(rows, dtype=np.float32) - mean
+        return centred_rows - (centred_rows @ top.T) @ top
+    return transform
 
 
 def _word_index(words: Sequence[str]) -> dict[str, int]:
@@ -533,6 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the nearest neighbours of these words")
     parser.add_argument("--topn", type=int, default=10, metavar="N",
                         help="number of neighbours per word (default 10)")
+    parser.add_argument("--remove-top", type=int, default=0, metavar="N",
+                        help="post-process the vectors before everything else: subtract their mean "
+                             "and project out their N top principal directions (all-but-the-top, "
+                             "Mu & Viswanath 2018; helps character-model vectors, see README); "
+                             "0 = off (default)")
     parser.add_argument("--no-default-eval", action="store_true",
                         help="do not fall back to gensim's evaluation sets when none are given")
     parser.add_argument("--json", action="store_true",
@@ -603,6 +633,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EvaluationInputError as error:
         _fail(str(error))
 
+    if not 0 <= args.remove_top < vectors.shape[1]:
+        _fail(f"--remove-top must be between 0 and {vectors.shape[1] - 1} (the vectors have "
+              f"{vectors.shape[1]} dimensions)")
+    if args.remove_top:
+        vectors, embed_fn = _post_processed(vectors, embed_fn, args.remove_top)
+
     similarity_files = args.similarity or []
     analogy_file = args.analogy
     if not similarity_files and not analogy_file and not args.no_default_eval:
@@ -644,6 +680,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         _print_report(report, len(words), vectors.shape[1], embed_fn is not None)
     return 0
+
+
+def _post_processed(vectors, embed_fn, n_directions):
+    """Vectors and embed_fn (or None) after all_but_the_top, fitted on the vocabulary."""
+    transform = all_but_the_top(vectors, n_directions)
+    if embed_fn is None:
+        return transform(vectors), None
+    return transform(vectors), lambda batch_words: transform(embed_fn(batch_words))
 
 
 def _plot_words(args, words, vectors, embed_fn, lowercase, source_path: Path) -> dict:

@@ -225,6 +225,49 @@ def test_neighbors_embeds_oov_query():
     assert result["new"][0][0] == "c"
 
 
+# ---------------------------------------------------------------- all-but-the-top
+
+def test_all_but_the_top_matches_svd_reference():
+    rng = np.random.default_rng(5)
+    vectors = rng.normal(size=(60, 6)) * [5, 3, 2, 1, 1, 1] + 4.0  # a shared offset, unequal variances
+    transform = evaluate.all_but_the_top(vectors, 2)
+    centred = vectors - vectors.mean(0)
+    top = np.linalg.svd(centred, full_matrices=False)[2][:2]  # reference: the top right singular vectors
+    expected = centred - centred @ top.T @ top
+    np.testing.assert_allclose(transform(vectors), expected, atol=1e-4)
+    query = rng.normal(size=(3, 6))  # rows outside the table get the same map
+    np.testing.assert_allclose(transform(query), (query - vectors.mean(0)) @ (np.eye(6) - top.T @ top), atol=1e-4)
+    np.testing.assert_allclose(evaluate.all_but_the_top(vectors, 0)(vectors), centred, atol=1e-4)
+
+
+def test_all_but_the_top_reveals_neighbours_hidden_by_a_common_direction():
+    # word pairs (a_k, b_k) share a direction; every word also has a component along one common
+    # axis, of sizes spread over three orders of magnitude, which decides raw cosines
+    rng = np.random.default_rng(1)
+    n_pairs, dim = 20, 16
+    shared = rng.normal(size=(n_pairs, dim - 1))
+    structure = np.repeat(shared, 2, axis=0) + 0.1 * rng.normal(size=(2 * n_pairs, dim - 1))
+    common = 10 ** rng.uniform(0, 3, size=(2 * n_pairs, 1))
+    vectors = np.hstack([common, structure])
+    words = [f"{side}{k}" for k in range(n_pairs) for side in "ab"]
+
+    def pairs_found(table):
+        found = evaluate.neighbors(words, table, [f"a{k}" for k in range(n_pairs)], topn=1)
+        return sum(found[f"a{k}"][0][0] == f"b{k}" for k in range(n_pairs))
+    assert pairs_found(vectors) < n_pairs // 2
+    assert pairs_found(evaluate.all_but_the_top(vectors, 1)(vectors)) == n_pairs
+
+
+def test_post_processing_maps_out_of_vocabulary_queries_like_the_table():
+    rng = np.random.default_rng(1)
+    words = [f"w{i}" for i in range(30)]
+    vectors = rng.normal(size=(30, 5)).astype(np.float32) + 3.0
+    table, embed_fn = evaluate._post_processed(vectors, lambda batch: vectors[[7] * len(batch)], 1)
+    found = evaluate.neighbors(words, table, ["unseen"], topn=1, embed_fn=embed_fn)
+    assert found["unseen"][0][0] == "w7"
+    assert found["unseen"][0][1] == pytest.approx(1.0, abs=1e-5)
+
+
 # ---------------------------------------------------------------- loading and export
 
 @pytest.mark.parametrize("name", ["vectors.txt", "vectors.bin"])
@@ -347,6 +390,12 @@ def test_cli_json_output(tmp_path, word2vec_file):
     assert report["analogy"]["questions"] == 60
     assert report["neighbors"]["x0"][0][0] == "y0"
     assert len(report["neighbors"]["x0"]) == 3
+    processed = json.loads(run_cli("--vectors", word2vec_file, "--neighbors", "x0", "--topn", "3",
+                                   "--no-default-eval", "--remove-top", "1", "--json").stdout)
+    words, vectors = evaluate.load_vectors(word2vec_file)
+    expected = evaluate.neighbors(words, evaluate.all_but_the_top(vectors, 1)(vectors), ["x0"], topn=3)
+    assert [w for w, _ in processed["neighbors"]["x0"]] == [w for w, _ in expected["x0"]]
+    assert processed["neighbors"]["x0"] != report["neighbors"]["x0"]
 
 
 def test_cli_table_output_plot_and_projector(tmp_path, word2vec_file):
@@ -370,6 +419,7 @@ def test_cli_table_output_plot_and_projector(tmp_path, word2vec_file):
     ["--vectors", "{vectors}", "--similarity", "{badpairs}"],
     ["--vectors", "{vectors}", "--plot-words", "nope1", "nope2"],
     ["--vectors", "{vectors}", "--topn", "0"],
+    ["--vectors", "{vectors}", "--remove-top", "-1"],
     ["--vectors", "{vectors}", "--plot-curves"],
     ["--vectors", "{vectors}", "--export-projector", "{vectors}"],  # a file, not a folder
     ["--vectors", "{garbage}"],
