@@ -127,3 +127,26 @@ def set_threads(num_threads):
     """Use num_threads kernel threads (at most what numba was started with)."""
     numba.set_num_threads(max(1, min(num_threads, numba.config.NUMBA_NUM_THREADS)))
     return numba.get_num_threads()
+
+
+def train_sentences(in_w, out_w, kept_ids, kept_starts, window, negative, sampler, lr_first, lr_last, seed, threads):
+    """Train on all the sentences of kept_ids (kept_starts: where each begins) with `threads`
+    threads, 4 chunks of about equal token counts each; returns (loss summed over the pairs, pairs).
+
+    The loss is NaN where the weights became NaN: numba checks float divisions as Python does,
+    and a NaN weight trips that check (the callers stop the run, naming epoch and step).
+    """
+    if len(kept_ids) == 0:
+        return 0.0, 0
+    bounds = np.append(kept_starts, len(kept_ids)).astype(np.int64)
+    targets = np.linspace(0, len(kept_ids), 4 * threads + 1)[1:-1]
+    chunks = np.unique(np.concatenate([[0], np.searchsorted(bounds, targets), [len(kept_starts)]]))
+    loss_out, pairs_out = np.zeros(len(chunks) - 1), np.zeros(len(chunks) - 1, dtype=np.int64)
+    try:
+        train_chunks(in_w, out_w, kept_ids, bounds, chunks.astype(np.int64), window, negative,
+                     sampler.accept, sampler.alias, lr_first, lr_last, seed, loss_out, pairs_out)
+    except (ZeroDivisionError, SystemError) as err:
+        if not isinstance(err, ZeroDivisionError) and not isinstance(err.__cause__, ZeroDivisionError):
+            raise
+        return math.nan, int(pairs_out.sum())
+    return float(loss_out.sum()), int(pairs_out.sum())

@@ -60,7 +60,9 @@ def add_arguments(parser):
                       help="every step sums all ranks' gradients: ranks hold identical parameters (default)")
     mode.add_argument("--async", dest="dist_mode", action="store_const", const="async",
                       help="local SGD; parameters averaged in the background every --sync-interval steps")
-    g.add_argument("--sync-interval", type=int, default=50, help="steps between two averagings in --async mode")
+    g.add_argument("--sync-interval", type=int, default=50,
+                   help="steps between two averagings in --async mode (the CPU kernel averages after as many "
+                        "centers as that many steps of --batch-size pairs hold)")
     g.add_argument("--dist-timeout", type=float, default=120.0,
                    help="seconds a rank waits for the others (connecting, each collective) before failing")
 
@@ -120,9 +122,10 @@ def check_arguments(parser, args):
             parser.error("--backend nccl needs CUDA GPUs and a PyTorch built with NCCL; use --backend gloo on CPU")
         if not args.device.startswith("cuda"):
             parser.error("--backend nccl moves GPU tensors only: add --device cuda")
-    if args.engine == "kernel":
-        parser.error("--multi-node runs the torch engine (batched steps), not --engine kernel")
-    args.engine = "torch"
+    if args.dist_mode == "sync":  # every step exchanges gradients: batched steps only
+        if args.engine == "kernel":
+            parser.error("--multi-node --sync runs the torch engine (batched steps); --engine kernel goes with --async")
+        args.engine = "torch"
     if args.device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK, else rank modulo GPUs here
         args.device = f"cuda:{local_rank % torch.cuda.device_count()}"
     WORLD = World(rank, world_size, local_rank, backend, init_method, args.dist_timeout)
@@ -498,6 +501,46 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, l
             return stop
     if averager is not None:
         averager.finish()  # every epoch ends with identical parameters: PIP loss and checkpoints see the consensus
+    return 0
+
+
+def dist_kernel_epoch(model, corpus, args, epoch, position, sampler, keep_prob, step, lr_at, stop_signal):
+    """One --async epoch of this rank's shard on the compiled CPU kernel (cpu_kernel); returns
+    the agreed stop signal or 0.
+
+    The kernel trains pair by pair, as one process does, between two averagings. A rank
+    averages after as many centers as --sync-interval torch-engine steps would take
+    (--batch-size / world size / (window + 1) centers a step), so both engines average after
+    the same amount of text. position["step"] counts the stretches between averagings done.
+    """
+    import cpu_kernel
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts, keep_prob,
+                                      data.epoch_rng(args.seed, epoch))  # equal on all ranks
+    ids, local_starts = shard(kept_ids, starts, args.seed, epoch, rank, world_size)
+    centers_per_step = max(1, args.batch_size // world_size // (args.window_size + 1))
+    tokens_per_stretch = centers_per_step * args.sync_interval
+    n_stretches = max(1, math.ceil(math.ceil(len(kept_ids) / world_size) / tokens_per_stretch))
+    in_w, out_w = model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy()
+    threads = cpu_kernel.set_threads(args.num_threads)
+    averager = Averager(model)
+    words_per_stretch = len(corpus) / n_stretches
+    first = position.get("step", 0)
+    for i in range(first, n_stretches):
+        stop = averager.sync_point(stop_signal()) if i > first else 0
+        lo, hi = np.searchsorted(local_starts, [i * tokens_per_stretch, (i + 1) * tokens_per_stretch])
+        token_lo = local_starts[lo] if lo < len(local_starts) else len(ids)
+        token_hi = local_starts[hi] if hi < len(local_starts) else len(ids)
+        lr_first, lr_last = (lr_at(args, (epoch + k / n_stretches) / args.epochs) for k in (i, i + 1))
+        seed = int(data.epoch_rng(args.seed, epoch, 1 + rank, i).integers(1, 2**63))
+        loss_sum, pairs = cpu_kernel.train_sentences(in_w, out_w, ids[token_lo:token_hi],
+                                                     local_starts[lo:hi] - token_lo, args.window_size,
+                                                     args.neg_sample_size, sampler, lr_first, lr_last, seed, threads)
+        step(loss_sum, pairs, words_per_stretch, lr_last, {"step": i + 1})
+        if stop:
+            averager.finish()
+            return stop
+    averager.finish()  # every epoch ends with identical parameters, as dist_epoch's
     return 0
 
 

@@ -81,7 +81,8 @@ def get_parser():
                         f"distinct words, which grow much slower than the batch")
     g.add_argument("--engine", default="auto", choices=["auto", "kernel", "torch"],
                    help="kernel: compiled word2vec-style CPU loop; torch: batched PyTorch steps (GPU, "
-                        "sparse_adam); auto picks kernel for SGD on CPU")
+                        "sparse_adam, --multi-node --sync); auto picks kernel for SGD on CPU, "
+                        "--multi-node --async included")
     g.add_argument("--num-threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
     g.add_argument("--seed", type=int, default=1, help="random seed (runs are reproducible with --num-threads 1)")
     g.add_argument("--device", default="cpu", help="torch device for the torch engine: cpu, cuda, cuda:N")
@@ -369,27 +370,14 @@ def kernel_epoch(model, corpus, args, epoch, position, sampler, keep_prob, step)
         rng = data.epoch_rng(args.seed, epoch, sentence)
         kept_ids, kept_starts = data.subsample(corpus.token_ids[bounds[sentence]:bounds[end]],
                                                starts[sentence:end] - bounds[sentence], keep_prob, rng)
-        kept_bounds = np.append(kept_starts, len(kept_ids)).astype(np.int64)
-        # split the call's sentences into 4 chunks a thread, of about equal token counts
-        targets = np.linspace(0, len(kept_ids), 4 * threads + 1)[1:-1]
-        chunks = np.unique(np.concatenate([[0], np.searchsorted(kept_bounds, targets), [len(kept_starts)]]))
-        loss_out, pairs_out = np.zeros(len(chunks) - 1), np.zeros(len(chunks) - 1, dtype=np.int64)
         lr_first = lr_at(args, (epoch + bounds[sentence] / n_tokens) / args.epochs)
         lr_last = lr_at(args, (epoch + bounds[end] / n_tokens) / args.epochs)
-        if len(kept_ids):
-            try:
-                cpu_kernel.train_chunks(in_w, out_w, kept_ids, kept_bounds, chunks.astype(np.int64), args.window_size,
-                                        args.neg_sample_size, sampler.accept, sampler.alias, lr_first, lr_last,
-                                        int(rng.integers(1, 2**63)), loss_out, pairs_out)
-            except (ZeroDivisionError, SystemError) as err:
-                # numba checks float divisions as Python does, and a NaN weight trips that check:
-                # report it as the NaN loss it is (step() stops the run, naming epoch and step).
-                if not isinstance(err, ZeroDivisionError) and not isinstance(err.__cause__, ZeroDivisionError):
-                    raise
-                loss_out[:] = np.nan
+        loss_sum, pairs = cpu_kernel.train_sentences(in_w, out_w, kept_ids, kept_starts, args.window_size,
+                                                     args.neg_sample_size, sampler, lr_first, lr_last,
+                                                     int(rng.integers(1, 2**63)), threads)
         words_done = bounds[end] - bounds[sentence]
         sentence = end
-        step(float(loss_out.sum()), int(pairs_out.sum()), words_done, lr_last, {"sentence": sentence})
+        step(loss_sum, pairs, words_done, lr_last, {"sentence": sentence})
 
 
 def corpus_words(corpus, kept_done, n_kept):
@@ -664,13 +652,18 @@ def train(args):
             signals.check()
 
         try:
-            if args.engine == "kernel":
-                kernel_epoch(model, corpus, args, epoch, state["position"], sampler, keep_prob, step)
-            elif args.multi_node:
-                stop = distributed.dist_epoch(model, optimizer, corpus, args, epoch, state["position"], window_batches,
-                                              step, lr_at, lambda: signals.received or 0)
+            if args.multi_node:
+                stop_signal = lambda: signals.received or 0  # noqa: E731
+                if args.engine == "kernel":
+                    stop = distributed.dist_kernel_epoch(model, corpus, args, epoch, state["position"], sampler,
+                                                         keep_prob, step, lr_at, stop_signal)
+                else:
+                    stop = distributed.dist_epoch(model, optimizer, corpus, args, epoch, state["position"],
+                                                  window_batches, step, lr_at, stop_signal)
                 if stop:
                     raise StopRequested(stop)
+            elif args.engine == "kernel":
+                kernel_epoch(model, corpus, args, epoch, state["position"], sampler, keep_prob, step)
             elif optimizer is None:
                 window_epoch(model, corpus, args, epoch, state["position"], window_batches, graph_step, step)
             else:

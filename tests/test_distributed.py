@@ -174,13 +174,20 @@ def _epoch_worker(rank, world_size, corpus_file, cache_dir, mode, out_dir):
         def step(loss_sum, pairs, words, lr, position):
             epoch_loss[0] += loss_sum
             epoch_loss[1] += pairs
-        assert distributed.dist_epoch(model, optimizer, corpus, args, epoch, {}, batches, step, trainer.lr_at,
-                                      lambda: 0) == 0
+        if mode == "async-kernel":  # the compiled CPU loop between averagings
+            args.dist_mode, args.num_threads = "async", 1
+            stop = distributed.dist_kernel_epoch(model, corpus, args, epoch, {}, data.NegativeSampler(corpus.counts),
+                                                 data.keep_probabilities(corpus.counts, 0), step, trainer.lr_at,
+                                                 lambda: 0)
+        else:
+            stop = distributed.dist_epoch(model, optimizer, corpus, args, epoch, {}, batches, step, trainer.lr_at,
+                                          lambda: 0)
+        assert stop == 0
         losses.append(float(epoch_loss[0]) / float(epoch_loss[1]))
     torch.save({"model": model.state_dict(), "losses": torch.tensor(losses)}, out_dir / f"rank{rank}.pt")
 
 
-@pytest.mark.parametrize("mode", ["sync", "async", "sync-sparse_adam"])
+@pytest.mark.parametrize("mode", ["sync", "async", "async-kernel", "sync-sparse_adam"])
 def test_distributed_epochs_learn_and_end_with_identical_parameters(tmp_path, mode):
     corpus_file = write_small_corpus(tmp_path / "small.txt", n_sentences=300)
     run_ranks(_epoch_worker, corpus_file, tmp_path / "cache", mode, tmp_path)
@@ -296,7 +303,7 @@ def test_torchrun_launch_async_completes(tmp_path):
     result = subprocess.run(cmd, env=clean_env(), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = torch.load(tmp_path / "runs" / "tr" / "checkpoint.pt", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["args"]["dist_mode"] == "async"
+    assert ckpt["epoch"] == 2 and ckpt["args"]["dist_mode"] == "async" and ckpt["args"]["engine"] == "kernel"
 
 
 def test_a_killed_rank_makes_the_other_exit_within_the_timeout(tmp_path):
@@ -336,6 +343,8 @@ def test_a_rank_that_cannot_connect_fails_within_the_timeout(tmp_path):
     (["--multi-gpu", "--num-gpu", "2"], "2 CUDA device(s) asked for, 0 visible"),
     (["--multi-node", "--backend", "nccl", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "1"], "nccl"),
     (["--async"], "--multi-node"),
+    (["--multi-node", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2", "--engine", "kernel"],
+     "--engine kernel goes with --async"),
 ])
 def test_bad_distributed_flags_are_one_line_exit_2(flags, message, monkeypatch, capsys):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
