@@ -19,6 +19,7 @@ import torch
 CACHE_FORMAT = 2  # bump when the cache layout or the tokeniser changes: old caches rebuild
 READ_BLOCK_BYTES = 8 << 20  # bytes tokenised at a time, so a large corpus never sits in memory as text
 STEPS_PER_DRAW = 32  # WindowBatches users draw this many steps' windows in one go: fewer, larger kernels
+SHUFFLE_BLOCK_TOKENS = 1000  # shuffle_sentence_blocks moves sentences in blocks of about this many tokens
 MAX_SENTENCE_TOKENS = 10_000  # longer "sentences" (text without punctuation) are cut, as gensim does
 
 # A word is a run of letters with apostrophes allowed inside it ("don't", "o'clock").
@@ -507,6 +508,29 @@ def iter_pair_batches(kept_ids, starts, window, batch_size, rng, start_center=0)
         center_ids, context_ids = window_pairs(kept_ids, starts, lo, hi, window, rng)
         if len(center_ids):
             yield center_ids, context_ids, hi
+
+
+def shuffle_sentence_blocks(kept_ids, starts, seed, epoch):
+    """The epoch's tokens with blocks of whole sentences in a random order drawn from (seed, epoch).
+
+    Blocks hold about SHUFFLE_BLOCK_TOKENS tokens (whole sentences, so windows never straddle
+    two places of the text). A corpus of books otherwise runs book by book, and an optimizer
+    with moment estimates (Adam) follows whichever book it read last. Returns (token ids,
+    sentence starts within them).
+    """
+    n = len(kept_ids)
+    if n == 0:
+        return kept_ids, np.zeros(1, dtype=np.int64)
+    block_first = np.unique(np.searchsorted(starts, np.arange(0, n, SHUFFLE_BLOCK_TOKENS)))  # first sentence
+    block_lo = starts[block_first]
+    block_hi = np.append(block_lo[1:], n)
+    order = epoch_rng(seed, epoch, 0x5A4D).permutation(len(block_lo))
+    stream = np.concatenate([kept_ids[block_lo[b]:block_hi[b]] for b in order])
+    new_lo = np.concatenate([[0], np.cumsum((block_hi - block_lo)[order])[:-1]])
+    new_block_lo = np.empty_like(new_lo)
+    new_block_lo[order] = new_lo  # where each original block lands in the stream
+    block_of_sentence = np.searchsorted(block_lo, starts, side="right") - 1
+    return stream, np.sort(starts - block_lo[block_of_sentence] + new_block_lo[block_of_sentence])
 
 
 def epoch_rng(seed, epoch, *stream):

@@ -21,7 +21,6 @@ import torch.distributed as dist
 import data
 
 INIT_SCHEMES = ("tcp://", "file://", "env://")
-SHARD_BLOCK_TOKENS = 1000  # sentences are dealt to ranks in blocks of about this many tokens
 
 
 class DistributedFailure(Exception):
@@ -244,22 +243,13 @@ def shard(kept_ids, starts, seed, epoch, rank, world_size):
     """This rank's part of the (subsampled) epoch: token ids and sentence starts within them.
 
     Blocks of whole sentences are permuted with a seed shared by all ranks (a new order each
-    epoch), the permuted stream is cut into world_size slices of equal token count (+-1), so
-    every rank makes the same number of steps.
+    epoch, data.shuffle_sentence_blocks), the permuted stream is cut into world_size slices of
+    equal token count (+-1), so every rank makes the same number of steps.
     """
     n = len(kept_ids)
     if n == 0:
         return kept_ids, np.zeros(1, dtype=np.int64)
-    block_first = np.unique(np.searchsorted(starts, np.arange(0, n, SHARD_BLOCK_TOKENS)))  # first sentence
-    block_lo = starts[block_first]
-    block_hi = np.append(block_lo[1:], n)
-    order = data.epoch_rng(seed, epoch, 0x5A4D).permutation(len(block_lo))
-    stream = np.concatenate([kept_ids[block_lo[b]:block_hi[b]] for b in order])
-    new_lo = np.concatenate([[0], np.cumsum((block_hi - block_lo)[order])[:-1]])
-    new_block_lo = np.empty_like(new_lo)
-    new_block_lo[order] = new_lo  # where each original block lands in the stream
-    block_of_sentence = np.searchsorted(block_lo, starts, side="right") - 1
-    stream_starts = np.sort(starts - block_lo[block_of_sentence] + new_block_lo[block_of_sentence])
+    stream, stream_starts = data.shuffle_sentence_blocks(kept_ids, starts, seed, epoch)
     lo, hi = n * rank // world_size, n * (rank + 1) // world_size
     mine = stream_starts[(stream_starts >= lo) & (stream_starts < hi)] - lo
     return stream[lo:hi], np.unique(np.concatenate([[0], mine])).astype(np.int64)

@@ -459,9 +459,11 @@ def window_step_graph(model, args):
 
 
 def torch_epoch(model, optimizer, corpus, args, epoch, position, sampler, keep_prob, step):
-    """One epoch of batched autograd steps (SparseAdam, Adam, rnn, --multi-gpu), from center `position`."""
+    """One epoch of batched autograd steps (SparseAdam, Adam, rnn, --multi-gpu), from center `position`,
+    over sentence blocks in a new order each epoch (adaptive optimizers drift with the corpus's order)."""
     rng = data.epoch_rng(args.seed, epoch)
     kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts, keep_prob, rng)
+    kept_ids, starts = data.shuffle_sentence_blocks(kept_ids, starts, args.seed, epoch)
     if "rng" in position:  # mid-epoch resume: continue the same random stream
         rng.bit_generator.state = json.loads(position["rng"])
     n_kept = max(1, len(kept_ids))

@@ -201,6 +201,25 @@ def test_pair_batches_cover_the_epoch_and_resume_mid_way():
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
+def test_sentence_blocks_are_shuffled_whole_reproducibly_and_anew_each_epoch():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 60, 400)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    kept = rng.integers(0, 1000, lengths.sum()).astype(np.uint32)
+
+    def sentences(ids, bounds):
+        ends = np.append(bounds[1:], len(ids))
+        return [tuple(ids[a:b]) for a, b in zip(bounds, ends)]
+    ids, new_starts = data.shuffle_sentence_blocks(kept, starts, 3, 0)
+    assert sorted(sentences(ids, new_starts)) == sorted(sentences(kept, starts))  # every sentence, whole, once
+    assert not np.array_equal(ids, kept)
+    again, again_starts = data.shuffle_sentence_blocks(kept, starts, 3, 0)
+    assert np.array_equal(again, ids) and np.array_equal(again_starts, new_starts)
+    assert not np.array_equal(data.shuffle_sentence_blocks(kept, starts, 3, 1)[0], ids)
+    empty, empty_starts = data.shuffle_sentence_blocks(kept[:0], starts[:0], 3, 0)
+    assert len(empty) == 0 and list(empty_starts) == [0]
+
+
 def test_negatives_follow_unigram_power():
     counts = np.array([500, 200, 100, 50, 20, 10, 5, 1])
     sampler = data.NegativeSampler(counts, 0.75)
