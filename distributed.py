@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import cpu_kernel
 import data
 
 INIT_SCHEMES = ("tcp://", "file://", "env://")
@@ -503,7 +504,6 @@ def dist_kernel_epoch(model, corpus, args, epoch, position, sampler, keep_prob, 
     (--batch-size / world size / (window + 1) centers a step), so both engines average after
     the same amount of text. position["step"] counts the stretches between averagings done.
     """
-    import cpu_kernel
     rank, world_size = dist.get_rank(), dist.get_world_size()
     kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts, keep_prob,
                                       data.epoch_rng(args.seed, epoch))  # equal on all ranks

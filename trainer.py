@@ -19,6 +19,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm
 
+import cpu_kernel
 import data
 import distributed
 import pip_loss
@@ -356,7 +357,6 @@ def kernel_epoch(model, corpus, args, epoch, position, sampler, keep_prob, step)
     subsamples its own sentences with a generator seeded by (seed, epoch, first sentence),
     so memory stays O(call) and a resumed epoch redraws exactly what it would have drawn.
     """
-    import cpu_kernel
     in_w = model.in_embed.weight.data.numpy()
     out_w = model.out_embed.weight.data.numpy()
     starts = corpus.sentence_starts
@@ -540,6 +540,10 @@ def train(args):
     # Only rank 0 of a --multi-node run writes (run folder, TensorBoard, checkpoints, export).
     run_dir = make_run_dir(args) if distributed.is_main() else Path(args.resume or args.log_dir)
     torch.manual_seed(args.seed)
+    # Starting numba's worker pool (the CPU kernel, the PIP loss) sets OpenMP's thread count for
+    # the whole process, torch's included: start it first, then give torch its own count. Two
+    # single-thread ranks on two cores otherwise ran torch on two threads each, at 0.7x speed.
+    cpu_kernel.set_threads(args.num_threads)
     torch.set_num_threads(args.num_threads)
     print(f"run directory: {run_dir}")
     if args.export:  # find out now, not after hours of training, that the vectors cannot be written there
@@ -593,6 +597,9 @@ def train(args):
     pip_monitor = PipMonitor(corpus, args) if args.pip_interval and distributed.is_main() else None
     sampler = data.NegativeSampler(corpus.counts, args.ns_exponent)
     keep_prob = data.keep_probabilities(corpus.counts, args.subsample_th)
+    if args.engine == "kernel":
+        cpu_kernel.warm_up(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), sampler,
+                           args.window_size, args.neg_sample_size, cpu_kernel.set_threads(args.num_threads))
     # batches built on the model's device: sgns by plain SGD on the torch engine, and every --multi-node run
     window_batches = graph_step = None
     if args.engine == "torch" and (optimizer is None or args.multi_node):
