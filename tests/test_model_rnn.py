@@ -1,4 +1,5 @@
 """RNN-SGNS: character vocabulary, the char-LSTM word encoder, unique-word batching, trainer runs."""
+import json
 import signal
 
 import numpy as np
@@ -184,7 +185,7 @@ def test_bad_rnn_flags_exit_2(argv, capsys):
     assert exit_info.value.code == 2
 
 
-def test_trainer_run_checkpoint_rebuilds_the_model(tmp_path):
+def test_trainer_run_checkpoint_rebuilds_the_model(tmp_path, capsys):
     export = tmp_path / "vectors.txt"
     flags = ["--bidirectional", "--num-layer", "2", "--mlp-size", "10", "--dropout", "0.1"]
     assert trainer.main(rnn_args(tmp_path, "--epochs", "2", "--run-name", "r", "--export", str(export), *flags)) == 0
@@ -213,6 +214,15 @@ def test_trainer_run_checkpoint_rebuilds_the_model(tmp_path):
     np.testing.assert_allclose(embed_fn(["buss", "horsey"]), vectors.numpy(), rtol=1e-5, atol=1e-6)
     found = evaluate.neighbors(words, table, ["buss"], topn=3, embed_fn=embed_fn)
     assert len(found["buss"]) == 3
+    # the documented inspection: all-but-the-top applied to the table and the unseen query alike
+    transform = evaluate.all_but_the_top(table, 2)
+    expected = evaluate.neighbors(words, transform(table), ["buss"], topn=3,
+                                  embed_fn=lambda batch: transform(embed_fn(batch)))
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(run_dir), "--remove-top", "2", "--neighbors", "buss", "--topn", "3",
+                          "--no-default-eval", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [w for w, _ in report["neighbors"]["buss"]] == [w for w, _ in expected["buss"]]
 
 
 def test_interrupted_and_resumed_rnn_run_equals_uninterrupted(tmp_path, monkeypatch):
