@@ -76,44 +76,6 @@ def sgd_pair(in_w, out_w, center, context, neg_ids, n_neg, lr, work):
     return loss
 
 
-@njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
-def _train_chunk(in_w, out_w, kept_ids, bounds, chunk_sentences, chunk, window, negative,
-                 accept, alias, lr_first, lr_last, seed):
-    """Chunk `chunk` of train_chunks: its sentences in order, with its own generator; returns (loss, pairs)."""
-    dim = in_w.shape[1]
-    vocab = np.uint64(accept.shape[0])
-    first_token = bounds[chunk_sentences[0]]
-    span = max(1, bounds[chunk_sentences[-1]] - first_token)
-    state = np.uint64(seed) ^ (np.uint64(chunk + 1) * np.uint64(0x9E3779B97F4A7C15))
-    for _ in range(4):  # decorrelate neighbouring seeds
-        state = _lcg(state)
-    work = np.empty(dim, dtype=np.float32)
-    neg_ids = np.empty(negative, dtype=np.int64)
-    loss = 0.0
-    pairs = 0
-    for sentence in range(chunk_sentences[chunk], chunk_sentences[chunk + 1]):
-        lo, hi = bounds[sentence], bounds[sentence + 1]
-        for pos in range(lo, hi):
-            lr = lr_first + (lr_last - lr_first) * (pos - first_token) / span
-            state = _lcg(state)
-            reach = 1 + np.int64((state >> np.uint64(16)) % np.uint64(window))
-            word = np.int64(kept_ids[pos])
-            n_neg = 0
-            for _ in range(negative):
-                state = _lcg(state)
-                slot = (state >> np.uint64(16)) % vocab
-                state = _lcg(state)
-                neg = np.int64(slot) if _uniform(state) < accept[slot] else alias[slot]
-                if neg != word:  # as word2vec: a negative equal to the target is skipped
-                    neg_ids[n_neg] = neg
-                    n_neg += 1
-            for ctx_pos in range(max(lo, pos - reach), min(hi, pos + reach + 1)):
-                if ctx_pos != pos:
-                    loss += sgd_pair(in_w, out_w, np.int64(kept_ids[ctx_pos]), word, neg_ids, n_neg, lr, work)
-                    pairs += 1
-    return loss, pairs
-
-
 @njit(parallel=True, fastmath=True, nogil=True, cache=True, error_model="numpy")
 def train_chunks(in_w, out_w, kept_ids, bounds, chunk_sentences, window, negative,
                  accept, alias, lr_first, lr_last, seed, loss_out, pairs_out):
@@ -125,21 +87,40 @@ def train_chunks(in_w, out_w, kept_ids, bounds, chunk_sentences, window, negativ
     lr_last at the last. Negatives come from the alias table (accept, alias).
     Per-chunk loss sums and pair counts go to loss_out, pairs_out.
     """
+    dim = in_w.shape[1]
+    vocab = np.uint64(accept.shape[0])
+    first_token = bounds[chunk_sentences[0]]
+    span = max(1, bounds[chunk_sentences[-1]] - first_token)
     for chunk in prange(len(chunk_sentences) - 1):
-        loss_out[chunk], pairs_out[chunk] = _train_chunk(in_w, out_w, kept_ids, bounds, chunk_sentences, chunk,
-                                                         window, negative, accept, alias, lr_first, lr_last, seed)
-
-
-@njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
-def train_chunks_serial(in_w, out_w, kept_ids, bounds, chunk_sentences, window, negative,
-                        accept, alias, lr_first, lr_last, seed, loss_out, pairs_out):
-    """train_chunks on the calling thread alone, chunk after chunk (the same result as one thread).
-
-    numba's parallel pool starts a worker per core and, under OpenMP, workers left without
-    work spin: two single-thread ranks on a 2-core machine ran at 0.6x of their speed."""
-    for chunk in range(len(chunk_sentences) - 1):
-        loss_out[chunk], pairs_out[chunk] = _train_chunk(in_w, out_w, kept_ids, bounds, chunk_sentences, chunk,
-                                                         window, negative, accept, alias, lr_first, lr_last, seed)
+        state = np.uint64(seed) ^ (np.uint64(chunk + 1) * np.uint64(0x9E3779B97F4A7C15))
+        for _ in range(4):  # decorrelate neighbouring seeds
+            state = _lcg(state)
+        work = np.empty(dim, dtype=np.float32)
+        neg_ids = np.empty(negative, dtype=np.int64)
+        loss = 0.0
+        pairs = 0
+        for sentence in range(chunk_sentences[chunk], chunk_sentences[chunk + 1]):
+            lo, hi = bounds[sentence], bounds[sentence + 1]
+            for pos in range(lo, hi):
+                lr = lr_first + (lr_last - lr_first) * (pos - first_token) / span
+                state = _lcg(state)
+                reach = 1 + np.int64((state >> np.uint64(16)) % np.uint64(window))
+                word = np.int64(kept_ids[pos])
+                n_neg = 0
+                for _ in range(negative):
+                    state = _lcg(state)
+                    slot = (state >> np.uint64(16)) % vocab
+                    state = _lcg(state)
+                    neg = np.int64(slot) if _uniform(state) < accept[slot] else alias[slot]
+                    if neg != word:  # as word2vec: a negative equal to the target is skipped
+                        neg_ids[n_neg] = neg
+                        n_neg += 1
+                for ctx_pos in range(max(lo, pos - reach), min(hi, pos + reach + 1)):
+                    if ctx_pos != pos:
+                        loss += sgd_pair(in_w, out_w, np.int64(kept_ids[ctx_pos]), word, neg_ids, n_neg, lr, work)
+                        pairs += 1
+        loss_out[chunk] = loss
+        pairs_out[chunk] = pairs
 
 
 def set_threads(num_threads):
@@ -163,9 +144,8 @@ def train_sentences(in_w, out_w, kept_ids, kept_starts, window, negative, sample
     chunks = np.unique(np.concatenate([[0], np.searchsorted(bounds, targets), [len(kept_starts)]]))
     loss_out, pairs_out = np.zeros(len(chunks) - 1), np.zeros(len(chunks) - 1, dtype=np.int64)
     try:
-        (train_chunks if threads > 1 else train_chunks_serial)(
-            in_w, out_w, kept_ids, bounds, chunks.astype(np.int64), window, negative,
-            sampler.accept, sampler.alias, lr_first, lr_last, seed, loss_out, pairs_out)
+        train_chunks(in_w, out_w, kept_ids, bounds, chunks.astype(np.int64), window, negative,
+                     sampler.accept, sampler.alias, lr_first, lr_last, seed, loss_out, pairs_out)
     except (ZeroDivisionError, SystemError) as err:
         if not isinstance(err, ZeroDivisionError) and not isinstance(err.__cause__, ZeroDivisionError):
             raise
