@@ -231,6 +231,34 @@ def test_a_stopped_and_resumed_distributed_epoch_equals_an_uninterrupted_one(tmp
             torch.testing.assert_close(result["resumed"][key], expected, atol=1e-6, rtol=1e-6)
 
 
+def _kernel_stop_worker(rank, world_size, corpus_file, cache_dir, out_dir):
+    corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
+    args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
+                              dist_mode="async", sync_interval=2, optimizer="sgd", lr=0.025, num_threads=1)
+    torch.manual_seed(1)
+    model = SGNS(len(corpus.words), 16)
+    state = {"steps": 0, "position": {}}
+
+    def step(loss_sum, pairs, words, lr, position):
+        state["steps"] += 1
+        state["position"] = position
+    # only rank 0 is asked to stop (after its 3rd stretch): both must stop at the same place
+    stop_signal = lambda: 15 if rank == 0 and state["steps"] >= 3 else 0  # noqa: E731
+    stop = distributed.dist_kernel_epoch(model, corpus, args, 0, {}, data.NegativeSampler(corpus.counts),
+                                         data.keep_probabilities(corpus.counts, 0), step, trainer.lr_at, stop_signal)
+    torch.save({"stop": stop, "position": state["position"], "model": model.state_dict()}, out_dir / f"rank{rank}.pt")
+
+
+def test_an_async_kernel_epoch_stops_on_all_ranks_at_the_same_stretch_with_equal_parameters(tmp_path):
+    corpus_file = write_small_corpus(tmp_path / "small.txt", n_sentences=300)
+    run_ranks(_kernel_stop_worker, corpus_file, tmp_path / "cache", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["stop"] == ranks[1]["stop"] == 15
+    assert ranks[0]["position"] == ranks[1]["position"] and ranks[0]["position"]["step"] < 20
+    for key in ranks[0]["model"]:
+        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key])
+
+
 def test_shards_cover_the_epoch_once_in_equal_parts_and_change_each_epoch():
     rng = np.random.default_rng(0)
     starts = np.unique(np.concatenate([[0], rng.integers(1, 5000, 600)]))
