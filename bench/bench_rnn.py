@@ -131,7 +131,10 @@ def plural_pairs(words, counts, n=5):
     """The n most frequent plurals (word + 's', not -ss/-us/-is, not a function word such as
     'does') whose singular is frequent too."""
     from nltk.corpus import stopwords
-    function_words = set(stopwords.words("english"))
+    try:
+        function_words = set(stopwords.words("english"))
+    except LookupError:
+        sys.exit("bench_rnn.py needs NLTK's stopwords: set NLTK_DATA=../shared/nltk_data (or nltk.download('stopwords'))")
     index = {w: i for i, w in enumerate(words)}
     pairs = []
     for i, word in enumerate(words):  # by descending count

@@ -198,6 +198,17 @@ def test_distributed_epochs_learn_and_end_with_identical_parameters(tmp_path, mo
     assert losses[-1] < losses[0] - 0.1, losses
 
 
+class StepRecorder:
+    """The `step` callback of an epoch function: counts steps and keeps the last position."""
+
+    def __init__(self):
+        self.steps, self.position = 0, {}
+
+    def __call__(self, loss_sum, pairs, words, lr, position):
+        self.steps += 1
+        self.position = position
+
+
 def _resume_worker(rank, world_size, corpus_file, cache_dir, out_dir):
     corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
     args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
@@ -208,15 +219,11 @@ def _resume_worker(rank, world_size, corpus_file, cache_dir, out_dir):
     for stop_at in (None, 37):  # 37: in the middle of the second draw of steps
         torch.manual_seed(1)
         model = SGNS(len(corpus.words), 16)
-        state = {"steps": 0, "position": {}}
-
-        def step(loss_sum, pairs, words, lr, position):
-            state["steps"] += 1
-            state["position"] = position
-        stop_signal = lambda: 2 if stop_at is not None and state["steps"] >= stop_at else 0  # noqa: E731
+        step = StepRecorder()
+        stop_signal = lambda: 2 if stop_at is not None and step.steps >= stop_at else 0  # noqa: E731
         if distributed.dist_epoch(model, None, corpus, args, 0, {}, batches, step, trainer.lr_at, stop_signal):
-            assert state["position"] == {"step": stop_at + 1}  # the agreed step is made, then the ranks stop
-            assert distributed.dist_epoch(model, None, corpus, args, 0, state["position"], batches, step,
+            assert step.position == {"step": stop_at + 1}  # the agreed step is made, then the ranks stop
+            assert distributed.dist_epoch(model, None, corpus, args, 0, step.position, batches, step,
                                           trainer.lr_at, lambda: 0) == 0
         models.append(model.state_dict())
     torch.save({"straight": models[0], "resumed": models[1]}, out_dir / f"rank{rank}.pt")
@@ -237,16 +244,12 @@ def _kernel_stop_worker(rank, world_size, corpus_file, cache_dir, out_dir):
                               dist_mode="async", sync_interval=2, optimizer="sgd", lr=0.025, num_threads=1)
     torch.manual_seed(1)
     model = SGNS(len(corpus.words), 16)
-    state = {"steps": 0, "position": {}}
-
-    def step(loss_sum, pairs, words, lr, position):
-        state["steps"] += 1
-        state["position"] = position
+    step = StepRecorder()
     # only rank 0 is asked to stop (after its 3rd stretch): both must stop at the same place
-    stop_signal = lambda: 15 if rank == 0 and state["steps"] >= 3 else 0  # noqa: E731
+    stop_signal = lambda: 15 if rank == 0 and step.steps >= 3 else 0  # noqa: E731
     stop = distributed.dist_kernel_epoch(model, corpus, args, 0, {}, data.NegativeSampler(corpus.counts),
                                          data.keep_probabilities(corpus.counts, 0), step, trainer.lr_at, stop_signal)
-    torch.save({"stop": stop, "position": state["position"], "model": model.state_dict()}, out_dir / f"rank{rank}.pt")
+    torch.save({"stop": stop, "position": step.position, "model": model.state_dict()}, out_dir / f"rank{rank}.pt")
 
 
 def test_an_async_kernel_epoch_stops_on_all_ranks_at_the_same_stretch_with_equal_parameters(tmp_path):
