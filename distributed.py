@@ -384,58 +384,75 @@ def sync_gradients(model, n_local, stop_signal=0):
 
 
 class Averager:
-    """--async: parameters averaged over ranks by a non-blocking all-reduce, applied one interval later.
+    """--async: the ranks' updates averaged by a non-blocking all-reduce, applied one interval later.
 
-    At sync point k each rank snapshots its parameters (plus its stop signal) and starts an
-    all-reduce of the snapshot in the background, then keeps training. At sync point k+1 it
-    waits for that all-reduce (long done, normally), divides by the world size only then,
-    and moves to average_k + (its own progress since snapshot k). So a rank's parameters
-    never miss the others' updates by more than 2 intervals, and the average it applies is
-    at most one interval old. The whole tables are averaged (not only touched rows).
+    All ranks share a consensus copy of the parameters. At sync point k each rank sends what
+    it changed since sync point k-1 (with a flag per row: did it change the row; and its stop
+    signal) in a background all-reduce and keeps training. At sync point k+1 it waits for
+    that all-reduce (normally long done) and moves the consensus by each row's mean update
+    over the ranks that changed the row: a row only one rank touched (a rare word's vector)
+    keeps that rank's whole update, where a plain average would keep 1/world-size of it. Its
+    own parameters become the new consensus plus its progress since sync point k. So a rank
+    never misses another's updates by more than 2 intervals, and what it applies is at most
+    one interval old.
     """
 
     def __init__(self, model):
-        self.params = [p for p in model.parameters()]
-        self.snapshot = self.pending = self.work = None
+        self.params = list(model.parameters())  # equal on all ranks here: every epoch starts from a consensus
+        self.rows = [p.shape[0] if p.dim() else 1 for p in self.params]
+        n = sum(p.numel() for p in self.params)
+        self.consensus = torch.cat([p.data.reshape(-1) for p in self.params])
+        self.sent_from = self.consensus.clone()  # this rank's parameters when it last sent its updates
+        self.buffer = self.consensus.new_empty(n + sum(self.rows) + 1)  # updates | rows changed | stop signal
+        self.work = None
         self.sent = 0
 
-    def _flat(self):
-        return torch.cat([p.data.reshape(-1) for p in self.params])
+    def _slices(self):
+        """Each parameter with its slice of the flat copies and its slice of the changed-row flags."""
+        offset, flag_offset = 0, self.consensus.numel()
+        for p, rows in zip(self.params, self.rows):
+            yield p, slice(offset, offset + p.numel()), slice(flag_offset, flag_offset + rows)
+            offset, flag_offset = offset + p.numel(), flag_offset + rows
 
-    def _apply(self, average):
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            p.data.add_((average[offset:offset + n] - self.snapshot[offset:offset + n]).view_as(p))
-            offset += n
+    def _send(self, stop_signal):
+        """Start the all-reduce of this rank's updates since it last sent; rebase it on the consensus."""
+        for p, flat, flags in self._slices():
+            values, updates = p.data.reshape(-1), self.buffer[flat]
+            torch.sub(values, self.sent_from[flat], out=updates)
+            torch.add(self.consensus[flat], updates, out=values)  # exact for untouched rows: their update is 0
+            self.sent_from[flat] = values
+            by_row = updates.view(flags.stop - flags.start, -1)
+            self.buffer[flags] = (by_row.amax(dim=1) != 0) | (by_row.amin(dim=1) != 0)  # 9x faster than any()
+        self.buffer[-1] = float(stop_signal)
+        self.sent = stop_signal
+        self.work = dist.all_reduce(self.buffer, async_op=True)
+
+    def _receive(self):
+        """Wait for the all-reduce; move the consensus by each row's mean update over the ranks that changed it."""
+        self.work.wait()
+        self.work = None
+        for _, flat, flags in self._slices():
+            updates = self.buffer[flat].view(flags.stop - flags.start, -1)
+            updates /= self.buffer[flags].clamp(min=1.0).unsqueeze(1)
+            self.consensus[flat] += self.buffer[flat]
+        return self.buffer[-1] > 0  # a sum of signals: tells that some rank was asked to stop, not which
 
     def sync_point(self, stop_signal):
-        """Finish the previous averaging, start the next; returns the stop signal agreed at the previous one."""
+        """Apply the previous all-reduce, start the next; returns the stop signal agreed at the previous one."""
         agreed = 0
-        if self.work is not None:
-            self.work.wait()
-            if self.pending[-1] > 0:  # a sum of signals: tells that some rank was asked to stop, not which signal
-                agreed = self.sent or int(signal.SIGTERM)
-            self._apply(self.pending[:-1] / dist.get_world_size())
-        self.snapshot = self._flat()
-        self.sent = stop_signal
-        self.pending = torch.cat([self.snapshot, self.snapshot.new_tensor([float(stop_signal)])])
-        self.work = dist.all_reduce(self.pending, async_op=True)
+        if self.work is not None and self._receive():
+            agreed = self.sent or int(signal.SIGTERM)
+        self._send(stop_signal)
         return agreed
 
     def finish(self):
-        """Blocking: apply what is pending, then average once more so all ranks hold the same parameters."""
+        """Blocking: apply what is pending, exchange the rest, and set every rank to the same consensus."""
         if self.work is not None:
-            self.work.wait()
-            self._apply(self.pending[:-1] / dist.get_world_size())
-            self.work = None
-        total = self._flat()
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
-        offset = 0
-        for p in self.params:  # a copy, not an update: bit-identical on every rank
-            p.data.copy_(total[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+            self._receive()
+        self._send(0)
+        self._receive()
+        for p, flat, _ in self._slices():  # a copy, not an update: bit-identical on every rank
+            p.data.copy_(self.consensus[flat].view_as(p))
 
 
 # ---------------------------------------------------------------------------------------------
