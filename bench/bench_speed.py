@@ -61,8 +61,8 @@ print(json.dumps({{"train_seconds": seconds, "tokens": int(len(corpus.token_ids)
 """
 
 
-def quality(vectors_file):
-    words, vectors = evaluate.load_vectors(vectors_file)
+def quality(words, vectors):
+    """WS353, SimLex and MEN Spearman rho and Google analogy accuracy of the vectors."""
     row = {}
     for name, file in (("WS353", "wordsim353.tsv"), ("SimLex", "simlex999.tsv"), ("MEN", "men3000.tsv")):
         row[name] = evaluate.similarity(words, vectors, evaluate.load_pairs(EVAL / file))["spearman"]
@@ -78,14 +78,15 @@ def compare(args, dim, neg, tmp):
         out=str(gensim_out))])
     info = json.loads(out.strip().splitlines()[-1])
     gensim = {"seconds": info["train_seconds"], "wall": wall, "rss": rss,
-              "words/s": n_tokens * 5 / info["train_seconds"], **quality(gensim_out)}
+              "words/s": n_tokens * 5 / info["train_seconds"], **quality(*evaluate.load_vectors(gensim_out))}
 
     ours_out = tmp / f"ours-{dim}.txt"
     wall, rss, _ = run_child([sys.executable, str(ROOT / "trainer.py"), "--dataset", args.dataset, "--cache-dir",
                               args.cache_dir, "--embed-size", str(dim), "--neg-sample-size", str(neg), "--epochs", "5",
                               "--num-threads", str(args.threads), "--pip-interval", "0", "--quiet",
                               "--log-dir", str(tmp / "runs"), "--export", str(ours_out)])
-    ours = {"seconds": wall, "wall": wall, "rss": rss, "words/s": n_tokens * 5 / wall, **quality(ours_out)}
+    ours = {"seconds": wall, "wall": wall, "rss": rss, "words/s": n_tokens * 5 / wall,
+            **quality(*evaluate.load_vectors(ours_out))}
     return gensim, ours
 
 

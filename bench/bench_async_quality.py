@@ -1,0 +1,79 @@
+"""What --async costs in quality: one process against 2 and 4 --async ranks, same corpus and epochs.
+
+    NLTK_DATA=../shared/nltk_data python bench/bench_async_quality.py               # ~4 min on 2 idle cores
+    python bench/bench_async_quality.py --trainer ../old-checkout/trainer.py        # another version's trainer
+
+Every run is `trainer.py` on the whole shared Gutenberg corpus (d=100, 3 epochs, default batch and
+--sync-interval, one thread per process, the default engine: the compiled kernel), the ranks
+joined over Gloo on 127.0.0.1. For each: words/s of the last epoch, and WordSim353, SimLex-999,
+MEN and Google analogy scores of the final vectors. Runs of more ranks than cores time-share the
+cores: their words/s says nothing about speed, only their quality counts.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from bench_distributed import free_port
+from bench_speed import quality
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import evaluate  # noqa: E402
+
+
+def train(trainer, ranks, args, run_dir):
+    """trainer.py with `ranks` processes (1: no --multi-node); returns the run's last epoch words/s."""
+    common = [sys.executable, str(trainer), "--dataset", str(args.dataset), "--cache-dir", str(args.cache_dir),
+              "--log-dir", str(run_dir.parent), "--run-name", run_dir.name, "--epochs", str(args.epochs),
+              "--embed-size", str(args.dim), "--num-threads", "1", "--pip-interval", "0", "--quiet",
+              "--seed", "1", "--projector-words", "100"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    commands = [common]
+    if ranks > 1:
+        init = f"tcp://127.0.0.1:{free_port()}"
+        commands = [common + ["--multi-node", "--async", "--init-method", init, "--rank", str(r),
+                              "--world-size", str(ranks), "--dist-timeout", "600"] for r in range(ranks)]
+    running = [subprocess.Popen(c, env=env, cwd=trainer.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for c in commands]
+    outputs = [p.communicate()[0] for p in running]
+    if any(p.returncode for p in running):
+        sys.exit(f"{run_dir.name} failed:\n" + "\n".join(o[-2000:] for o in outputs))
+    history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
+    return history["Words per second"][-1][1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "corpora" / "gutenberg",
+                   help="corpus folder or file")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache", help="corpus cache of the trainer")
+    p.add_argument("--trainer", type=Path, default=ROOT / "trainer.py", help="the trainer.py to measure")
+    p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="process counts (1: one plain process)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of every run")
+    p.add_argument("--dim", type=int, default=100, help="embedding size")
+    args = p.parse_args()
+    trainer = args.trainer.resolve()
+    print(f"{trainer}; corpus {args.dataset}; d={args.dim}, {args.epochs} epochs, one thread per process, "
+          f"{os.cpu_count()} CPU cores")
+    print("\n| processes | words/s (last epoch) | WS353 | SimLex | MEN | analogy |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
+        for ranks in args.ranks:
+            run_dir = Path(tmp) / f"ranks{ranks}"
+            words_per_s = train(trainer, ranks, args, run_dir)
+            words, vectors, _, _ = evaluate.load_checkpoint(run_dir)
+            scores = quality(words, vectors)
+            label = "1" if ranks == 1 else f"{ranks} async"
+            print(f"| {label} | {words_per_s:,.0f} | {scores['WS353']:.3f} | {scores['SimLex']:.3f} | "
+                  f"{scores['MEN']:.3f} | {scores['analogy']:.1%} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
