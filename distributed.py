@@ -383,18 +383,31 @@ def sync_gradients(model, n_local, stop_signal=0):
     return int(n_global), int(header[:, 1].max())
 
 
+# In a simple model of one row (each rank's interval closes a fraction a of its gap to the row's
+# target; the consensus hears of it one exchange later) the gap follows z^2 - (1 + m) z + (m + a) = 0
+# from exchange to exchange, m the block momentum: it shrinks while m + a < 1. BMUF's usual
+# m = 1 - 1/world size diverged here with 8 ranks (7/8); capped at 1/2, its value for 2 ranks,
+# every world size keeps the margin that 2 ranks have.
+MAX_BLOCK_MOMENTUM = 0.5
+
+
 class Averager:
-    """--async: the ranks' updates averaged by a non-blocking all-reduce, applied one interval later.
+    """--async: local SGD whose exchanges run in a non-blocking all-reduce, applied one interval later.
 
     All ranks share a consensus copy of the parameters. At sync point k each rank sends what
     it changed since sync point k-1 (with a flag per row: did it change the row; and its stop
     signal) in a background all-reduce and keeps training. At sync point k+1 it waits for
-    that all-reduce (normally long done) and moves the consensus by each row's mean update
-    over the ranks that changed the row: a row only one rank touched (a rare word's vector)
-    keeps that rank's whole update, where a plain average would keep 1/world-size of it. Its
-    own parameters become the new consensus plus its progress since sync point k. So a rank
-    never misses another's updates by more than 2 intervals, and what it applies is at most
-    one interval old.
+    that all-reduce (normally long done) and moves the consensus by
+        momentum = m * momentum + (each row's mean change over the ranks that changed it)
+    and its own parameters become the new consensus plus its progress since sync point k. So a
+    rank never misses another's updates by more than 2 intervals, and what it applies is at
+    most one interval old.
+
+    A plain average of the ranks' parameters keeps 1/world-size of what each rank learnt: with
+    2 ranks, every change made on half the text is halved. The row-wise mean gives a row that
+    one rank alone changed (a rare word's vector) that rank's whole change; the block momentum
+    (Chen & Huo 2016, "BMUF") gives back, over the next exchanges, the progress that averaging
+    takes from rows all ranks changed (bench/RESULTS.md: 2 ranks then match one process).
     """
 
     def __init__(self, model):
@@ -402,8 +415,10 @@ class Averager:
         self.rows = [p.shape[0] if p.dim() else 1 for p in self.params]
         n = sum(p.numel() for p in self.params)
         self.consensus = torch.cat([p.data.reshape(-1) for p in self.params])
-        self.sent_from = self.consensus.clone()  # this rank's parameters when it last sent its updates
-        self.buffer = self.consensus.new_empty(n + sum(self.rows) + 1)  # updates | rows changed | stop signal
+        self.sent_from = self.consensus.clone()  # this rank's parameters when it last sent its changes
+        self.buffer = self.consensus.new_empty(n + sum(self.rows) + 1)  # changes | rows changed | stop signal
+        self.momentum = torch.zeros_like(self.consensus)  # each epoch (and each resumed one) starts without
+        self.block_momentum = min(1.0 - 1.0 / dist.get_world_size(), MAX_BLOCK_MOMENTUM)  # 0 for one rank
         self.work = None
         self.sent = 0
 
@@ -415,26 +430,28 @@ class Averager:
             offset, flag_offset = offset + p.numel(), flag_offset + rows
 
     def _send(self, stop_signal):
-        """Start the all-reduce of this rank's updates since it last sent; rebase it on the consensus."""
+        """Start the all-reduce of this rank's changes since it last sent; rebase it on the consensus."""
         for p, flat, flags in self._slices():
-            values, updates = p.data.reshape(-1), self.buffer[flat]
-            torch.sub(values, self.sent_from[flat], out=updates)
-            torch.add(self.consensus[flat], updates, out=values)  # exact for untouched rows: their update is 0
+            values, changes = p.data.reshape(-1), self.buffer[flat]
+            torch.sub(values, self.sent_from[flat], out=changes)
+            torch.add(self.consensus[flat], changes, out=values)  # exact for untouched rows: their change is 0
             self.sent_from[flat] = values
-            by_row = updates.view(flags.stop - flags.start, -1)
+            by_row = changes.view(flags.stop - flags.start, -1)
             self.buffer[flags] = (by_row.amax(dim=1) != 0) | (by_row.amin(dim=1) != 0)  # 9x faster than any()
         self.buffer[-1] = float(stop_signal)
         self.sent = stop_signal
         self.work = dist.all_reduce(self.buffer, async_op=True)
 
     def _receive(self):
-        """Wait for the all-reduce; move the consensus by each row's mean update over the ranks that changed it."""
+        """Wait for the all-reduce and move the consensus by the block momentum; True if some rank must stop."""
         self.work.wait()
         self.work = None
         for _, flat, flags in self._slices():
-            updates = self.buffer[flat].view(flags.stop - flags.start, -1)
-            updates /= self.buffer[flags].clamp(min=1.0).unsqueeze(1)
-            self.consensus[flat] += self.buffer[flat]
+            changes = self.buffer[flat].view(flags.stop - flags.start, -1)
+            changes /= self.buffer[flags].clamp(min=1.0).unsqueeze(1)  # each row's mean over the ranks that changed it
+            self.momentum[flat] *= self.block_momentum
+            self.momentum[flat] += self.buffer[flat]
+            self.consensus[flat] += self.momentum[flat]
         return self.buffer[-1] > 0  # a sum of signals: tells that some rank was asked to stop, not which
 
     def sync_point(self, stop_signal):

@@ -153,31 +153,34 @@ def mean_over_changing_ranks(updates):
 
 
 def averaged_reference(world_size=2):
-    """The --async protocol, written plainly: every 2 steps each rank sends its updates since it
+    """The --async protocol, written plainly: every 2 steps each rank sends its changes since it
     last sent and takes the consensus plus its own progress; a sent round reaches the consensus
-    one sync point later; the end adds the pending and the last round. Returns the final
-    parameters and how many rows only one rank changed in some round."""
+    one sync point later, through the block momentum; the end adds the pending and the last
+    round. Returns the final parameters and how many rows only one rank changed in some round."""
     models = [start_model() for _ in range(world_size)]
     consensus = {k: v.clone() for k, v in models[0].state_dict().items()}
+    momentum = {k: torch.zeros_like(v) for k, v in consensus.items()}
+    block_momentum = min(1 - 1 / world_size, distributed.MAX_BLOCK_MOMENTUM)
     sent_from = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     data = [list(hand_made_windows(7, 6, seed=10 + r)) for r in range(world_size)]
     pending, lone_rows = None, 0
 
     def send():
-        updates = []
+        changes = []
         for m, sent in zip(models, sent_from):
             mine = {k: v - sent[k] for k, v in m.state_dict().items()}
             for k, v in m.state_dict().items():
                 v.copy_(consensus[k] + mine[k])
                 sent[k] = v.clone()
-            updates.append(mine)
-        return updates
+            changes.append(mine)
+        return changes
 
-    def receive(updates):
+    def receive(changes):
         nonlocal lone_rows
         for k in consensus:
-            consensus[k] += mean_over_changing_ranks([u[k] for u in updates])
-            lone_rows += int(sum(u[k].any(dim=1) for u in updates).eq(1).sum())
+            momentum[k] = block_momentum * momentum[k] + mean_over_changing_ranks([c[k] for c in changes])
+            consensus[k] += momentum[k]
+            lone_rows += int(sum(c[k].any(dim=1) for c in changes).eq(1).sum())
 
     for i in range(7):
         if i and i % 2 == 0:
@@ -191,11 +194,11 @@ def averaged_reference(world_size=2):
     return consensus, lone_rows
 
 
-def test_async_averaging_moves_each_row_by_the_mean_update_of_the_ranks_that_changed_it(tmp_path):
-    """After finish() every rank holds what the plainly written protocol gives: each round, a row
-    moves by the mean update over the ranks that changed it (a row one rank alone changed keeps
-    that rank's whole update), applied one sync point later. And a stop signal raised at one sync
-    point is agreed by all ranks at the next."""
+def test_async_exchange_moves_rows_by_the_momentum_of_the_mean_change_of_the_ranks_that_changed_them(tmp_path):
+    """After finish() every rank holds what the plainly written protocol gives: each round, a row's
+    mean change over the ranks that changed it (a row one rank alone changed keeps that rank's
+    whole change) feeds the block momentum, applied one sync point later. And a stop signal
+    raised at one sync point is agreed by all ranks at the next."""
     run_ranks(_averager_worker, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     expected, lone_rows = averaged_reference()
