@@ -59,10 +59,14 @@ def add_arguments(parser):
     mode.add_argument("--sync", dest="dist_mode", action="store_const", const="sync", default="sync",
                       help="every step sums all ranks' gradients: ranks hold identical parameters (default)")
     mode.add_argument("--async", dest="dist_mode", action="store_const", const="async",
-                      help="local SGD; parameters averaged in the background every --sync-interval steps")
+                      help="local SGD; the ranks' changes averaged in the background every --sync-interval steps")
     g.add_argument("--sync-interval", type=int, default=50,
                    help="steps between two averagings in --async mode (the CPU kernel averages after as many "
                         "centers as that many steps of --batch-size pairs hold)")
+    g.add_argument("--block-momentum", type=float, default=0.0,
+                   help="--async: momentum of the averaged changes, in [0, 1) (BMUF). 0.5 gives back what "
+                        "averaging takes from 2 ranks: better word similarity, higher PIP loss (README); "
+                        "7/8 diverged with 8 ranks")
     g.add_argument("--dist-timeout", type=float, default=120.0,
                    help="seconds a rank waits for the others (connecting, each collective) before failing")
 
@@ -73,6 +77,10 @@ def check_arguments(parser, args):
     WORLD = None
     if args.sync_interval <= 0 or not args.dist_timeout > 0:
         parser.error("--sync-interval and --dist-timeout must be positive")
+    if not 0 <= args.block_momentum < 1:
+        parser.error(f"--block-momentum {args.block_momentum}: must be in [0, 1)")
+    if args.block_momentum and args.dist_mode != "async":
+        parser.error("--block-momentum goes with --multi-node --async")
     if args.multi_gpu and args.multi_node:
         parser.error("--multi-gpu and --multi-node exclude each other: for several GPUs with torch.distributed, "
                      "run one --multi-node process per GPU (torchrun --nproc-per-node N)")
@@ -383,14 +391,6 @@ def sync_gradients(model, n_local, stop_signal=0):
     return int(n_global), int(header[:, 1].max())
 
 
-# In a simple model of one row (each rank's interval closes a fraction a of its gap to the row's
-# target; the consensus hears of it one exchange later) the gap follows z^2 - (1 + m) z + (m + a) = 0
-# from exchange to exchange, m the block momentum: it shrinks while m + a < 1. BMUF's usual
-# m = 1 - 1/world size diverged here with 8 ranks (7/8); capped at 1/2, its value for 2 ranks,
-# every world size keeps the margin that 2 ranks have.
-MAX_BLOCK_MOMENTUM = 0.5
-
-
 class Averager:
     """--async: local SGD whose exchanges run in a non-blocking all-reduce, applied one interval later.
 
@@ -398,27 +398,30 @@ class Averager:
     it changed since sync point k-1 (with a flag per row: did it change the row; and its stop
     signal) in a background all-reduce and keeps training. At sync point k+1 it waits for
     that all-reduce (normally long done) and moves the consensus by
-        momentum = m * momentum + (each row's mean change over the ranks that changed it)
+        momentum = block_momentum * momentum + (each row's mean change over the ranks that changed it)
     and its own parameters become the new consensus plus its progress since sync point k. So a
     rank never misses another's updates by more than 2 intervals, and what it applies is at
     most one interval old.
 
     A plain average of the ranks' parameters keeps 1/world-size of what each rank learnt: with
     2 ranks, every change made on half the text is halved. The row-wise mean gives a row that
-    one rank alone changed (a rare word's vector) that rank's whole change; the block momentum
-    (Chen & Huo 2016, "BMUF") gives back, over the next exchanges, the progress that averaging
-    takes from rows all ranks changed (bench/RESULTS.md: 2 ranks then match one process).
+    one rank alone changed (a rare word's vector) that rank's whole change. The block momentum
+    (Chen & Huo 2016, "BMUF"; --block-momentum, default 0) gives back, over the next exchanges,
+    what averaging takes from the rows all ranks changed. In a simple model of one row (each
+    rank's interval closes a fraction a of its gap to the row's target; the consensus hears of
+    it one exchange later) the gap follows z^2 - (1 + m) z + (m + a) = 0 from exchange to
+    exchange: it shrinks while m + a < 1, so a large momentum diverges (bench/RESULTS.md).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, block_momentum=0.0):
         self.params = list(model.parameters())  # equal on all ranks here: every epoch starts from a consensus
         self.rows = [p.shape[0] if p.dim() else 1 for p in self.params]
         n = sum(p.numel() for p in self.params)
         self.consensus = torch.cat([p.data.reshape(-1) for p in self.params])
         self.sent_from = self.consensus.clone()  # this rank's parameters when it last sent its changes
         self.buffer = self.consensus.new_empty(n + sum(self.rows) + 1)  # changes | rows changed | stop signal
-        self.momentum = torch.zeros_like(self.consensus)  # each epoch (and each resumed one) starts without
-        self.block_momentum = min(1.0 - 1.0 / dist.get_world_size(), MAX_BLOCK_MOMENTUM)  # 0 for one rank
+        self.block_momentum = block_momentum  # each epoch (and each resumed one) starts without momentum
+        self.momentum = torch.zeros_like(self.consensus) if block_momentum else None
         self.work = None
         self.sent = 0
 
@@ -449,9 +452,12 @@ class Averager:
         for _, flat, flags in self._slices():
             changes = self.buffer[flat].view(flags.stop - flags.start, -1)
             changes /= self.buffer[flags].clamp(min=1.0).unsqueeze(1)  # each row's mean over the ranks that changed it
-            self.momentum[flat] *= self.block_momentum
-            self.momentum[flat] += self.buffer[flat]
-            self.consensus[flat] += self.momentum[flat]
+            if self.block_momentum:
+                self.momentum[flat] *= self.block_momentum
+                self.momentum[flat] += self.buffer[flat]
+                self.consensus[flat] += self.momentum[flat]
+            else:
+                self.consensus[flat] += self.buffer[flat]
         return self.buffer[-1] > 0  # a sum of signals: tells that some rank was asked to stop, not which
 
     def sync_point(self, stop_signal):
@@ -495,7 +501,7 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, l
     local_sentence = torch.from_numpy(np.repeat(np.arange(len(local_starts)), sentence_lengths)).to(device)
     centers_per_step = max(1, args.batch_size // world_size // (args.window_size + 1))
     n_steps = max(1, math.ceil(math.ceil(len(kept_ids) / world_size) / centers_per_step))
-    averager = Averager(model) if args.dist_mode == "async" else None
+    averager = Averager(model, args.block_momentum) if args.dist_mode == "async" else None
     words_per_step = len(corpus) / n_steps  # all ranks together go through the corpus once an epoch
     first = position.get("step", 0)
     for i in range(first, n_steps):
@@ -547,7 +553,7 @@ def dist_kernel_epoch(model, corpus, args, epoch, position, sampler, keep_prob, 
     n_stretches = max(1, math.ceil(math.ceil(len(kept_ids) / world_size) / tokens_per_stretch))
     in_w, out_w = model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy()
     threads = cpu_kernel.set_threads(args.num_threads)
-    averager = Averager(model)
+    averager = Averager(model, args.block_momentum)
     words_per_stretch = len(corpus) / n_stretches
     first = position.get("step", 0)
     for i in range(first, n_stretches):

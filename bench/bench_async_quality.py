@@ -1,11 +1,11 @@
-"""What --async costs in quality: one process against 2 and 4 --async ranks, same corpus and epochs.
+"""What --async costs in quality: one process against --async ranks (default 2 and 4), same corpus and epochs.
 
     NLTK_DATA=../shared/nltk_data python bench/bench_async_quality.py               # ~4 min on 2 idle cores
     python bench/bench_async_quality.py --trainer ../old-checkout/trainer.py        # another version's trainer
 
-Every run is `trainer.py` on the whole shared Gutenberg corpus (d=100, 3 epochs, default batch and
---sync-interval, one thread per process, the default engine: the compiled kernel), the ranks
-joined over Gloo on 127.0.0.1. For each: words/s of the last epoch, and WordSim353, SimLex-999,
+Every run is `trainer.py` on the whole shared Gutenberg corpus (d=100, 3 epochs, default batch,
+--sync-interval and --block-momentum unless told, one thread per process, the default engine:
+the compiled kernel), the ranks joined over Gloo on 127.0.0.1. For each: words/s of the last epoch, and WordSim353, SimLex-999,
 MEN and Google analogy scores of the final vectors. Runs of more ranks than cores time-share the
 cores: their words/s says nothing about speed, only their quality counts.
 """
@@ -39,7 +39,10 @@ def train(trainer, ranks, args, run_dir):
     if ranks > 1:
         init = f"tcp://127.0.0.1:{free_port()}"
         commands = [common + ["--multi-node", "--async", "--init-method", init, "--rank", str(r),
-                              "--world-size", str(ranks), "--dist-timeout", "600"] for r in range(ranks)]
+                              "--world-size", str(ranks), "--dist-timeout", "600",
+                              "--sync-interval", str(args.sync_interval)] for r in range(ranks)]
+        if args.block_momentum:  # a flag older trainers lack
+            commands = [c + ["--block-momentum", str(args.block_momentum)] for c in commands]
     running = [subprocess.Popen(c, env=env, cwd=trainer.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for c in commands]
     outputs = [p.communicate()[0] for p in running]
@@ -58,10 +61,12 @@ def main():
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="process counts (1: one plain process)")
     p.add_argument("--epochs", type=int, default=3, help="epochs of every run")
     p.add_argument("--dim", type=int, default=100, help="embedding size")
+    p.add_argument("--sync-interval", type=int, default=50, help="--sync-interval of the async runs")
+    p.add_argument("--block-momentum", type=float, default=0.0, help="--block-momentum of the async runs")
     args = p.parse_args()
     trainer = args.trainer.resolve()
     print(f"{trainer}; corpus {args.dataset}; d={args.dim}, {args.epochs} epochs, one thread per process, "
-          f"{os.cpu_count()} CPU cores")
+          f"--sync-interval {args.sync_interval}, --block-momentum {args.block_momentum}, {os.cpu_count()} CPU cores")
     print("\n| processes | words/s (last epoch) | WS353 | SimLex | MEN | analogy |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:

@@ -130,9 +130,9 @@ def test_sync_steps_equal_single_process_steps_on_the_global_batch(tmp_path, mon
             assert not torch.equal(expected, start_model().state_dict()[key])  # the steps did change it
 
 
-def _averager_worker(rank, world_size, out_dir):
+def _averager_worker(rank, world_size, block_momentum, out_dir):
     model = start_model()
-    averager = distributed.Averager(model)
+    averager = distributed.Averager(model, block_momentum)
     for i, window in enumerate(hand_made_windows(7, 6, seed=10 + rank)):  # each rank its own data
         if i and i % 2 == 0:
             agreed = averager.sync_point(stop_signal=2 if (rank == 1 and i == 2) else 0)
@@ -152,7 +152,7 @@ def mean_over_changing_ranks(updates):
     return mean
 
 
-def averaged_reference(world_size=2):
+def averaged_reference(block_momentum, world_size=2):
     """The --async protocol, written plainly: every 2 steps each rank sends its changes since it
     last sent and takes the consensus plus its own progress; a sent round reaches the consensus
     one sync point later, through the block momentum; the end adds the pending and the last
@@ -160,7 +160,6 @@ def averaged_reference(world_size=2):
     models = [start_model() for _ in range(world_size)]
     consensus = {k: v.clone() for k, v in models[0].state_dict().items()}
     momentum = {k: torch.zeros_like(v) for k, v in consensus.items()}
-    block_momentum = min(1 - 1 / world_size, distributed.MAX_BLOCK_MOMENTUM)
     sent_from = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
     data = [list(hand_made_windows(7, 6, seed=10 + r)) for r in range(world_size)]
     pending, lone_rows = None, 0
@@ -194,14 +193,16 @@ def averaged_reference(world_size=2):
     return consensus, lone_rows
 
 
-def test_async_exchange_moves_rows_by_the_momentum_of_the_mean_change_of_the_ranks_that_changed_them(tmp_path):
+@pytest.mark.parametrize("block_momentum", [0.0, 0.5])
+def test_async_exchange_moves_rows_by_the_momentum_of_the_mean_change_of_the_ranks_that_changed_them(
+        tmp_path, block_momentum):
     """After finish() every rank holds what the plainly written protocol gives: each round, a row's
     mean change over the ranks that changed it (a row one rank alone changed keeps that rank's
     whole change) feeds the block momentum, applied one sync point later. And a stop signal
     raised at one sync point is agreed by all ranks at the next."""
-    run_ranks(_averager_worker, tmp_path)
+    run_ranks(_averager_worker, block_momentum, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    expected, lone_rows = averaged_reference()
+    expected, lone_rows = averaged_reference(block_momentum)
     assert lone_rows > 0  # the case that differs from a plain average does occur
     for key, value in expected.items():
         assert torch.equal(ranks[0][key], ranks[1][key])
@@ -212,7 +213,8 @@ def test_async_exchange_moves_rows_by_the_momentum_of_the_mean_change_of_the_ran
 def _epoch_worker(rank, world_size, corpus_file, cache_dir, mode, out_dir):
     corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
     args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=4, device="cpu",
-                              dist_mode=mode, sync_interval=5, optimizer="sgd", lr=0.025)
+                              dist_mode=mode, sync_interval=5, optimizer="sgd", lr=0.025,
+                              block_momentum=0.0)
     torch.manual_seed(1)
     model = SGNS(len(corpus.words), 16)
     optimizer = None
@@ -265,7 +267,8 @@ class StepRecorder:
 def _resume_worker(rank, world_size, corpus_file, cache_dir, out_dir):
     corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
     args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
-                              dist_mode="sync", sync_interval=5, optimizer="sgd", lr=0.025)
+                              dist_mode="sync", sync_interval=5, optimizer="sgd", lr=0.025,
+                              block_momentum=0.0)
     batches = data.WindowBatches(corpus, data.keep_probabilities(corpus.counts, 1e-2),
                                  data.NegativeSampler(corpus.counts), args.window_size, args.neg_sample_size, "cpu")
     models = []
@@ -294,7 +297,8 @@ def test_a_stopped_and_resumed_distributed_epoch_equals_an_uninterrupted_one(tmp
 def _kernel_stop_worker(rank, world_size, corpus_file, cache_dir, out_dir):
     corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
     args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
-                              dist_mode="async", sync_interval=2, optimizer="sgd", lr=0.025, num_threads=1)
+                              dist_mode="async", sync_interval=2, optimizer="sgd", lr=0.025, num_threads=1,
+                              block_momentum=0.0)
     torch.manual_seed(1)
     model = SGNS(len(corpus.words), 16)
     step = StepRecorder()
@@ -429,6 +433,10 @@ def test_a_rank_that_cannot_connect_fails_within_the_timeout(tmp_path):
     (["--async"], "--multi-node"),
     (["--multi-node", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2", "--engine", "kernel"],
      "--engine kernel goes with --async"),
+    (["--multi-node", "--async", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2",
+      "--block-momentum", "1"], "must be in [0, 1)"),
+    (["--multi-node", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2", "--block-momentum", "0.5"],
+     "--block-momentum goes with --multi-node --async"),
 ])
 def test_bad_distributed_flags_are_one_line_exit_2(flags, message, monkeypatch, capsys):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
