@@ -452,12 +452,10 @@ class Averager:
         for _, flat, flags in self._slices():
             changes = self.buffer[flat].view(flags.stop - flags.start, -1)
             changes /= self.buffer[flags].clamp(min=1.0).unsqueeze(1)  # each row's mean over the ranks that changed it
+            step = self.buffer[flat]
             if self.block_momentum:
-                self.momentum[flat] *= self.block_momentum
-                self.momentum[flat] += self.buffer[flat]
-                self.consensus[flat] += self.momentum[flat]
-            else:
-                self.consensus[flat] += self.buffer[flat]
+                step = self.momentum[flat].mul_(self.block_momentum).add_(step)
+            self.consensus[flat] += step
         return self.buffer[-1] > 0  # a sum of signals: tells that some rank was asked to stop, not which
 
     def sync_point(self, stop_signal):

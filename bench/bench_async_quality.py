@@ -5,20 +5,19 @@
 
 Every run is `trainer.py` on the whole shared Gutenberg corpus (d=100, 3 epochs, default batch,
 --sync-interval and --block-momentum unless told, one thread per process, the default engine:
-the compiled kernel), the ranks joined over Gloo on 127.0.0.1. For each: words/s of the last epoch, and WordSim353, SimLex-999,
-MEN and Google analogy scores of the final vectors. Runs of more ranks than cores time-share the
+the compiled kernel), the ranks joined over Gloo on 127.0.0.1. For each: words/s of the last
+epoch, and WordSim353, SimLex-999, MEN and Google analogy scores of the final vectors. Runs of more ranks than cores time-share the
 cores: their words/s says nothing about speed, only their quality counts.
 """
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from bench_distributed import free_port
+from bench_distributed import launch
 from bench_speed import quality
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,22 +31,10 @@ def train(trainer, ranks, args, run_dir):
               "--log-dir", str(run_dir.parent), "--run-name", run_dir.name, "--epochs", str(args.epochs),
               "--embed-size", str(args.dim), "--num-threads", "1", "--pip-interval", "0", "--quiet",
               "--seed", "1", "--projector-words", "100"]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    commands = [common]
-    if ranks > 1:
-        init = f"tcp://127.0.0.1:{free_port()}"
-        commands = [common + ["--multi-node", "--async", "--init-method", init, "--rank", str(r),
-                              "--world-size", str(ranks), "--dist-timeout", "600",
-                              "--sync-interval", str(args.sync_interval)] for r in range(ranks)]
-        if args.block_momentum:  # a flag older trainers lack
-            commands = [c + ["--block-momentum", str(args.block_momentum)] for c in commands]
-    running = [subprocess.Popen(c, env=env, cwd=trainer.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True) for c in commands]
-    outputs = [p.communicate()[0] for p in running]
-    if any(p.returncode for p in running):
-        sys.exit(f"{run_dir.name} failed:\n" + "\n".join(o[-2000:] for o in outputs))
+    rank_flags = ["--async", "--sync-interval", str(args.sync_interval)]
+    if args.block_momentum:  # a flag older trainers lack
+        rank_flags += ["--block-momentum", str(args.block_momentum)]
+    launch(common, ranks, rank_flags, run_dir.name, cwd=trainer.parent)
     history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
     return history["Words per second"][-1][1]
 

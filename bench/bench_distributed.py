@@ -79,26 +79,32 @@ def gloo_probe(sizes=(4, 250_000, 750_000), repeats=200):
         return dict(results)
 
 
+def launch(common, procs, rank_flags, name, cwd=ROOT):
+    """Run the command `common` once (procs == 1), or as procs --multi-node ranks joined over
+    tcp://127.0.0.1 with rank_flags added; one thread each, no torchrun variables from outside.
+    Exits with the ranks' output if one fails."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    commands = [common]
+    if procs > 1:
+        init = f"tcp://127.0.0.1:{free_port()}"
+        commands = [common + ["--multi-node", *rank_flags, "--init-method", init, "--rank", str(r), "--world-size",
+                              str(procs), "--dist-timeout", "600"] for r in range(procs)]
+    running = [subprocess.Popen(c, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for c in commands]
+    outputs = [p.communicate()[0] for p in running]
+    if any(p.returncode for p in running):
+        sys.exit(f"{name} failed:\n" + "\n".join(o[-2000:] for o in outputs))
+
+
 def run(name, engine, procs, mode, dim, batch, args, work):
     common = [sys.executable, str(ROOT / "trainer.py"), "--dataset", str(args.dataset), "--cache-dir",
               str(args.cache_dir), "--log-dir", str(work / "runs"), "--run-name", name, "--engine", engine,
               "--epochs", "1", "--embed-size", str(dim), "--batch-size", str(batch), "--num-threads", "1",
               "--pip-vocab", str(args.pip_vocab), "--quiet", "--seed", "1", "--projector-words", "100"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     start = time.time()
-    if procs == 1:
-        commands = [common]
-    else:
-        init = f"tcp://127.0.0.1:{free_port()}"
-        commands = [common + ["--multi-node", f"--{mode}", "--init-method", init, "--rank", str(r),
-                              "--world-size", str(procs), "--dist-timeout", "600"] for r in range(procs)]
-    running = [subprocess.Popen(c, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for c in commands]
-    outputs = [p.communicate()[0] for p in running]
-    if any(p.returncode for p in running):
-        sys.exit(f"{name} failed:\n" + "\n".join(o[-2000:] for o in outputs))
+    launch(common, procs, [f"--{mode}"], name)
     ckpt = torch.load(work / "runs" / name / "checkpoint.pt", weights_only=True)
     history = {tag: values[-1][1] for tag, values in ckpt["history"].items()}
     return {"epoch_time": history["Epoch time"], "words_per_s": history["Words per second"],
