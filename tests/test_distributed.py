@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import cpu_kernel
 import data
 import distributed
 import model as model_module
@@ -460,3 +461,29 @@ def test_torchrun_environment_is_used_when_flags_are_absent(monkeypatch):
     assert args.engine == "torch"
     trainer.parse_args(["--dataset", "x.txt"])  # a plain run clears it
     assert distributed.WORLD is None
+
+
+@pytest.mark.parametrize("block_momentum", [0.0, 0.3])
+@pytest.mark.parametrize("apply_received, send", [(True, True), (True, False), (False, True)])
+def test_compiled_exchange_pass_gives_the_bits_of_the_tensor_pass(block_momentum, apply_received, send):
+    """cpu_kernel.exchange_rows (CPU runs) against distributed.exchange_rows (GPU runs): same bits,
+    whether a row changed or not, whatever number of ranks changed it."""
+    g = torch.Generator().manual_seed(3)
+    rows, width = 40, 7
+    sent_from = torch.randn(rows, width, generator=g)
+    values = sent_from.clone()
+    values[::3] += torch.randn(len(values[::3]), width, generator=g) * 0.01  # the rows this rank changed
+    values[1, 2] = sent_from[1, 2] + 1e-3  # a row with one changed entry
+    ranks = torch.randint(0, 3, (rows,), generator=g).float()  # how many ranks changed each row
+    changes = torch.randn(rows, width, generator=g) * ranks.unsqueeze(1)
+    start = [values, sent_from, torch.randn(rows, width, generator=g), changes, ranks,
+             torch.randn(rows, width, generator=g) if block_momentum else torch.zeros(0, 1)]
+    by_tensors, compiled = [t.clone() for t in start], [t.clone() for t in start]
+    distributed.exchange_rows(*by_tensors, block_momentum, apply_received, send)
+    cpu_kernel.exchange_rows(*(t.numpy() for t in compiled), np.float32(block_momentum), apply_received, send)
+    for before, expected, got in zip(start, by_tensors, compiled):
+        assert torch.equal(expected, got)
+    assert not torch.equal(start[2], by_tensors[2]) if apply_received else torch.equal(start[2], by_tensors[2])
+    if send:
+        assert by_tensors[4].tolist() == [1.0 if r % 3 == 0 or r == 1 else 0.0 for r in range(rows)]
+        torch.testing.assert_close(by_tensors[0] - by_tensors[2], values - sent_from)  # consensus + own changes
