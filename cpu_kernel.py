@@ -161,11 +161,12 @@ def warm_up(in_w, out_w, sampler, window, negative, threads):
                     sampler, 0.0, 0.0, 1, threads)
 
 
-@njit(nogil=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def exchange_rows(values, sent_from, consensus, changes, flags, momentum, block_momentum, apply_received, send):
     """distributed.exchange_rows (the reference, for GPUs) in one pass over the rows instead of
-    eight over the tables; the same float32 operations in the same order, so the same bits."""
-    for r in range(values.shape[0]):
+    eight over the tables, the rows shared among the kernel's threads; the same float32
+    operations in the same order, so the same bits."""
+    for r in prange(values.shape[0]):
         if apply_received:
             ranks = max(flags[r], np.float32(1.0))
             for t in range(values.shape[1]):
