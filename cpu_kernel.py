@@ -1,4 +1,5 @@
-"""Compiled CPU training kernel: word2vec's SGD loop, several threads on shared tables.
+"""Compiled CPU training kernel: word2vec's SGD loop, several threads on shared tables (and the
+row pass of --async's exchange, exchange_rows).
 
 Python would spend more time dispatching than computing on 100-float rows, so the hot
 loop (windows, negatives, dot products, row updates) is compiled with numba. Threads

@@ -481,7 +481,7 @@ def test_compiled_exchange_pass_gives_the_bits_of_the_tensor_pass(block_momentum
     by_tensors, compiled = [t.clone() for t in start], [t.clone() for t in start]
     distributed.exchange_rows(*by_tensors, block_momentum, apply_received, send)
     cpu_kernel.exchange_rows(*(t.numpy() for t in compiled), np.float32(block_momentum), apply_received, send)
-    for before, expected, got in zip(start, by_tensors, compiled):
+    for expected, got in zip(by_tensors, compiled):
         assert torch.equal(expected, got)
     assert not torch.equal(start[2], by_tensors[2]) if apply_received else torch.equal(start[2], by_tensors[2])
     if send:
