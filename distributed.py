@@ -2,9 +2,9 @@
 
 trainer.py calls: add_arguments / check_arguments (flags), session (init and always destroy the process
 group), is_main, check_same_corpus, broadcast_parameters, data_parallel, and dist_epoch or
-dist_kernel_epoch (the engines of distributed runs). Sync mode sums every rank's gradient rows each step (all-gather of touched rows, never
-a dense all-reduce of the V x d tables); async mode is local SGD whose changes are exchanged in a
-non-blocking all-reduce every --sync-interval steps (Averager).
+dist_kernel_epoch (the engines of distributed runs). Sync mode sums every rank's gradient rows each
+step (all-gather of touched rows, never a dense all-reduce of the V x d tables); async mode is local
+SGD whose changes are exchanged in a non-blocking all-reduce every --sync-interval steps (Averager).
 """
 import contextlib
 import math
@@ -441,7 +441,8 @@ class Averager:
         for p, flat, flags in self._slices():
             rows = flags.stop - flags.start
             views = [t.view(rows, -1) for t in (p.data, self.sent_from[flat], self.consensus[flat], self.buffer[flat])]
-            views += [self.buffer[flags], self.momentum[flat].view(rows, -1) if self.block_momentum else self.no_momentum]
+            momentum = self.momentum[flat].view(rows, -1) if self.block_momentum else self.no_momentum
+            views += [self.buffer[flags], momentum]
             if p.device.type == "cpu":
                 cpu_kernel.exchange_rows(*(v.numpy() for v in views), np.float32(self.block_momentum),
                                          apply_received, send)

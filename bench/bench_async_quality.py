@@ -6,8 +6,9 @@
 Every run is `trainer.py` on the whole shared Gutenberg corpus (d=100, 3 epochs, default batch,
 --sync-interval and --block-momentum unless told, one thread per process, the default engine:
 the compiled kernel), the ranks joined over Gloo on 127.0.0.1. For each: words/s of the last
-epoch, and WordSim353, SimLex-999, MEN and Google analogy scores of the final vectors. Runs of more ranks than cores time-share the
-cores: their words/s says nothing about speed, only their quality counts.
+epoch, and WordSim353, SimLex-999, MEN and Google analogy scores of the final vectors. Runs of
+more ranks than cores time-share the cores: their words/s says nothing about speed, only their
+quality counts.
 """
 import argparse
 import os
