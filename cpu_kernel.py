@@ -193,3 +193,96 @@ def warm_up_exchange():
     from numba's cache), by a call on empty rows."""
     empty, no_flags = np.zeros((0, 1), dtype=np.float32), np.zeros(0, dtype=np.float32)
     exchange_rows(empty, empty, empty, empty, no_flags, empty, np.float32(0.0), True, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# --sync steps: the rows a rank sends (its gradient summed per row) and the update from all ranks'
+# rows. Row keys number in_embed rows 0..V-1 and out_embed rows V..2V-1; SYNC_KEY_SPLIT packs a
+# key into two float32 columns (key // SPLIT, key % SPLIT), both exact, so one float32 message
+# carries gradients and keys together.
+
+SYNC_KEY_SPLIT = 4096
+
+
+@njit(nogil=True, cache=True)
+def number_rows(in_rows, in_uses, out_rows, vocab, slot, keys):
+    """Give each distinct row of a step a slot, in first-seen order: the in_embed rows of the
+    entries with real pairs (in_uses > 0; padding entries have a zero gradient), then the out_embed
+    rows. slot (2V, all -1 between calls) maps key -> slot, keys gets slot -> key. Returns the count."""
+    n = 0
+    for j in range(in_rows.shape[0]):
+        key = in_rows[j]
+        if in_uses[j] != 0 and slot[key] < 0:
+            slot[key] = n
+            keys[n] = key
+            n += 1
+    for j in range(out_rows.shape[0]):
+        key = vocab + out_rows[j]
+        if slot[key] < 0:
+            slot[key] = n
+            keys[n] = key
+            n += 1
+    return n
+
+
+@njit(nogil=True, cache=True)
+def pack_rows(in_rows, in_uses, in_grads, out_rows, out_grads, vocab, slot, keys, packed):
+    """Sum the entries' gradients per row into packed[slot] = [gradient | key packed in 2 columns |
+    uses] (uses: the row's real pairs in in_embed, its entries in out_embed), adding the entries in
+    their order, as index_add_ does; then clear slot for the next call. packed has one row a slot."""
+    dim = in_grads.shape[1]
+    for s in range(packed.shape[0]):
+        packed[s, :] = 0.0
+        packed[s, dim] = keys[s] // SYNC_KEY_SPLIT
+        packed[s, dim + 1] = keys[s] % SYNC_KEY_SPLIT
+    for j in range(in_rows.shape[0]):
+        if in_uses[j] != 0:
+            s = slot[in_rows[j]]
+            for t in range(dim):
+                packed[s, t] += in_grads[j, t]
+            packed[s, dim + 2] += in_uses[j]
+    for j in range(out_rows.shape[0]):
+        s = slot[vocab + out_rows[j]]
+        for t in range(dim):
+            packed[s, t] += out_grads[j, t]
+        packed[s, dim + 2] += np.float32(1.0)
+    for s in range(packed.shape[0]):
+        slot[keys[s]] = -1
+
+
+@njit(nogil=True, cache=True)
+def apply_rows(in_w, out_w, packed, vocab, lr, cap, tally):
+    """SGD from every rank's packed rows (in rank order; rows keyed 2V or more are skipped): each
+    row moves by -lr * min(1, cap / k) * its gradient, k its uses summed over all of packed, as
+    model.window_step scales a row met more than cap times. tally: 2V zeros between calls.
+    float32 throughout, so every rank computes the same bits."""
+    dim = in_w.shape[1]
+    limit = 2 * vocab
+    for s in range(packed.shape[0]):
+        key = np.int64(packed[s, dim]) * SYNC_KEY_SPLIT + np.int64(packed[s, dim + 1])
+        if key < limit:
+            tally[key] += packed[s, dim + 2]
+    for s in range(packed.shape[0]):
+        key = np.int64(packed[s, dim]) * SYNC_KEY_SPLIT + np.int64(packed[s, dim + 1])
+        if key >= limit:
+            continue
+        factor = min(cap / tally[key], np.float32(1.0))
+        table, row = (in_w, key) if key < vocab else (out_w, key - vocab)
+        for t in range(dim):
+            table[row, t] -= lr * (packed[s, t] * factor)
+    for s in range(packed.shape[0]):
+        key = np.int64(packed[s, dim]) * SYNC_KEY_SPLIT + np.int64(packed[s, dim + 1])
+        if key < limit:
+            tally[key] = 0.0
+
+
+def warm_up_sync():
+    """Have numba load (or compile) the sync step's loops before the first epoch starts its clock,
+    by calls on empty rows, with the argument types of distributed's calls."""
+    no_ids, no_uses, no_rows = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), np.zeros((0, 4), np.float32)
+    slot = np.full(2, -1, dtype=np.int32)
+    number_rows(no_ids, no_uses, no_ids, 1, slot, no_ids)
+    no_grads = np.zeros((0, 1), np.float32)
+    pack_rows(no_ids, no_uses, no_grads, no_ids, no_grads, 1, slot, no_ids, no_rows)
+    apply_rows(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), no_rows, 1, np.float32(0.0),
+               np.float32(1.0), np.zeros(2, np.float32))

@@ -95,40 +95,48 @@ SMALL_CAP = 3  # MAX_SUMMED_GRADIENTS for the sync test: with 40 words, many row
 def _sync_worker(rank, world_size, out_dir):
     model_module.MAX_SUMMED_GRADIENTS = SMALL_CAP
     batches, windows = list(hand_made_batches(4, 30)), list(hand_made_windows(4, 30))
-    sgd, adam_model = start_model(), start_model()
+    sgd, sgd_tensors, adam_model = start_model(), start_model(), start_model()
     adam = torch.optim.SparseAdam(list(adam_model.parameters()), lr=0.01)
+    stats = []
     for i, (batch, window) in enumerate(zip(batches, windows)):
         last = i == len(batches) - 1
-        distributed.sync_window_step(sgd, *[split(t, rank, world_size, last) for t in window], lr=0.1)
+        local_window = [split(t, rank, world_size, last) for t in window]
+        stats.append(distributed.sync_window_step(sgd, *local_window, lr=0.1)[:2])  # the CPU's compiled step
+        distributed._sync_window_step_tensors(sgd_tensors, *local_window, lr=0.1)  # the GPUs' step
         local = [split(t, rank, world_size, last) for t in batch]
         adam.zero_grad(set_to_none=True)
         if len(local[0]):
             adam_model(*local).backward()
         distributed.sync_gradients(adam_model, len(local[0]))
         adam.step()
-    torch.save({"sgd": sgd.state_dict(), "adam": adam_model.state_dict()}, out_dir / f"rank{rank}.pt")
+    torch.save({"sgd": sgd.state_dict(), "sgd_tensors": sgd_tensors.state_dict(), "adam": adam_model.state_dict(),
+                "stats": torch.tensor(stats, dtype=torch.float64)}, out_dir / f"rank{rank}.pt")
 
 
 def test_sync_steps_equal_single_process_steps_on_the_global_batch(tmp_path, monkeypatch):
-    """Sync SGD (row sums capped by the global counts) and sync SparseAdam both equal one process."""
+    """Sync SGD (row sums capped by the global counts; compiled and tensor versions) and sync
+    SparseAdam all equal one process, and the sync step reports the global batch's loss and pairs."""
     run_ranks(_sync_worker, tmp_path)
     monkeypatch.setattr(model_module, "MAX_SUMMED_GRADIENTS", SMALL_CAP)
     batches, windows = list(hand_made_batches(4, 30)), list(hand_made_windows(4, 30))
     sgd, adam_model = start_model(), start_model()
     adam = torch.optim.SparseAdam(list(adam_model.parameters()), lr=0.01)
+    stats = []
     for i, (batch, window) in enumerate(zip(batches, windows)):
         if i == len(batches) - 1:  # what the two ranks had together on the last step: rank 0's rows only
             batch, window = [t[0::2] for t in batch], [t[0::2] for t in window]
-        sgd.window_step(*window, lr=0.1)
+        stats.append(sgd.window_step(*window, lr=0.1).double())
         adam.zero_grad(set_to_none=True)
         adam_model(*batch).backward()
         adam.step()
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    for name, reference in (("sgd", sgd), ("adam", adam_model)):
+    for name, reference in (("sgd", sgd), ("sgd_tensors", sgd), ("adam", adam_model)):
         for key, expected in reference.state_dict().items():
             assert torch.equal(ranks[0][name][key], ranks[1][name][key]), (name, key)  # bit-identical ranks
             torch.testing.assert_close(ranks[0][name][key], expected, atol=1e-5, rtol=1e-5)
             assert not torch.equal(expected, start_model().state_dict()[key])  # the steps did change it
+    for rank in ranks:
+        torch.testing.assert_close(rank["stats"], torch.stack(stats), rtol=1e-5, atol=1e-4)
 
 
 def _averager_worker(rank, world_size, block_momentum, out_dir):
