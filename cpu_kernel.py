@@ -15,6 +15,7 @@ Distributed Memory", 2016): the same few output rows stay in cache for the whole
 which made the epoch 1.8x faster here at equal quality (bench/RESULTS.md), while each pair
 is still its own sequential SGD step, exactly -lr times the pair's gradient.
 """
+import functools
 import math
 
 import numba
@@ -276,9 +277,61 @@ def apply_rows(in_w, out_w, packed, vocab, lr, cap, tally):
             tally[key] = 0.0
 
 
-def warm_up_sync():
-    """Have numba load (or compile) the sync step's loops before the first epoch starts its clock,
-    by calls on empty rows, with the argument types of distributed's calls."""
+
+class TouchedRows:
+    """The rows a batched SGD step touches (model.window_step on the CPU, and --sync steps), with
+    what the compiled loops above reuse from step to step: the maps over the 2V row keys, slot
+    (-1) and tally (0), which every step leaves as it found them, and the buffer of packed rows
+    (a fresh one each step cost its page faults again: 1 ms at batch 8192, d=200).
+
+    A step calls number (its windows), then pack (their gradients) into rows of buffer(n), then
+    apply (those rows, or every rank's).
+    """
+
+    def __init__(self, vocab, dim):
+        self.vocab = vocab
+        self.slot = np.full(2 * vocab, -1, dtype=np.int32)
+        self.tally = np.zeros(2 * vocab, dtype=np.float32)
+        self._buffer = np.empty((0, dim + 3), dtype=np.float32)
+        self.keys = np.empty(0, dtype=np.int64)
+        self.count = 0  # rows numbered and not packed yet
+
+    def number(self, context_ids, weight, out_ids):
+        """Number the distinct rows of windows (numpy arrays, as model.window_grads takes them); returns the count."""
+        self.slot[self.keys[:self.count]] = -1  # a step that failed between number and pack
+        self.in_rows = np.ascontiguousarray(context_ids.reshape(-1), dtype=np.int64)
+        self.in_uses = np.ascontiguousarray(weight.reshape(-1), dtype=np.float32)
+        self.out_rows = np.ascontiguousarray(out_ids.reshape(-1), dtype=np.int64)
+        self.keys = np.empty(len(self.in_rows) + len(self.out_rows), dtype=np.int64)
+        self.count = number_rows(self.in_rows, self.in_uses, self.out_rows, self.vocab, self.slot, self.keys)
+        return self.count
+
+    def buffer(self, n):
+        """n rows of the reused buffer, width dim + 3."""
+        if n > len(self._buffer):
+            self._buffer = np.empty((max(n, 3 * len(self._buffer) // 2), self._buffer.shape[1]), dtype=np.float32)
+        return self._buffer[:n]
+
+    def pack(self, in_grads, out_grads, packed):
+        """The numbered rows' summed gradients into packed (count rows; pack_rows)."""
+        pack_rows(self.in_rows, self.in_uses, in_grads, self.out_rows, out_grads, self.vocab, self.slot,
+                  self.keys[:self.count], packed)
+        self.count = 0
+
+    def apply(self, in_w, out_w, packed, lr, cap):
+        """SGD from packed rows (apply_rows)."""
+        apply_rows(in_w, out_w, packed, self.vocab, np.float32(lr), np.float32(cap), self.tally)
+
+
+@functools.lru_cache(maxsize=1)
+def touched_rows(vocab, dim):
+    """The TouchedRows of a model's tables, made once."""
+    return TouchedRows(vocab, dim)
+
+
+def warm_up_rows():
+    """Have numba load (or compile) TouchedRows' loops before the first epoch starts its clock,
+    by calls on empty rows, with the argument types of the real calls."""
     no_ids, no_uses, no_rows = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32), np.zeros((0, 4), np.float32)
     slot = np.full(2, -1, dtype=np.int32)
     number_rows(no_ids, no_uses, no_ids, 1, slot, no_ids)

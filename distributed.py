@@ -7,7 +7,6 @@ step (all-gather of touched rows, never a dense all-reduce of the V x d tables);
 SGD whose changes are exchanged in a non-blocking all-reduce every --sync-interval steps (Averager).
 """
 import contextlib
-import functools
 import math
 import os
 import signal
@@ -311,27 +310,6 @@ def _floats_as_ids(columns):
     return columns[:, 0].long() * cpu_kernel.SYNC_KEY_SPLIT + columns[:, 1].long()
 
 
-class _SyncScratch:
-    """What the compiled sync step reuses from step to step: the maps over the 2V row keys, slot
-    (-1) and tally (0), which each step leaves as it found them, and the buffer of all ranks' rows
-    (a fresh one each step cost its page faults again: 1 ms at batch 8192, d=200)."""
-
-    def __init__(self, vocab, width):
-        self.slot = np.full(2 * vocab, -1, dtype=np.int32)
-        self.tally = np.zeros(2 * vocab, dtype=np.float32)
-        self.buffer = torch.empty(0, width)
-
-    def rows(self, n):
-        if n > len(self.buffer):
-            self.buffer = torch.empty(max(n, 3 * len(self.buffer) // 2), self.buffer.shape[1])
-        return self.buffer[:n]
-
-
-@functools.lru_cache(maxsize=1)
-def _sync_scratch(vocab, width):
-    return _SyncScratch(vocab, width)
-
-
 def _share_slices(everyone, starts):
     """Send this rank's rows everyone[starts[me]:starts[me + 1]] to every other rank and receive
     theirs into their slices, point to point: between 2 Gloo ranks here a send/receive pair
@@ -339,9 +317,9 @@ def _share_slices(everyone, starts):
     me = dist.get_rank()
     works = []
     for rank in range(dist.get_world_size()):
-        if rank != me:  # the receive posted first: faster here than the other order
-            works.append(dist.irecv(everyone[starts[rank]:starts[rank + 1]], rank))
+        if rank != me:
             works.append(dist.isend(everyone[starts[me]:starts[me + 1]], rank))
+            works.append(dist.irecv(everyone[starts[rank]:starts[rank + 1]], rank))
     for work in works:
         work.wait()
 
@@ -370,28 +348,21 @@ def _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, stop_sig
     order (cpu_kernel.apply_rows), so all ranks compute the same bits. The tensor version took
     8 ms of bookkeeping in a 20 ms step at batch 8192, d=200 (sorting the rows, many passes)."""
     vocab, dim = model.vocab_size, model.embed_size
-    in_rows = np.ascontiguousarray(context_ids.reshape(-1).numpy(), dtype=np.int64)
-    in_uses = np.ascontiguousarray(weight.reshape(-1).numpy(), dtype=np.float32)
-    out_rows = np.ascontiguousarray(out_ids.reshape(-1).numpy(), dtype=np.int64)
-    scratch = _sync_scratch(vocab, dim + 3)
-    keys = np.empty(len(in_rows) + len(out_rows), dtype=np.int64)
-    n_rows = cpu_kernel.number_rows(in_rows, in_uses, out_rows, vocab, scratch.slot, keys)
-    header_table = _start_header(n_rows, float(in_uses.sum(dtype=np.float64)), stop_signal)
+    rows = cpu_kernel.touched_rows(vocab, dim)
+    n_rows = rows.number(context_ids.numpy(), weight.numpy(), out_ids.numpy())
+    header_table = _start_header(n_rows, float(weight.sum(dtype=torch.float64)), stop_signal)
     loss_sum, _, in_grads, _, out_grads = model.window_grads(context_ids, weight, out_ids)
     header = header_table()  # normally arrived while the gradients were computed
     starts = np.cumsum([0] + [int(n) + 1 for n in header[:, 0]])  # a rank's rows, then its loss row
-    everyone = scratch.rows(int(starts[-1]))
-    me = dist.get_rank()
-    mine = everyone[starts[me]:starts[me + 1]]
-    cpu_kernel.pack_rows(in_rows, in_uses, in_grads.numpy(), out_rows, out_grads.numpy(), vocab,
-                         scratch.slot, keys[:n_rows], mine[:-1].numpy())
+    everyone = torch.from_numpy(rows.buffer(int(starts[-1])))
+    mine = everyone[starts[dist.get_rank()]:starts[dist.get_rank() + 1]]
+    rows.pack(in_grads.numpy(), out_grads.numpy(), mine[:-1].numpy())
     mine[-1] = 0.0
     mine[-1, 0] = float(loss_sum)
     _ids_as_floats(torch.tensor([2 * vocab]), mine[-1:, dim:dim + 2])  # a key past every row: apply_rows skips it
     _share_slices(everyone, starts)
-    cpu_kernel.apply_rows(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(),
-                          everyone.numpy(), vocab, np.float32(lr), np.float32(models.MAX_SUMMED_GRADIENTS),
-                          scratch.tally)
+    rows.apply(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), everyone.numpy(), lr,
+               models.MAX_SUMMED_GRADIENTS)
     loss_total = float(everyone[torch.from_numpy(starts[1:] - 1), 0].double().sum())
     return loss_total, int(header[:, 1].sum()), int(header[:, 2].max())
 

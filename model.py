@@ -4,6 +4,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
+import cpu_kernel
+
 # window_step: a row met more than this many times in one step (weighted by real pairs) moves by
 # its mean gradient times this, not by the sum of all its gradients. The sum, computed from one
 # stale vector, overshoots for the most frequent words and diverged at d=200, 10 negatives,
@@ -72,7 +74,17 @@ class SGNS(nn.Module):
 
         A row's summed gradient is scaled down where the row occurs more than MAX_SUMMED_GRADIENTS
         times. lr is a number, or a 0-d tensor on the device (a captured CUDA graph reads it there).
+        On the CPU compiled loops sum the gradients per row and apply them (cpu_kernel.TouchedRows):
+        30% faster than the tensor ops at batch 8192, d=50 (bench/RESULTS.md).
         """
+        if context_ids.device.type == "cpu" and not torch.is_tensor(lr):
+            rows = cpu_kernel.touched_rows(self.vocab_size, self.embed_size)
+            packed = rows.buffer(rows.number(context_ids.numpy(), weight.numpy(), out_ids.numpy()))
+            loss_sum, _, in_grads, _, out_grads = self.window_grads(context_ids, weight, out_ids)
+            rows.pack(in_grads.numpy(), out_grads.numpy(), packed)
+            rows.apply(self.in_embed.weight.data.numpy(), self.out_embed.weight.data.numpy(), packed, lr,
+                       MAX_SUMMED_GRADIENTS)
+            return torch.stack([loss_sum, weight.sum()])
         loss_sum, in_rows, in_grads, out_rows, out_grads = self.window_grads(context_ids, weight, out_ids)
         in_scale = self.row_damping(in_rows, weight.reshape(-1))
         out_scale = self.row_damping(out_rows, torch.ones_like(out_rows, dtype=in_grads.dtype))

@@ -601,11 +601,10 @@ def train(args):
     if args.engine == "kernel":
         cpu_kernel.warm_up(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), sampler,
                            args.window_size, args.neg_sample_size, cpu_kernel.set_threads(args.num_threads))
-    if args.multi_node and args.device == "cpu":
-        if args.dist_mode == "async":
-            cpu_kernel.warm_up_exchange()
-        elif optimizer is None:
-            cpu_kernel.warm_up_sync()
+    if args.engine == "torch" and args.device == "cpu" and optimizer is None and hasattr(model, "window_step"):
+        cpu_kernel.warm_up_rows()
+    if args.multi_node and args.dist_mode == "async" and args.device == "cpu":
+        cpu_kernel.warm_up_exchange()
     # batches built on the model's device: sgns by plain SGD on the torch engine, and every --multi-node run
     window_batches = graph_step = None
     if args.engine == "torch" and (optimizer is None or args.multi_node):
