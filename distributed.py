@@ -313,7 +313,7 @@ def _floats_as_ids(columns):
 def _share_slices(everyone, starts):
     """Send this rank's rows everyone[starts[me]:starts[me + 1]] to every other rank and receive
     theirs into their slices, point to point: between 2 Gloo ranks here a send/receive pair
-    moved 4 MB in 1.9 ms, Gloo's all-gather in 4.9 ms (bench/RESULTS.md)."""
+    moved 3 MB a rank in 2.0 ms, Gloo's all-gather in 4.0 ms (bench/bench_distributed.py)."""
     me = dist.get_rank()
     works = []
     for rank in range(dist.get_world_size()):
@@ -354,17 +354,16 @@ def _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, stop_sig
     loss_sum, _, in_grads, _, out_grads = model.window_grads(context_ids, weight, out_ids)
     header = header_table()  # normally arrived while the gradients were computed
     starts = np.cumsum([0] + [int(n) + 1 for n in header[:, 0]])  # a rank's rows, then its loss row
-    everyone = torch.from_numpy(rows.buffer(int(starts[-1])))
+    everyone = rows.buffer(int(starts[-1]))
     mine = everyone[starts[dist.get_rank()]:starts[dist.get_rank() + 1]]
-    rows.pack(in_grads.numpy(), out_grads.numpy(), mine[:-1].numpy())
+    rows.pack(in_grads.numpy(), out_grads.numpy(), mine[:-1])
     mine[-1] = 0.0
     mine[-1, 0] = float(loss_sum)
-    _ids_as_floats(torch.tensor([2 * vocab]), mine[-1:, dim:dim + 2])  # a key past every row: apply_rows skips it
-    _share_slices(everyone, starts)
-    rows.apply(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), everyone.numpy(), lr,
+    mine[-1, dim:dim + 2] = divmod(2 * vocab, cpu_kernel.SYNC_KEY_SPLIT)  # a key past every row: apply_rows skips it
+    _share_slices(torch.from_numpy(everyone), starts)
+    rows.apply(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), everyone, lr,
                models.MAX_SUMMED_GRADIENTS)
-    loss_total = float(everyone[torch.from_numpy(starts[1:] - 1), 0].double().sum())
-    return loss_total, int(header[:, 1].sum()), int(header[:, 2].max())
+    return float(everyone[starts[1:] - 1, 0].sum(dtype=np.float64)), int(header[:, 1].sum()), int(header[:, 2].max())
 
 
 def _sync_window_step_tensors(model, context_ids, weight, out_ids, lr, stop_signal=0):

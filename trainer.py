@@ -52,7 +52,8 @@ def get_parser():
                         "characters by an LSTM, so unseen words get vectors too")
     g.add_argument("--is-character", action="store_true", help="same as --model-name rnn (the seed's flag)")
     g.add_argument("--embed-size", type=int, default=100, help="embedding dimension d")
-    g.add_argument("--window-size", type=int, default=5, help="max context words each side (shrunk at random per center)")
+    g.add_argument("--window-size", type=int, default=5,
+                   help="max context words each side (shrunk at random per center)")
     g.add_argument("--neg-sample-size", type=int, default=5, help="negative samples per (center, context) pair")
     g.add_argument("--ns-exponent", type=float, default=0.75, help="negatives are drawn from unigram^this")
     g.add_argument("--subsample-th", type=float, default=1e-3, help="subsampling threshold t (0 turns it off)")
@@ -115,7 +116,8 @@ def get_parser():
     g.add_argument("--eval-similarity", nargs="+", default=[], metavar="FILE",
                    help="word-pair files (word1 TAB word2 TAB score): Spearman rho logged every --eval-interval epochs")
     g.add_argument("--eval-analogy", default=None, metavar="FILE",
-                   help="analogy file in the Google questions-words.txt format: accuracy logged every --eval-interval epochs")
+                   help="analogy file in the Google questions-words.txt format: accuracy logged every "
+                        "--eval-interval epochs")
     g.add_argument("--eval-interval", type=int, default=1, help="epochs between evaluations on the files above")
     g.add_argument("--plot-words", nargs="+", default=[], metavar="WORD",
                    help="words to draw in a 2-D PCA projection, saved as projection.png in the run directory")
@@ -501,7 +503,8 @@ def evaluation_scalars(args, words, vectors):
     import evaluate
     scalars = {}
     for path in args.eval_similarity:
-        scalars[f"Similarity/{Path(path).stem}"] = evaluate.similarity(words, vectors, evaluate.load_pairs(path))["spearman"]
+        pairs = evaluate.load_pairs(path)
+        scalars[f"Similarity/{Path(path).stem}"] = evaluate.similarity(words, vectors, pairs)["spearman"]
     if args.eval_analogy:
         scalars["Analogy accuracy"] = evaluate.analogy(words, vectors, args.eval_analogy)["accuracy"]
     return scalars
@@ -637,7 +640,8 @@ def train(args):
                 total = float(torch.stack(device_losses).sum())
                 device_losses.clear()
                 if not math.isfinite(total):
-                    raise FloatingPointError(f"loss became {total} at epoch {epoch + 1}, by step {state['global_step']}")
+                    raise FloatingPointError(
+                        f"loss became {total} at epoch {epoch + 1}, by step {state['global_step']}")
                 state["epoch_loss"] += total
 
         def step(loss_sum, pairs, words_done, lr, position):

@@ -343,7 +343,8 @@ def test_shards_cover_the_epoch_once_in_equal_parts_and_change_each_epoch():
     originals = {kept[a:b].tobytes() for a, b in zip(starts, np.append(starts[1:], len(kept)))}
     bounds = np.append(local_starts, len(ids))
     assert all(ids[a:b].tobytes() in originals for a, b in zip(bounds[:-1], bounds[1:]))
-    assert not np.array_equal(distributed.shard(kept, starts, 7, 1, 0, 2)[0], distributed.shard(kept, starts, 7, 0, 0, 2)[0])
+    assert not np.array_equal(distributed.shard(kept, starts, 7, 1, 0, 2)[0],
+                              distributed.shard(kept, starts, 7, 0, 0, 2)[0])
 
 
 def test_data_parallel_path_equals_sgd_on_sparse_gradients(tmp_path):
