@@ -113,26 +113,29 @@ def _sync_worker(rank, world_size, out_dir):
                 "stats": torch.tensor(stats, dtype=torch.float64)}, out_dir / f"rank{rank}.pt")
 
 
-def test_sync_steps_equal_single_process_steps_on_the_global_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sync_steps_equal_single_process_steps_on_the_global_batch(tmp_path, monkeypatch, world_size):
     """Sync SGD (row sums capped by the global counts; compiled and tensor versions) and sync
     SparseAdam all equal one process, and the sync step reports the global batch's loss and pairs."""
-    run_ranks(_sync_worker, tmp_path)
+    run_ranks(_sync_worker, tmp_path, world_size=world_size)
     monkeypatch.setattr(model_module, "MAX_SUMMED_GRADIENTS", SMALL_CAP)
     batches, windows = list(hand_made_batches(4, 30)), list(hand_made_windows(4, 30))
     sgd, adam_model = start_model(), start_model()
     adam = torch.optim.SparseAdam(list(adam_model.parameters()), lr=0.01)
     stats = []
     for i, (batch, window) in enumerate(zip(batches, windows)):
-        if i == len(batches) - 1:  # what the two ranks had together on the last step: rank 0's rows only
-            batch, window = [t[0::2] for t in batch], [t[0::2] for t in window]
+        if i == len(batches) - 1:  # what the ranks had together on the last step: all but rank 1's rows
+            batch, window = ([torch.cat([t[r::world_size] for r in range(world_size) if r != 1]) for t in ts]
+                             for ts in (batch, window))
         stats.append(sgd.window_step(*window, lr=0.1).double())
         adam.zero_grad(set_to_none=True)
         adam_model(*batch).backward()
         adam.step()
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world_size)]
     for name, reference in (("sgd", sgd), ("sgd_tensors", sgd), ("adam", adam_model)):
         for key, expected in reference.state_dict().items():
-            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), (name, key)  # bit-identical ranks
+            for other in ranks[1:]:
+                assert torch.equal(ranks[0][name][key], other[name][key]), (name, key)  # bit-identical ranks
             torch.testing.assert_close(ranks[0][name][key], expected, atol=1e-5, rtol=1e-5)
             assert not torch.equal(expected, start_model().state_dict()[key])  # the steps did change it
     for rank in ranks:
