@@ -1,5 +1,6 @@
 """Compiled CPU training kernel: word2vec's SGD loop, several threads on shared tables (and the
-row pass of --async's exchange, exchange_rows).
+row pass of --async's exchange, exchange_rows; the per-row sums and updates of the torch engine's
+batched steps, TouchedRows).
 
 Python would spend more time dispatching than computing on 100-float rows, so the hot
 loop (windows, negatives, dot products, row updates) is compiled with numba. Threads

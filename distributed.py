@@ -3,8 +3,9 @@
 trainer.py calls: add_arguments / check_arguments (flags), session (init and always destroy the process
 group), is_main, check_same_corpus, broadcast_parameters, data_parallel, and dist_epoch or
 dist_kernel_epoch (the engines of distributed runs). Sync mode sums every rank's gradient rows each
-step (all-gather of touched rows, never a dense all-reduce of the V x d tables); async mode is local
-SGD whose changes are exchanged in a non-blocking all-reduce every --sync-interval steps (Averager).
+step (the touched rows swapped point to point on the CPU, all-gathered on GPUs; never a dense
+all-reduce of the V x d tables); async mode is local SGD whose changes are exchanged in a
+non-blocking all-reduce every --sync-interval steps (Averager).
 """
 import contextlib
 import math

@@ -166,3 +166,24 @@ def test_window_step_caps_the_summed_gradient_of_rows_met_too_often(monkeypatch)
     out_scale[5] = 2 / 4
     assert torch.allclose(model.in_embed.weight, start["in_embed.weight"] - 0.1 * in_scale * summed_in, atol=1e-6)
     assert torch.allclose(model.out_embed.weight, start["out_embed.weight"] - 0.1 * out_scale * summed_out, atol=1e-6)
+
+
+def test_compiled_window_step_equals_the_tensor_step_even_after_an_unfinished_one():
+    """On the CPU window_step sums rows with compiled loops (cpu_kernel.TouchedRows); a lr given as a
+    tensor takes the tensor ops. Both agree, also when a step stopped between numbering its rows and
+    packing them (the next one clears what it left)."""
+    compiled, tensors = small_case(seed=7)[0], small_case(seed=7)[0]
+    gen = torch.Generator().manual_seed(7)
+    rows = cpu_kernel.touched_rows(compiled.vocab_size, compiled.embed_size)
+    for step in range(5):
+        out_ids, context_ids = torch.randint(0, 12, (6, 3), generator=gen), torch.randint(0, 12, (6, 4), generator=gen)
+        weight = (torch.rand(6, 4, generator=gen) < 0.7).float()
+        if step == 2:  # numbered, never packed
+            rows.number(torch.randint(0, 12, (6, 4)).numpy(), torch.ones(6, 4).numpy(), out_ids.numpy())
+        stats = compiled.window_step(context_ids, weight, out_ids, 0.1)
+        expected = tensors.window_step(context_ids, weight, out_ids, torch.tensor(0.1))
+        torch.testing.assert_close(stats, expected)
+    for key, value in tensors.state_dict().items():
+        torch.testing.assert_close(compiled.state_dict()[key], value, atol=1e-6, rtol=1e-6)
+        assert not torch.equal(value, small_case(seed=7)[0].state_dict()[key])
+    assert (rows.slot == -1).all() and (rows.tally == 0).all()  # left clean for the next step
