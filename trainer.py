@@ -661,7 +661,7 @@ def train(args):
                 state["epoch_pairs"] += pairs
             state["position"] = position
             epoch_words += words_done
-            bar.update(words_done)
+            bar.update(min(words_done, bar.total - bar.n))  # float shares of the corpus can sum past the total
             if state["global_step"] % args.log_interval == 0 and pairs:
                 batch_loss = float(loss_sum) / int(pairs)
                 collect_device_losses()
