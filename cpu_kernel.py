@@ -198,12 +198,18 @@ def warm_up_exchange():
 
 
 # ---------------------------------------------------------------------------------------------
-# --sync steps: the rows a rank sends (its gradient summed per row) and the update from all ranks'
-# rows. Row keys number in_embed rows 0..V-1 and out_embed rows V..2V-1; SYNC_KEY_SPLIT packs a
-# key into two float32 columns (key // SPLIT, key % SPLIT), both exact, so one float32 message
-# carries gradients and keys together.
+# The torch engine's batched steps on the CPU (model.window_step, distributed --sync steps): each
+# touched row's gradient summed once, then applied once (from one rank's rows or all ranks'). Row
+# keys number in_embed rows 0..V-1 and out_embed rows V..2V-1; KEY_SPLIT packs a key into two
+# float32 columns (key // KEY_SPLIT, key % KEY_SPLIT), both exact, so one float32 message carries
+# gradients and keys together.
 
-SYNC_KEY_SPLIT = 4096
+KEY_SPLIT = 4096
+
+
+@njit(inline="always")
+def _packed_key(packed, s, dim):
+    return np.int64(packed[s, dim]) * KEY_SPLIT + np.int64(packed[s, dim + 1])
 
 
 @njit(nogil=True, cache=True)
@@ -235,8 +241,8 @@ def pack_rows(in_rows, in_uses, in_grads, out_rows, out_grads, vocab, slot, keys
     dim = in_grads.shape[1]
     for s in range(packed.shape[0]):
         packed[s, :] = 0.0
-        packed[s, dim] = keys[s] // SYNC_KEY_SPLIT
-        packed[s, dim + 1] = keys[s] % SYNC_KEY_SPLIT
+        packed[s, dim] = keys[s] // KEY_SPLIT
+        packed[s, dim + 1] = keys[s] % KEY_SPLIT
     for j in range(in_rows.shape[0]):
         if in_uses[j] != 0:
             s = slot[in_rows[j]]
@@ -261,11 +267,11 @@ def apply_rows(in_w, out_w, packed, vocab, lr, cap, tally):
     dim = in_w.shape[1]
     limit = 2 * vocab
     for s in range(packed.shape[0]):
-        key = np.int64(packed[s, dim]) * SYNC_KEY_SPLIT + np.int64(packed[s, dim + 1])
+        key = _packed_key(packed, s, dim)
         if key < limit:
             tally[key] += packed[s, dim + 2]
     for s in range(packed.shape[0]):
-        key = np.int64(packed[s, dim]) * SYNC_KEY_SPLIT + np.int64(packed[s, dim + 1])
+        key = _packed_key(packed, s, dim)
         if key >= limit:
             continue
         factor = min(cap / tally[key], np.float32(1.0))
@@ -273,10 +279,9 @@ def apply_rows(in_w, out_w, packed, vocab, lr, cap, tally):
         for t in range(dim):
             table[row, t] -= lr * (packed[s, t] * factor)
     for s in range(packed.shape[0]):
-        key = np.int64(packed[s, dim]) * SYNC_KEY_SPLIT + np.int64(packed[s, dim + 1])
+        key = _packed_key(packed, s, dim)
         if key < limit:
             tally[key] = 0.0
-
 
 
 class TouchedRows:

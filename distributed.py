@@ -303,12 +303,12 @@ def _start_header(*numbers):
 def _ids_as_floats(ids, out):
     """Write row ids into two float32 columns of out (both exact in float32), so that one
     message carries ids and gradients together (the packing of cpu_kernel.pack_rows)."""
-    out[:, 0] = torch.div(ids, cpu_kernel.SYNC_KEY_SPLIT, rounding_mode="floor")
-    out[:, 1] = torch.remainder(ids, cpu_kernel.SYNC_KEY_SPLIT)
+    out[:, 0] = torch.div(ids, cpu_kernel.KEY_SPLIT, rounding_mode="floor")
+    out[:, 1] = torch.remainder(ids, cpu_kernel.KEY_SPLIT)
 
 
 def _floats_as_ids(columns):
-    return columns[:, 0].long() * cpu_kernel.SYNC_KEY_SPLIT + columns[:, 1].long()
+    return columns[:, 0].long() * cpu_kernel.KEY_SPLIT + columns[:, 1].long()
 
 
 def _share_slices(everyone, starts):
@@ -360,7 +360,7 @@ def _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, stop_sig
     rows.pack(in_grads.numpy(), out_grads.numpy(), mine[:-1])
     mine[-1] = 0.0
     mine[-1, 0] = float(loss_sum)
-    mine[-1, dim:dim + 2] = divmod(2 * vocab, cpu_kernel.SYNC_KEY_SPLIT)  # a key past every row: apply_rows skips it
+    mine[-1, dim:dim + 2] = divmod(2 * vocab, cpu_kernel.KEY_SPLIT)  # a key past every row: apply_rows skips it
     _share_slices(torch.from_numpy(everyone), starts)
     rows.apply(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), everyone, lr,
                models.MAX_SUMMED_GRADIENTS)
