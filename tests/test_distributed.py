@@ -160,44 +160,53 @@ def _averager_worker(rank, world_size, block_momentum, out_dir):
     torch.save(model.state_dict(), out_dir / f"rank{rank}.pt")
 
 
-def mean_over_changing_ranks(updates):
-    """Each row's mean over the ranks whose update of the row is not zero (zero if none)."""
-    mean = torch.zeros_like(updates[0])
-    for row in range(len(mean)):
-        changed = [u[row] for u in updates if u[row].any()]
-        if changed:
-            mean[row] = sum(changed) / len(changed)
-    return mean
+def mean_over_changing_ranks(sent, changed):
+    """Each row's sum of what the ranks sent (bfloat16 values, summed as a bfloat16 all-reduce of 2
+    ranks sums them), divided by the number of ranks that changed the row (kept if none did)."""
+    total = sent[0]
+    for part in sent[1:]:
+        total = (total.float() + part.float()).bfloat16()
+    return total.float() / torch.stack(changed).sum(0).clamp(min=1).unsqueeze(1)
 
 
 def averaged_reference(block_momentum, world_size=2):
-    """The --async protocol, written plainly: every 2 steps each rank sends its changes since it
-    last sent and takes the consensus plus its own progress; a sent round reaches the consensus
-    one sync point later, through the block momentum; the end adds the pending and the last
-    round. Returns the final parameters and how many rows only one rank changed in some round."""
+    """The --async protocol, written plainly: every 2 steps each rank sends what it learnt that the
+    consensus has not heard of (its changes since it last sent, plus what the bfloat16 rounding
+    of its last send left out), rounded to bfloat16, and takes the consensus plus all of it; a
+    sent round reaches the consensus one sync point later, through the block momentum; the end
+    adds the pending and the last round. Returns the final parameters and how many rows only one
+    rank changed in some round."""
     models = [start_model() for _ in range(world_size)]
     consensus = {k: v.clone() for k, v in models[0].state_dict().items()}
     momentum = {k: torch.zeros_like(v) for k, v in consensus.items()}
     sent_from = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    unsent = [{k: torch.zeros_like(v) for k, v in consensus.items()} for _ in models]
     data = [list(hand_made_windows(7, 6, seed=10 + r)) for r in range(world_size)]
     pending, lone_rows = None, 0
 
     def send():
-        changes = []
-        for m, sent in zip(models, sent_from):
-            mine = {k: v - sent[k] for k, v in m.state_dict().items()}
+        rounds = []
+        for m, sent, left in zip(models, sent_from, unsent):
+            mine = {}
             for k, v in m.state_dict().items():
-                v.copy_(consensus[k] + mine[k])
+                progress = v - sent[k]
+                learnt = progress + left[k]
+                rounded = learnt.bfloat16()
+                left[k] = (learnt - rounded.float()).bfloat16().float()
+                mine[k] = (rounded, progress.ne(0).any(dim=1))
+                v.copy_(consensus[k] + learnt)
                 sent[k] = v.clone()
-            changes.append(mine)
-        return changes
+            rounds.append(mine)
+        return rounds
 
-    def receive(changes):
+    def receive(rounds):
         nonlocal lone_rows
         for k in consensus:
-            momentum[k] = block_momentum * momentum[k] + mean_over_changing_ranks([c[k] for c in changes])
+            changed = [r[k][1] for r in rounds]
+            mean = mean_over_changing_ranks([r[k][0] for r in rounds], changed)
+            momentum[k] = block_momentum * momentum[k] + mean
             consensus[k] += momentum[k]
-            lone_rows += int(sum(c[k].any(dim=1) for c in changes).eq(1).sum())
+            lone_rows += int(torch.stack(changed).sum(0).eq(1).sum())
 
     for i in range(7):
         if i and i % 2 == 0:
@@ -485,7 +494,8 @@ def test_torchrun_environment_is_used_when_flags_are_absent(monkeypatch):
 @pytest.mark.parametrize("apply_received, send", [(True, True), (True, False), (False, True)])
 def test_compiled_exchange_pass_gives_the_bits_of_the_tensor_pass(block_momentum, apply_received, send):
     """cpu_kernel.exchange_rows (CPU runs) against distributed.exchange_rows (GPU runs): same bits,
-    whether a row changed or not, whatever number of ranks changed it."""
+    whether a row changed or not, whatever number of ranks changed it, with what an earlier
+    rounding left unsent."""
     g = torch.Generator().manual_seed(3)
     rows, width = 40, 7
     sent_from = torch.randn(rows, width, generator=g)
@@ -494,14 +504,21 @@ def test_compiled_exchange_pass_gives_the_bits_of_the_tensor_pass(block_momentum
     values[1, 2] = sent_from[1, 2] + 1e-3  # a row with one changed entry
     ranks = torch.randint(0, 3, (rows,), generator=g).float()  # how many ranks changed each row
     changes = torch.randn(rows, width, generator=g) * ranks.unsqueeze(1)
-    start = [values, sent_from, torch.randn(rows, width, generator=g), changes, ranks,
-             torch.randn(rows, width, generator=g) if block_momentum else torch.zeros(0, 1)]
+    unsent = torch.randn(rows, width, generator=g) * 1e-5
+    unsent[::2] = 0.0  # rows with nothing left from the last exchange
+    start = [values, sent_from, torch.randn(rows, width, generator=g), changes.bfloat16(), unsent.bfloat16(),
+             ranks.bfloat16(), torch.randn(rows, width, generator=g) if block_momentum else torch.zeros(0, 1)]
     by_tensors, compiled = [t.clone() for t in start], [t.clone() for t in start]
     distributed.exchange_rows(*by_tensors, block_momentum, apply_received, send)
-    cpu_kernel.exchange_rows(*(t.numpy() for t in compiled), np.float32(block_momentum), apply_received, send)
+    cpu_kernel.exchange_rows(*(distributed._as_numpy(t) for t in compiled), np.float32(block_momentum),
+                             apply_received, send)
     for expected, got in zip(by_tensors, compiled):
         assert torch.equal(expected, got)
     assert not torch.equal(start[2], by_tensors[2]) if apply_received else torch.equal(start[2], by_tensors[2])
     if send:
-        assert by_tensors[4].tolist() == [1.0 if r % 3 == 0 or r == 1 else 0.0 for r in range(rows)]
-        torch.testing.assert_close(by_tensors[0] - by_tensors[2], values - sent_from)  # consensus + own changes
+        assert by_tensors[5].tolist() == [1.0 if r % 3 == 0 or r == 1 else 0.0 for r in range(rows)]
+        learnt = values - sent_from + start[4].float()  # progress and what the last exchange left unsent
+        torch.testing.assert_close(by_tensors[0] - by_tensors[2], learnt)  # consensus + all it learnt
+        sent = by_tensors[3].float() + by_tensors[4].float()  # rounded to bfloat16 + left for the next
+        torch.testing.assert_close(sent, learnt, rtol=1e-5, atol=1e-7)
+        assert (by_tensors[4].float().abs() <= learnt.abs() / 256).all()  # rounding leaves at most 1/512
