@@ -147,17 +147,16 @@ def session(args):
     if WORLD is None:
         yield
         return
-    silenced = None
+    silenced = finished = None
     try:
-        dist.init_process_group(WORLD.backend, init_method=WORLD.init_method, rank=WORLD.rank,
-                                world_size=WORLD.world_size, timeout=timedelta(seconds=WORLD.timeout))
+        join_group(WORLD.backend, WORLD.init_method, WORLD.rank, WORLD.world_size, WORLD.timeout)
         if WORLD.backend == "gloo":  # names the ranks that never showed up, instead of a bare timeout
             dist.monitored_barrier(timeout=timedelta(seconds=WORLD.timeout))
         if WORLD.rank != 0:  # one voice: rank 0 prints and shows progress; errors still reach stderr
             silenced, sys.stdout = sys.stdout, open(os.devnull, "w")
             args.quiet = True
         yield
-        dist.barrier()  # leave together: Gloo can abort a rank whose peer closed its sockets first
+        finished = leave_together()
     except dist.DistError as err:
         raise DistributedFailure(_describe(err)) from err
     except RuntimeError as err:  # Gloo/NCCL report dead peers and timeouts as plain RuntimeErrors too
@@ -170,6 +169,30 @@ def session(args):
             sys.stdout = silenced
         if dist.is_initialized():
             dist.destroy_process_group()
+        del finished  # after the group: see leave_together
+
+
+def join_group(backend, init_method, rank, world_size, timeout):
+    """dist.init_process_group, after importing torch._dynamo (1 s). torch.optim imports it on first
+    use, and imported while a group exists (torch 2.13) it keeps the group alive past
+    destroy_process_group: the group's Gloo threads then outlive the interpreter (see leave_together)."""
+    import torch._dynamo  # noqa: F401
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout))
+
+
+def leave_together():
+    """A barrier before the group is destroyed (Gloo can abort a rank whose peer closed its sockets
+    first); returns the barrier's Work, for the caller to drop after destroy_process_group.
+
+    Gloo's barrier holds the collectives still running when it was called, and their tensors
+    belong to Python. Dropped by a Gloo thread while the interpreter shuts down, they abort the
+    process ("terminate called without an active exception": the thread exits as it takes the
+    GIL, inside a destructor). Held here, they die in the main thread. Without this and
+    join_group, a rank aborted after the last step in 2-3% of short 3-rank runs."""
+    finished = dist.barrier(async_op=True)
+    finished.wait()
+    return finished
 
 
 def _looks_distributed(err):
