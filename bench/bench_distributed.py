@@ -52,8 +52,10 @@ def corpus_subset(source, words, folder):
 
 
 def _probe_rank(rank, init, sizes, repeats, results):
-    """Seconds per exchange of each size (float32 elements a rank) between 2 Gloo ranks, one thread
-    each: Gloo's all-gather, and the send/receive pair a sync step swaps its rows with."""
+    """Seconds per exchange of each size (elements a rank) between 2 Gloo ranks, one thread each, and
+    the CPU seconds of rank 0 (the CPU is what 2 ranks on 2 cores compete for):
+    Gloo's all-gather and the send/receive pair a sync step swaps its float32 rows with, and the
+    all-reduce of --async's exchange in float32 and in bfloat16 (what it sends)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
     try:
@@ -64,23 +66,28 @@ def _probe_rank(rank, init, sizes, repeats, results):
                 works = [dist.isend(mine, 1 - rank), dist.irecv(parts[1 - rank], 1 - rank)]
                 for work in works:
                     work.wait()
-            exchanges = (("all-gather", lambda: dist.all_gather(parts, mine)), ("send/receive", send_receive))
+            changes = {dtype: torch.ones(n, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+            exchanges = (("all-gather", lambda: dist.all_gather(parts, mine)), ("send/receive", send_receive),
+                         ("all-reduce float32", lambda: dist.all_reduce(changes[torch.float32])),
+                         ("all-reduce bfloat16", lambda: dist.all_reduce(changes[torch.bfloat16])))
             for name, exchange in exchanges:
                 for _ in range(10):
                     exchange()
                 dist.barrier()
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()  # CPU: all threads, Gloo's too
                 for _ in range(repeats):
                     exchange()
                 if rank == 0:
-                    results[(name, n)] = (time.perf_counter() - start) / repeats
+                    results[(name, n)] = ((time.perf_counter() - start) / repeats,
+                                          (time.process_time() - start_cpu) / repeats)
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def gloo_probe(sizes=(4, 250_000, 750_000), repeats=200):
-    """What one exchange costs here: a sync step waits for two (the row counts, then the rows)."""
+def gloo_probe(sizes=(4, 250_000, 750_000, 1_900_000), repeats=100):
+    """What one exchange costs here: a sync step waits for two (the row counts, then the rows); an
+    --async exchange at d=200 all-reduces 1.9M changes a rank (two 4,665 x 200 tables)."""
     with mp.Manager() as manager:
         results = manager.dict()
         mp.start_processes(_probe_rank, args=(f"tcp://127.0.0.1:{free_port()}", sizes, repeats, results),
@@ -161,11 +168,12 @@ def main():
                                   **result}
         rows = list(best.values())
     probe = gloo_probe()
-    for name in ("all-gather", "send/receive"):
+    for name in ("all-gather", "send/receive", "all-reduce float32", "all-reduce bfloat16"):
+        width = 2 if name.endswith("bfloat16") else 4
         print(f"\nGloo {name} between 2 processes here (one thread each): "
-              + ", ".join(f"{n * 4 / 1e6:g} MB a rank {t * 1e3:.2f} ms" for (kind, n), t in sorted(probe.items())
-                          if kind == name))
-    latency = min(t for (kind, _), t in probe.items() if kind == "all-gather")
+              + ", ".join(f"{n:,} elements ({n * width / 1e6:g} MB) a rank {t * 1e3:.2f} ms (CPU {cpu * 1e3:.2f} ms)"
+                          for (kind, n), (t, cpu) in sorted(probe.items()) if kind == name))
+    latency = min(t for (kind, _), (t, _) in probe.items() if kind == "all-gather")
     print("\n| model | engine | nodes (processes) | sync | embedding | batch | time/epoch (s) | words/s | "
           "lowest PIP loss |")
     print("|---|---|---|---|---|---|---|---|---|")
