@@ -484,7 +484,7 @@ class Averager:
     (at most 1/256 of a change) is kept and sent with the rank's next changes (error feedback),
     so nothing a rank learns is lost, only delayed by one exchange; the epoch's last leftovers
     are dropped. Between 2 Gloo ranks here, all-reducing 1.9M changes a rank (two 4,665 x 200
-    tables) took 7.3 ms of CPU in float32, 4.1 ms in bfloat16 (bench/bench_distributed.py's probe).
+    tables) took 4.6-7.3 ms of CPU in float32, 3.2-4.1 ms in bfloat16 (bench/bench_distributed.py).
 
     A plain average of the ranks' parameters keeps 1/world-size of what each rank learnt: with
     2 ranks, every change made on half the text is halved. The row-wise mean gives a row that
