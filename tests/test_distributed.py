@@ -1,5 +1,6 @@
 """Several processes (Gloo on 127.0.0.1, CPU) and the DataParallel code path (on CPU it runs unreplicated)."""
 import argparse
+import json
 import os
 import signal
 import socket
@@ -470,6 +471,28 @@ def test_leaving_the_group_ends_its_threads_even_after_an_optimizer_was_made(tmp
     for rank in range(2):
         before, after = (tmp_path / f"threads{rank}").read_text().split()
         assert after == before
+
+
+def _idle_io_worker(rank, world_size, out_dir):
+    moved = distributed.idle_gloo_io_thread()
+    policies = {tid: (open(f"/proc/self/task/{tid}/comm").read().strip(), os.sched_getscheduler(int(tid)))
+                for tid in os.listdir("/proc/self/task")}
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)  # the group still talks through its idle I/O thread
+    (out_dir / f"idle{rank}").write_text(json.dumps({"moved": moved, "policies": policies, "total": total.item()}))
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE") or not os.path.isdir("/proc/self/task"),
+                    reason="SCHED_IDLE and /proc (Linux)")
+def test_sync_runs_put_only_the_gloo_io_thread_under_sched_idle(tmp_path):
+    run_ranks(_idle_io_worker, tmp_path)
+    for rank in range(2):
+        report = json.loads((tmp_path / f"idle{rank}").read_text())
+        io_threads = [policy for name, policy in report["policies"].values() if name == "gloo_tcp_loop"]
+        others = [policy for name, policy in report["policies"].values() if name != "gloo_tcp_loop"]
+        assert report["moved"] == len(io_threads) >= 1
+        assert set(io_threads) == {os.SCHED_IDLE} and os.SCHED_IDLE not in others
+        assert report["total"] == 3.0
 
 
 @pytest.mark.parametrize("flags,message", [
