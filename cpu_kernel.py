@@ -309,8 +309,9 @@ def apply_rows(in_w, out_w, packed, vocab, lr, cap, tally):
 class TouchedRows:
     """The rows a batched SGD step touches (model.window_step on the CPU, and --sync steps), with
     what the compiled loops above reuse from step to step: the maps over the 2V row keys, slot
-    (-1) and tally (0), which every step leaves as it found them, and the buffer of packed rows
-    (a fresh one each step cost its page faults again: 1 ms at batch 8192, d=200).
+    (-1) and tally (0), which every step leaves as it found them, the buffer of packed rows
+    (a fresh one each step cost its page faults again: 1 ms at batch 8192, d=200) and the
+    scratch arrays of the gradients.
 
     A step calls number (its windows), then pack (their gradients) into rows of buffer(n), then
     apply (those rows, or every rank's).
@@ -323,6 +324,7 @@ class TouchedRows:
         self._buffer = np.empty((0, dim + 3), dtype=np.float32)
         self.keys = np.empty(0, dtype=np.int64)
         self.count = 0  # rows numbered and not packed yet
+        self._scratch = {}
 
     def number(self, context_ids, weight, out_ids):
         """Number the distinct rows of windows (numpy arrays, as model.window_grads takes them); returns the count."""
@@ -339,6 +341,18 @@ class TouchedRows:
         if n > len(self._buffer):
             self._buffer = np.empty((max(n, 3 * len(self._buffer) // 2), self._buffer.shape[1]), dtype=np.float32)
         return self._buffer[:n]
+
+    def scratch(self, name, shape):
+        """A float32 array of shape on storage kept for the next call with the same name: the
+        products of model.window_grads. Allocated afresh each step, those over malloc's mmap
+        threshold (32 MB) were mapped and page-faulted anew every time: at batch 32,768, d=200, a
+        step took 2x as long (bench/RESULTS.md)."""
+        size = math.prod(shape)
+        store = self._scratch.get(name)
+        if store is None or len(store) < size:
+            store = self._scratch[name] = np.empty(max(size, 0 if store is None else 3 * len(store) // 2),
+                                                   dtype=np.float32)
+        return store[:size].reshape(shape)
 
     def pack(self, in_grads, out_grads, packed):
         """The numbered rows' summed gradients into packed (count rows; pack_rows)."""

@@ -405,7 +405,7 @@ def _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, stop_sig
     rows = cpu_kernel.touched_rows(vocab, dim)
     n_rows = rows.number(context_ids.numpy(), weight.numpy(), out_ids.numpy())
     header_table = _start_header(n_rows, float(weight.sum(dtype=torch.float64)), stop_signal)
-    loss_sum, _, in_grads, _, out_grads = model.window_grads(context_ids, weight, out_ids)
+    loss_sum, _, in_grads, _, out_grads = model.window_grads(context_ids, weight, out_ids, rows.scratch)
     header = header_table()  # normally arrived while the gradients were computed
     starts = np.cumsum([0] + [int(n) + 1 for n in header[:, 0]])  # a rank's rows, then its loss row
     everyone = rows.buffer(int(starts[-1]))

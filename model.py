@@ -45,7 +45,7 @@ class SGNS(nn.Module):
         return self.in_embed.weight.detach()
 
     @torch.no_grad()
-    def window_grads(self, context_ids, weight, out_ids):
+    def window_grads(self, context_ids, weight, out_ids, scratch=None):
         """Loss summed over the real pairs of whole windows, and its gradient as touched rows, without autograd.
 
         context_ids C x W2 with weight C x W2 (1 for a real pair, 0 for padding), out_ids
@@ -54,11 +54,20 @@ class SGNS(nn.Module):
         a window is one product (W2 x d) by (d x (K+1)), batched over the C windows (Ji et al. 2016).
         Returns (loss_sum, in_rows, in_grads, out_rows, out_grads): the gradient is in_grads added
         (index_add_, rows may repeat) into in_embed rows in_rows, and likewise for out_embed.
+        scratch(name, shape), if given (CPU), lends the float32 arrays the four C x . x d tensors
+        are written to, kept from step to step (cpu_kernel.TouchedRows.scratch); the gradients
+        returned then live there until the next call.
         """
-        # F.embedding gathers whole rows (index_select), where indexing the weight went element by
-        # element; with the fused loss below, a CPU step is 1.1-1.35x faster (bench/RESULTS.md)
-        inputs = F.embedding(context_ids, self.in_embed.weight)          # C x W2 x d
-        outputs = F.embedding(out_ids, self.out_embed.weight)            # C x (K+1) x d
+        n_ctx, n_out, d = context_ids.numel(), out_ids.numel(), self.embed_size
+
+        def lent(name, *shape):
+            return None if scratch is None else torch.from_numpy(scratch(name, shape))
+        # index_select gathers whole rows (as F.embedding does), where indexing the weight went
+        # element by element; with the fused loss below, a CPU step is 1.1-1.35x faster (bench/RESULTS.md)
+        inputs = torch.index_select(self.in_embed.weight, 0, context_ids.reshape(-1),
+                                    out=lent("inputs", n_ctx, d)).view(*context_ids.shape, d)    # C x W2 x d
+        outputs = torch.index_select(self.out_embed.weight, 0, out_ids.reshape(-1),
+                                     out=lent("outputs", n_out, d)).view(*out_ids.shape, d)     # C x (K+1) x d
         scores = torch.bmm(inputs, outputs.transpose(1, 2))              # C x W2 x (K+1)
         labels = torch.zeros(out_ids.shape[1], dtype=scores.dtype, device=scores.device)
         labels[0] = 1.0                                                  # the center; its negatives 0
@@ -66,9 +75,8 @@ class SGNS(nn.Module):
         # -log s(x) for the center, -log s(-x) for a negative, weighted by the pair's realness: one fused op
         loss_sum = F.binary_cross_entropy_with_logits(scores, labels.expand_as(scores), pairs, reduction="sum")
         coef = torch.sigmoid(scores).sub_(labels).mul_(pairs)            # d loss / d score: s(x) - label
-        in_grads = torch.bmm(coef, outputs)                              # C x W2 x d
-        out_grads = torch.bmm(coef.transpose(1, 2), inputs)             # C x (K+1) x d
-        d = self.embed_size
+        in_grads = torch.bmm(coef, outputs, out=lent("in_grads", *inputs.shape))                      # C x W2 x d
+        out_grads = torch.bmm(coef.transpose(1, 2), inputs, out=lent("out_grads", *outputs.shape))   # C x (K+1) x d
         return loss_sum, context_ids.reshape(-1), in_grads.reshape(-1, d), out_ids.reshape(-1), out_grads.reshape(-1, d)
 
     @torch.no_grad()
@@ -83,7 +91,7 @@ class SGNS(nn.Module):
         if context_ids.device.type == "cpu" and not torch.is_tensor(lr):
             rows = cpu_kernel.touched_rows(self.vocab_size, self.embed_size)
             packed = rows.buffer(rows.number(context_ids.numpy(), weight.numpy(), out_ids.numpy()))
-            loss_sum, _, in_grads, _, out_grads = self.window_grads(context_ids, weight, out_ids)
+            loss_sum, _, in_grads, _, out_grads = self.window_grads(context_ids, weight, out_ids, rows.scratch)
             rows.pack(in_grads.numpy(), out_grads.numpy(), packed)
             rows.apply(self.in_embed.weight.data.numpy(), self.out_embed.weight.data.numpy(), packed, lr,
                        MAX_SUMMED_GRADIENTS)

@@ -127,6 +127,26 @@ def test_window_grads_equal_autograd_on_the_expanded_pairs():
     assert torch.allclose(torch.zeros_like(auto_out).index_add_(0, out_rows, out_grads), auto_out, atol=1e-6)
 
 
+def test_window_grads_on_lent_scratch_arrays_give_the_same_bits_on_the_same_storage_each_step():
+    """On the CPU the gradients are written to arrays kept from step to step (TouchedRows.scratch):
+    the same values as fresh tensors, and no new storage for a step of the same size or smaller."""
+    model, _, _, _ = small_case(seed=6)
+    scratch = cpu_kernel.TouchedRows(12, model.embed_size).scratch
+    gen = torch.Generator().manual_seed(6)
+    storage = None
+    for n_windows in (5, 5, 3):
+        out_ids = torch.randint(0, 12, (n_windows, 4), generator=gen)
+        context_ids = torch.randint(0, 12, (n_windows, 6), generator=gen)
+        weight = (torch.rand(n_windows, 6, generator=gen) < 0.6).float()
+        fresh = model.window_grads(context_ids, weight, out_ids)
+        lent = model.window_grads(context_ids, weight, out_ids, scratch)
+        for a, b in zip(fresh, lent):
+            assert torch.equal(a, b)
+        pointers = (lent[2].data_ptr(), lent[4].data_ptr())
+        assert storage is None or pointers == storage
+        storage = pointers
+
+
 def test_window_step_is_sgd_with_the_lr_as_number_or_tensor():
     model, _, _, _ = small_case(seed=5)
     gen = torch.Generator().manual_seed(5)
