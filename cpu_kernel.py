@@ -281,29 +281,33 @@ def pack_rows(in_rows, in_uses, in_grads, out_rows, out_grads, vocab, slot, keys
 
 
 @njit(nogil=True, cache=True)
-def apply_rows(in_w, out_w, packed, vocab, lr, cap, tally):
-    """SGD from every rank's packed rows (in rank order; rows keyed 2V or more are skipped): each
-    row moves by -lr * min(1, cap / k) * its gradient, k its uses summed over all of packed, as
-    model.window_step scales a row met more than cap times. tally: 2V zeros between calls.
-    float32 throughout, so every rank computes the same bits."""
+def apply_rows(in_w, out_w, packed, segments, vocab, lr, cap, tally):
+    """SGD from the packed rows of segments (start, stop), in their order (every rank's rows in rank
+    order; rows keyed 2V or more are skipped): each row moves by -lr * min(1, cap / k) * its
+    gradient, k its uses summed over all segments, as model.window_step scales a row met more
+    than cap times. tally: 2V zeros between calls. float32 throughout, so every rank computes the
+    same bits."""
     dim = in_w.shape[1]
     limit = 2 * vocab
-    for s in range(packed.shape[0]):
-        key = _packed_key(packed, s, dim)
-        if key < limit:
-            tally[key] += packed[s, dim + 2]
-    for s in range(packed.shape[0]):
-        key = _packed_key(packed, s, dim)
-        if key >= limit:
-            continue
-        factor = min(cap / tally[key], np.float32(1.0))
-        table, row = (in_w, key) if key < vocab else (out_w, key - vocab)
-        for t in range(dim):
-            table[row, t] -= lr * (packed[s, t] * factor)
-    for s in range(packed.shape[0]):
-        key = _packed_key(packed, s, dim)
-        if key < limit:
-            tally[key] = 0.0
+    for g in range(segments.shape[0]):
+        for s in range(segments[g, 0], segments[g, 1]):
+            key = _packed_key(packed, s, dim)
+            if key < limit:
+                tally[key] += packed[s, dim + 2]
+    for g in range(segments.shape[0]):
+        for s in range(segments[g, 0], segments[g, 1]):
+            key = _packed_key(packed, s, dim)
+            if key >= limit:
+                continue
+            factor = min(cap / tally[key], np.float32(1.0))
+            table, row = (in_w, key) if key < vocab else (out_w, key - vocab)
+            for t in range(dim):
+                table[row, t] -= lr * (packed[s, t] * factor)
+    for g in range(segments.shape[0]):
+        for s in range(segments[g, 0], segments[g, 1]):
+            key = _packed_key(packed, s, dim)
+            if key < limit:
+                tally[key] = 0.0
 
 
 class TouchedRows:
@@ -360,9 +364,11 @@ class TouchedRows:
                   self.keys[:self.count], packed)
         self.count = 0
 
-    def apply(self, in_w, out_w, packed, lr, cap):
-        """SGD from packed rows (apply_rows)."""
-        apply_rows(in_w, out_w, packed, self.vocab, np.float32(lr), np.float32(cap), self.tally)
+    def apply(self, in_w, out_w, packed, lr, cap, segments=None):
+        """SGD from the packed rows of segments (apply_rows; default: all of packed)."""
+        if segments is None:
+            segments = np.array([[0, len(packed)]], dtype=np.int64)
+        apply_rows(in_w, out_w, packed, segments, self.vocab, np.float32(lr), np.float32(cap), self.tally)
 
 
 @functools.lru_cache(maxsize=1)
@@ -379,5 +385,5 @@ def warm_up_rows():
     number_rows(no_ids, no_uses, no_ids, 1, slot, no_ids)
     no_grads = np.zeros((0, 1), np.float32)
     pack_rows(no_ids, no_uses, no_grads, no_ids, no_grads, 1, slot, no_ids, no_rows)
-    apply_rows(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), no_rows, 1, np.float32(0.0),
-               np.float32(1.0), np.zeros(2, np.float32))
+    apply_rows(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), no_rows, np.zeros((0, 2), np.int64), 1,
+               np.float32(0.0), np.float32(1.0), np.zeros(2, np.float32))

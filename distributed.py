@@ -364,60 +364,53 @@ def _floats_as_ids(columns):
     return columns[:, 0].long() * cpu_kernel.KEY_SPLIT + columns[:, 1].long()
 
 
-def _share_slices(everyone, starts):
-    """Send this rank's rows everyone[starts[me]:starts[me + 1]] to every other rank and receive
-    theirs into their slices, point to point: between 2 Gloo ranks here a send/receive pair
-    moved 3 MB a rank in 2.0 ms, Gloo's all-gather in 4.0 ms (bench/bench_distributed.py)."""
-    me = dist.get_rank()
-    works = []
-    for rank in range(dist.get_world_size()):
-        if rank != me:
-            works.append(dist.isend(everyone[starts[me]:starts[me + 1]], rank))
-            works.append(dist.irecv(everyone[starts[rank]:starts[rank + 1]], rank))
-    for work in works:
-        work.wait()
-
-
-def sync_window_step(model, context_ids, weight, out_ids, lr, stop_signal=0):
+def sync_window_step(model, context_ids, weight, out_ids, lr, max_windows, stop_signal=0):
     """One synchronous window step (model.window_step) over all ranks' windows together.
 
     The loss is a sum over pairs, so summing every rank's gradients gives one single-process
     step on the concatenated global batch; each row is then scaled as window_step scales it,
     by its count over all ranks (model.row_damping). Only touched rows travel, each rank's
-    gradient summed per row. On the CPU compiled loops do the bookkeeping and the rows travel
-    point to point (_sync_window_step_compiled); on GPUs tensor ops and an all-gather
+    gradient summed per row. max_windows: the most windows a rank's step holds. On the CPU
+    compiled loops do the bookkeeping and the rows travel point to point
+    (_sync_window_step_compiled); on GPUs tensor ops and an all-gather
     (_sync_window_step_tensors). Returns (global loss sum, global pairs, agreed stop signal).
     """
     if context_ids.device.type == "cpu":
-        return _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, stop_signal)
+        return _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, max_windows, stop_signal)
     return _sync_window_step_tensors(model, context_ids, weight, out_ids, lr, stop_signal)
 
 
-def _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, stop_signal=0):
-    """sync_window_step on the CPU. Each rank numbers the distinct rows of its windows
-    (cpu_kernel.number_rows) and sends their count, pairs and stop signal in a tiny all-gather
-    that travels while it computes its gradients; then every rank knows where each rank's rows
-    go in one buffer, packs its own there (cpu_kernel.pack_rows: [gradient | key | key | uses],
-    then a row with its loss), swaps slices with the others and applies the whole buffer in rank
-    order (cpu_kernel.apply_rows), so all ranks compute the same bits. The tensor version took
-    8 ms of bookkeeping in a 20 ms step at batch 8192, d=200 (sorting the rows, many passes)."""
+def _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, max_windows, stop_signal=0):
+    """sync_window_step on the CPU, in one exchange. A buffer holds a region per rank: a first
+    row [rows, pairs, stop signal, loss], then room for as many rows as a rank's step can touch
+    (max_windows x (context slots + out slots), at most 2V). Each rank posts the receives of the
+    others' regions, numbers its distinct rows (cpu_kernel.number_rows), computes its gradients,
+    packs them into its region (cpu_kernel.pack_rows: [gradient | key | key | uses]) and sends
+    the part it filled to every other rank; every rank then applies the rows of all regions in
+    rank order (cpu_kernel.apply_rows), so all ranks compute the same bits. Sending the row
+    counts first, in an all-gather that travelled while the gradients were computed, cost a
+    second round trip: 0.2-0.3 ms a step here (bench/RESULTS.md)."""
     vocab, dim = model.vocab_size, model.embed_size
+    me, world_size = dist.get_rank(), dist.get_world_size()
+    region = 1 + min(2 * vocab, max_windows * (context_ids.shape[1] + out_ids.shape[1]))
     rows = cpu_kernel.touched_rows(vocab, dim)
+    everyone = rows.buffer(world_size * region)
+    others = [rank for rank in range(world_size) if rank != me]
+    receives = [dist.irecv(torch.from_numpy(everyone[rank * region:(rank + 1) * region]), rank) for rank in others]
     n_rows = rows.number(context_ids.numpy(), weight.numpy(), out_ids.numpy())
-    header_table = _start_header(n_rows, float(weight.sum(dtype=torch.float64)), stop_signal)
     loss_sum, _, in_grads, _, out_grads = model.window_grads(context_ids, weight, out_ids, rows.scratch)
-    header = header_table()  # normally arrived while the gradients were computed
-    starts = np.cumsum([0] + [int(n) + 1 for n in header[:, 0]])  # a rank's rows, then its loss row
-    everyone = rows.buffer(int(starts[-1]))
-    mine = everyone[starts[dist.get_rank()]:starts[dist.get_rank() + 1]]
-    rows.pack(in_grads.numpy(), out_grads.numpy(), mine[:-1])
-    mine[-1] = 0.0
-    mine[-1, 0] = float(loss_sum)
-    mine[-1, dim:dim + 2] = divmod(2 * vocab, cpu_kernel.KEY_SPLIT)  # a key past every row: apply_rows skips it
-    _share_slices(torch.from_numpy(everyone), starts)
+    mine = everyone[me * region:me * region + 1 + n_rows]
+    rows.pack(in_grads.numpy(), out_grads.numpy(), mine[1:])
+    mine[0] = 0.0
+    mine[0, :4] = n_rows, float(weight.sum(dtype=torch.float64)), stop_signal, float(loss_sum)
+    sends = [dist.isend(torch.from_numpy(mine), rank) for rank in others]
+    for work in receives + sends:
+        work.wait()
+    firsts = everyone[::region]  # each region's first row
+    segments = np.stack([np.arange(world_size) * region + 1, np.arange(world_size) * region + 1 + firsts[:, 0]], 1)
     rows.apply(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), everyone, lr,
-               models.MAX_SUMMED_GRADIENTS)
-    return float(everyone[starts[1:] - 1, 0].sum(dtype=np.float64)), int(header[:, 1].sum()), int(header[:, 2].max())
+               models.MAX_SUMMED_GRADIENTS, segments.astype(np.int64))
+    return float(firsts[:, 3].sum(dtype=np.float64)), int(firsts[:, 1].sum()), int(firsts[:, 2].max())
 
 
 def _sync_window_step_tensors(model, context_ids, weight, out_ids, lr, stop_signal=0):
@@ -670,7 +663,7 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, l
         if averager is not None and (i - first) % args.sync_interval == 0 and i > first:
             stop = averager.sync_point(stop_signal())
         if optimizer is None and averager is None:  # SGD summed over ranks
-            loss_sum, pairs, stop = sync_window_step(model, *window, lr, stop_signal())
+            loss_sum, pairs, stop = sync_window_step(model, *window, lr, centers_per_step, stop_signal())
         elif optimizer is None:
             loss_sum, pairs = model.window_step(*window, lr)
         else:

@@ -102,7 +102,8 @@ def _sync_worker(rank, world_size, out_dir):
     for i, (batch, window) in enumerate(zip(batches, windows)):
         last = i == len(batches) - 1
         local_window = [split(t, rank, world_size, last) for t in window]
-        stats.append(distributed.sync_window_step(sgd, *local_window, lr=0.1)[:2])  # the CPU's compiled step
+        cpu_step = distributed.sync_window_step(sgd, *local_window, lr=0.1, max_windows=len(window[0]))
+        stats.append(cpu_step[:2])  # the CPU's compiled step
         distributed._sync_window_step_tensors(sgd_tensors, *local_window, lr=0.1)  # the GPUs' step
         local = [split(t, rank, world_size, last) for t in batch]
         adam.zero_grad(set_to_none=True)
