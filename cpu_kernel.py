@@ -283,31 +283,23 @@ def pack_rows(in_rows, in_uses, in_grads, out_rows, out_grads, vocab, slot, keys
 @njit(nogil=True, cache=True)
 def apply_rows(in_w, out_w, packed, segments, vocab, lr, cap, tally):
     """SGD from the packed rows of segments (start, stop), in their order (every rank's rows in rank
-    order; rows keyed 2V or more are skipped): each row moves by -lr * min(1, cap / k) * its
-    gradient, k its uses summed over all segments, as model.window_step scales a row met more
-    than cap times. tally: 2V zeros between calls. float32 throughout, so every rank computes the
-    same bits."""
+    order): each row moves by -lr * min(1, cap / k) * its gradient, k its uses summed over all
+    segments, as model.window_step scales a row met more than cap times. tally: 2V zeros between
+    calls. float32 throughout, so every rank computes the same bits."""
     dim = in_w.shape[1]
-    limit = 2 * vocab
+    for g in range(segments.shape[0]):
+        for s in range(segments[g, 0], segments[g, 1]):
+            tally[_packed_key(packed, s, dim)] += packed[s, dim + 2]
     for g in range(segments.shape[0]):
         for s in range(segments[g, 0], segments[g, 1]):
             key = _packed_key(packed, s, dim)
-            if key < limit:
-                tally[key] += packed[s, dim + 2]
-    for g in range(segments.shape[0]):
-        for s in range(segments[g, 0], segments[g, 1]):
-            key = _packed_key(packed, s, dim)
-            if key >= limit:
-                continue
             factor = min(cap / tally[key], np.float32(1.0))
             table, row = (in_w, key) if key < vocab else (out_w, key - vocab)
             for t in range(dim):
                 table[row, t] -= lr * (packed[s, t] * factor)
     for g in range(segments.shape[0]):
         for s in range(segments[g, 0], segments[g, 1]):
-            key = _packed_key(packed, s, dim)
-            if key < limit:
-                tally[key] = 0.0
+            tally[_packed_key(packed, s, dim)] = 0.0
 
 
 class TouchedRows:
