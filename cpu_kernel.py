@@ -305,19 +305,17 @@ def apply_rows(in_w, out_w, packed, segments, vocab, lr, cap, tally):
 class TouchedRows:
     """The rows a batched SGD step touches (model.window_step on the CPU, and --sync steps), with
     what the compiled loops above reuse from step to step: the maps over the 2V row keys, slot
-    (-1) and tally (0), which every step leaves as it found them, the buffer of packed rows
-    (a fresh one each step cost its page faults again: 1 ms at batch 8192, d=200) and the
-    scratch arrays of the gradients.
+    (-1) and tally (0), which every step leaves as it found them, and the float32 arrays a step
+    fills (scratch): its packed rows and the products of model.window_grads.
 
     A step calls number (its windows), then pack (their gradients) into rows of buffer(n), then
     apply (those rows, or every rank's).
     """
 
     def __init__(self, vocab, dim):
-        self.vocab = vocab
+        self.vocab, self.dim = vocab, dim
         self.slot = np.full(2 * vocab, -1, dtype=np.int32)
         self.tally = np.zeros(2 * vocab, dtype=np.float32)
-        self._buffer = np.empty((0, dim + 3), dtype=np.float32)
         self.keys = np.empty(0, dtype=np.int64)
         self.count = 0  # rows numbered and not packed yet
         self._scratch = {}
@@ -333,16 +331,14 @@ class TouchedRows:
         return self.count
 
     def buffer(self, n):
-        """n rows of the reused buffer, width dim + 3."""
-        if n > len(self._buffer):
-            self._buffer = np.empty((max(n, 3 * len(self._buffer) // 2), self._buffer.shape[1]), dtype=np.float32)
-        return self._buffer[:n]
+        """n packed rows, width dim + 3, on reused storage (scratch)."""
+        return self.scratch("packed", (n, self.dim + 3))
 
     def scratch(self, name, shape):
-        """A float32 array of shape on storage kept for the next call with the same name: the
-        products of model.window_grads. Allocated afresh each step, those over malloc's mmap
-        threshold (32 MB) were mapped and page-faulted anew every time: at batch 32,768, d=200, a
-        step took 2x as long (bench/RESULTS.md)."""
+        """A float32 array of shape on storage kept for the next call with the same name. Allocated
+        afresh each step, the packed rows cost their page faults again (1 ms at batch 8192, d=200),
+        and the products of model.window_grads over malloc's mmap threshold (32 MB) were mapped and
+        page-faulted anew every time: at batch 32,768, d=200, a step took 2x as long (bench/RESULTS.md)."""
         size = math.prod(shape)
         store = self._scratch.get(name)
         if store is None or len(store) < size:

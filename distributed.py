@@ -407,9 +407,10 @@ def _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, max_wind
     for work in receives + sends:
         work.wait()
     firsts = everyone[::region]  # each region's first row
-    segments = np.stack([np.arange(world_size) * region + 1, np.arange(world_size) * region + 1 + firsts[:, 0]], 1)
+    starts = np.arange(world_size, dtype=np.int64) * region + 1
+    segments = np.stack([starts, starts + firsts[:, 0].astype(np.int64)], 1)
     rows.apply(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), everyone, lr,
-               models.MAX_SUMMED_GRADIENTS, segments.astype(np.int64))
+               models.MAX_SUMMED_GRADIENTS, segments)
     return float(firsts[:, 3].sum(dtype=np.float64)), int(firsts[:, 1].sum()), int(firsts[:, 2].max())
 
 
