@@ -1,4 +1,6 @@
 """SGNS models: embedding tables (SGNS) or character LSTM word encoders (RNNSGNS), with the SGNS loss."""
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -24,6 +26,7 @@ class SGNS(nn.Module):
     def __init__(self, vocab_size, embed_size, sparse=True):
         super().__init__()
         self.vocab_size, self.embed_size = vocab_size, embed_size
+        self.gpu_kernel = True  # window_step on a GPU: Triton kernels where they run (trainer's --gpu-kernel)
         self.in_embed = nn.Embedding(vocab_size, embed_size, sparse=sparse)
         self.out_embed = nn.Embedding(vocab_size, embed_size, sparse=sparse)
         with torch.no_grad():
@@ -69,8 +72,8 @@ class SGNS(nn.Module):
         outputs = torch.index_select(self.out_embed.weight, 0, out_ids.reshape(-1),
                                      out=lent("outputs", n_out, d)).view(*out_ids.shape, d)     # C x (K+1) x d
         scores = torch.bmm(inputs, outputs.transpose(1, 2))              # C x W2 x (K+1)
-        labels = torch.zeros(out_ids.shape[1], dtype=scores.dtype, device=scores.device)
-        labels[0] = 1.0                                                  # the center; its negatives 0
+        # 1 for the center, 0 for its negatives, made on the device (a CUDA graph cannot capture a host copy)
+        labels = (torch.arange(out_ids.shape[1], device=scores.device) == 0).to(scores.dtype)
         pairs = weight.unsqueeze(2)
         # -log s(x) for the center, -log s(-x) for a negative, weighted by the pair's realness: one fused op
         loss_sum = F.binary_cross_entropy_with_logits(scores, labels.expand_as(scores), pairs, reduction="sum")
@@ -86,7 +89,8 @@ class SGNS(nn.Module):
         A row's summed gradient is scaled down where the row occurs more than MAX_SUMMED_GRADIENTS
         times. lr is a number, or a 0-d tensor on the device (a captured CUDA graph reads it there).
         On the CPU compiled loops sum the gradients per row and apply them (cpu_kernel.TouchedRows):
-        30% faster than the tensor ops at batch 8192, d=50 (bench/RESULTS.md).
+        30% faster than the tensor ops at batch 8192, d=50 (bench/RESULTS.md). On a GPU, three Triton
+        kernels do the same step (gpu_kernel), unless self.gpu_kernel is False or Triton does not run there.
         """
         if context_ids.device.type == "cpu" and not torch.is_tensor(lr):
             rows = cpu_kernel.touched_rows(self.vocab_size, self.embed_size)
@@ -96,6 +100,11 @@ class SGNS(nn.Module):
             rows.apply(self.in_embed.weight.data.numpy(), self.out_embed.weight.data.numpy(), packed, lr,
                        MAX_SUMMED_GRADIENTS)
             return torch.stack([loss_sum, weight.sum()])
+        if context_ids.device.type == "cuda" and self.gpu_kernel and _gpu_kernel_usable(context_ids.device):
+            import gpu_kernel
+            return gpu_kernel.window_step(self.in_embed.weight.data, self.out_embed.weight.data,
+                                          context_ids.contiguous(), weight.contiguous(), out_ids.contiguous(), lr,
+                                          MAX_SUMMED_GRADIENTS)
         loss_sum, in_rows, in_grads, out_rows, out_grads = self.window_grads(context_ids, weight, out_ids)
         in_scale = self.row_damping(in_rows, weight.reshape(-1))
         out_scale = self.row_damping(out_rows, torch.ones_like(out_rows, dtype=in_grads.dtype))
@@ -117,6 +126,21 @@ class SGNS(nn.Module):
         """Plain SGD on the touched rows only."""
         self.in_embed.weight.index_add_(0, in_rows, in_grads, alpha=-lr)
         self.out_embed.weight.index_add_(0, out_rows, out_grads, alpha=-lr)
+
+
+def _gpu_kernel_usable(device):
+    """Whether gpu_kernel (Triton) imports and runs on this CUDA device; asked once per device."""
+    try:
+        import gpu_kernel
+    except ImportError as err:
+        return _say_once(f"warning: no Triton here ({err}); the GPU step runs as tensor ops")
+    return gpu_kernel.usable(torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _say_once(message):
+    print(message)
+    return False
 
 
 def _sgns_loss(center, context, negatives):

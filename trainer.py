@@ -30,7 +30,8 @@ RNN_BATCH_SIZE = 65536  # see --batch-size and bench/bench_rnn.py
 TOKENS_PER_KERNEL_CALL = 200_000  # work between two looks at signals, progress and the loss
 # Flags a resumed run may change; everything else comes from the saved run.
 RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads",
-                       "device", "cuda_graph", "log_interval", "save_interval", "pip_interval", "export", "quiet")
+                       "device", "cuda_graph", "gpu_kernel", "log_interval", "save_interval", "pip_interval", "export",
+                       "quiet")
 
 
 def get_parser():
@@ -89,8 +90,12 @@ def get_parser():
     g.add_argument("--seed", type=int, default=1, help="random seed (runs are reproducible with --num-threads 1)")
     g.add_argument("--device", default="cpu", help="torch device for the torch engine: cpu, cuda, cuda:N")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="on a GPU, replay each sgns SGD step as one captured CUDA graph instead of launching "
-                        "its kernels one by one")
+                   help="on a GPU, replay each data.STEPS_PER_DRAW sgns SGD steps as one captured CUDA graph "
+                        "instead of launching their kernels one by one")
+    g.add_argument("--gpu-kernel", action=argparse.BooleanOptionalAction, default=True,
+                   help="on a GPU, run the sgns SGD step as three Triton kernels (Triton comes with CUDA builds "
+                        "of torch on Linux and needs a C compiler; without them, or with --no-gpu-kernel, the "
+                        "step runs as tensor ops)")
     g = p.add_argument_group("monitoring and output")
     g.add_argument("--log-dir", default="saved/runs", help="each run gets its own folder here")
     g.add_argument("--run-name", default=None, help="name of the run folder (default: date and time)")
@@ -388,12 +393,13 @@ def corpus_words(corpus, kept_done, n_kept):
     return round(kept_done / n_kept * len(corpus))
 
 
-def window_epoch(model, corpus, args, epoch, position, batches, graph_step, step):
+def window_epoch(model, corpus, args, epoch, position, batches, graphs, step):
     """One epoch of batched SGD on whole windows (sgns), built on the model's device, from center `position`.
 
     No step waits for the host: windows and negatives are drawn on the device (data.WindowBatches)
     data.STEPS_PER_DRAW steps at a time, and the loss and pair count stay there until step() reads
-    them once per log interval. graph_step (a WindowStepGraph, or None) replays full-size steps on a GPU.
+    them once per log interval. graphs (WindowStepGraphs, or None) replay a whole draw, or one
+    full-size step of a draw cut short, on a GPU.
     """
     kept_ids, kept_sentence = batches.subsample(args.seed, epoch)
     n_kept = max(1, len(kept_ids))
@@ -403,58 +409,90 @@ def window_epoch(model, corpus, args, epoch, position, batches, graph_step, step
     for draw_lo in range(done - done % per_draw, len(kept_ids), per_draw):
         n_drawn = min(per_draw, len(kept_ids) - draw_lo)
         drawn = batches.windows(kept_ids, kept_sentence, draw_lo, n_drawn, batches.seeded(args.seed, epoch, draw_lo))
-        for lo in range(done - draw_lo, n_drawn, per_step):
-            window = [t[lo:lo + per_step] for t in drawn]
-            lr = lr_at(args, (epoch + (draw_lo + lo) / n_kept) / args.epochs)
-            if graph_step is not None and len(window[0]) == per_step:
-                stats = graph_step(*window, lr)
-            else:
-                stats = model.window_step(*window, lr)
+        starts = range(done - draw_lo, n_drawn, per_step)
+        lrs = [lr_at(args, (epoch + (draw_lo + lo) / n_kept) / args.epochs) for lo in starts]
+        if graphs is not None and n_drawn == per_draw and done == draw_lo:
+            all_stats = graphs.draw(*drawn, lrs)
+        else:
+            all_stats = [graphs.step(*window, lr) if graphs is not None and len(window[0]) == per_step
+                         else model.window_step(*window, lr)
+                         for window, lr in zip(([t[lo:lo + per_step] for t in drawn] for lo in starts), lrs)]
+        stop = None
+        for lo, lr, stats in zip(starts, lrs, all_stats):
             next_center = draw_lo + min(lo + per_step, n_drawn)
-            step(stats[0], stats[1], corpus_words(corpus, next_center, n_kept) - corpus_words(corpus, done, n_kept),
-                 lr, {"center": next_center})
+            try:  # a stop asked for mid-draw waits for the draw's accounts: its steps are all applied already
+                step(stats[0], stats[1], corpus_words(corpus, next_center, n_kept) - corpus_words(corpus, done, n_kept),
+                     lr, {"center": next_center})
+            except StopRequested as err:
+                stop = stop or err
             done = next_center
+        if stop is not None:
+            raise stop
 
 
 class WindowStepGraph:
-    """model.window_step for windows of one size, captured once as a CUDA graph and replayed.
+    """model.window_step over `steps` consecutive windows of per_step centers, captured once as a CUDA graph.
 
-    An eager step launches a few dozen small kernels, and at batch sizes of thousands of
-    pairs a GPU finishes them faster than the host can launch them; a replay is one launch.
+    An eager step launches a few (Triton) to a few dozen (tensor ops) small kernels, and at batch
+    sizes of thousands of pairs a GPU finishes them faster than the host can launch them; a replay
+    of a whole draw is one launch for data.STEPS_PER_DRAW steps.
     """
 
-    def __init__(self, model, per_step, window, neg_count):
+    def __init__(self, model, per_step, window, neg_count, steps=1):
         device = model.in_embed.weight.device
-        self.context_ids = torch.zeros((per_step, 2 * window), dtype=torch.int64, device=device)
-        self.weight = torch.zeros((per_step, 2 * window), device=device)  # all padding: warm-up steps change nothing
-        self.out_ids = torch.zeros((per_step, neg_count + 1), dtype=torch.int64, device=device)
-        self.lr = torch.zeros((), device=device)
+        n_windows = per_step * steps
+        self.context_ids = torch.zeros((n_windows, 2 * window), dtype=torch.int64, device=device)
+        self.weight = torch.zeros((n_windows, 2 * window), device=device)  # all padding: warm-up steps change nothing
+        self.out_ids = torch.zeros((n_windows, neg_count + 1), dtype=torch.int64, device=device)
+        self.lrs = torch.zeros(steps, device=device)
+
+        def run():
+            return torch.stack([model.window_step(self.context_ids[lo:lo + per_step], self.weight[lo:lo + per_step],
+                                                  self.out_ids[lo:lo + per_step], self.lrs[i])
+                                for i, lo in enumerate(range(0, n_windows, per_step))])
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm up (cuBLAS handles, allocator) outside the capture, as CUDA asks
+        with torch.cuda.stream(side):  # warm up (cuBLAS handles, Triton's compiler, allocator) outside the capture
             for _ in range(3):
-                model.window_step(self.context_ids, self.weight, self.out_ids, self.lr)
+                run()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.stats = model.window_step(self.context_ids, self.weight, self.out_ids, self.lr)
+            self.stats = run()
 
-    def __call__(self, context_ids, weight, out_ids, lr):
+    def __call__(self, context_ids, weight, out_ids, lrs):
+        """Replays the steps on these windows (steps x per_step of them), step i at lrs[i]; returns
+        their [loss sum, real pairs], steps x 2, on the device."""
         self.context_ids.copy_(context_ids)
         self.weight.copy_(weight)
         self.out_ids.copy_(out_ids)
-        self.lr.fill_(lr)
+        # pinned, so the copy waits for nothing (a pageable one would wait for the GPU to catch up)
+        self.lrs.copy_(torch.tensor(lrs, dtype=torch.float32, pin_memory=True), non_blocking=True)
         self.graph.replay()
         return self.stats.clone()  # the next replay overwrites self.stats
 
 
-def window_step_graph(model, args):
-    """A WindowStepGraph when the run can use one (sgns SGD on a GPU, --cuda-graph), else None."""
+class WindowGraphs:
+    """The two captured shapes an epoch needs: a whole draw, and one step (for a draw cut short)."""
+
+    def __init__(self, model, per_step, window, neg_count):
+        self.whole_draw = WindowStepGraph(model, per_step, window, neg_count, data.STEPS_PER_DRAW)
+        self.one_step = WindowStepGraph(model, per_step, window, neg_count)
+
+    def draw(self, context_ids, weight, out_ids, lrs):
+        return self.whole_draw(context_ids, weight, out_ids, lrs)
+
+    def step(self, context_ids, weight, out_ids, lr):
+        return self.one_step(context_ids, weight, out_ids, [lr])[0]
+
+
+def window_graphs(model, args):
+    """WindowGraphs when the run can use them (sgns SGD on a GPU, --cuda-graph), else None."""
     if not (args.cuda_graph and torch.device(args.device).type == "cuda"):
         return None
     try:
-        return WindowStepGraph(model, max(1, args.batch_size // (args.window_size + 1)), args.window_size,
-                               args.neg_sample_size)
+        return WindowGraphs(model, max(1, args.batch_size // (args.window_size + 1)), args.window_size,
+                            args.neg_sample_size)
     except RuntimeError as err:  # a driver or build without graph support: eager steps do the same work
         print(f"warning: CUDA graph capture failed ({str(err).splitlines()[0]}); training with eager steps")
         return None
@@ -567,6 +605,8 @@ def train(args):
     # Dense Adam needs dense gradients too.
     model = build_model(args.model_name, len(corpus.words), args.embed_size,
                         sparse=not args.multi_gpu and args.optimizer != "adam", words=corpus.words, args=vars(args))
+    if hasattr(model, "gpu_kernel"):
+        model.gpu_kernel = args.gpu_kernel
     optimizer = None
     if args.optimizer == "sparse_adam":
         optimizer = torch.optim.SparseAdam(list(model.parameters()), lr=args.lr)
@@ -609,12 +649,12 @@ def train(args):
     if args.multi_node and args.dist_mode == "async" and args.device == "cpu":
         cpu_kernel.warm_up_exchange()
     # batches built on the model's device: sgns by plain SGD on the torch engine, and every --multi-node run
-    window_batches = graph_step = None
+    window_batches = graphs = None
     if args.engine == "torch" and (optimizer is None or args.multi_node):
         window_batches = data.WindowBatches(corpus, keep_prob, sampler, args.window_size, args.neg_sample_size,
                                             args.device)
         if not args.multi_node:
-            graph_step = window_step_graph(model, args)
+            graphs = window_graphs(model, args)
     signals = Signals()
     if args.multi_node:  # ranks stop together, at a step they agree on (distributed.dist_epoch)
         signals.check = lambda: None
@@ -683,7 +723,7 @@ def train(args):
             elif args.engine == "kernel":
                 kernel_epoch(model, corpus, args, epoch, state["position"], sampler, keep_prob, step)
             elif optimizer is None:
-                window_epoch(model, corpus, args, epoch, state["position"], window_batches, graph_step, step)
+                window_epoch(model, corpus, args, epoch, state["position"], window_batches, graphs, step)
             else:
                 torch_epoch(engine_model, optimizer, corpus, args, epoch, state["position"], sampler, keep_prob, step)
         except StopRequested as stop:

@@ -1,13 +1,15 @@
 """GPU bench: sgns training throughput on one GPU, with the vectors' quality, in one run.
 
-    python bench/bench_gpu.py [--dataset ../shared/corpora/gutenberg] [--seed-dataset FOLDER] [--eval-dir ../shared/eval]
+    python bench/bench_gpu.py [--dataset ../shared/corpora/gutenberg] [--seed-dataset FOLDER]
+                              [--eval-dir ../shared/eval] [--only NAME,NAME]
 
 Each setting is a whole `trainer.py` run (PIP loss off), its figures read from the run's
 checkpoint: seconds per epoch and corpus words/s (the first epoch apart: it holds CUDA's
 start-up and the graph capture), then WS353, SimLex-999 and analogy accuracy of the vectors.
 
-1. the shared corpus, d=200, 10 negatives, batch 8192: CUDA-graph steps (the default), eager
-   steps (--no-cuda-graph), and the autograd path whose batches are built on the host
+1. the shared corpus, d=200, 10 negatives, batch 8192: Triton steps replayed a draw at a time
+   from a CUDA graph (the default), the same step as tensor ops (--no-gpu-kernel), eager steps
+   (--no-cuda-graph), and the autograd path whose batches are built on the host
    (--optimizer sparse_adam), for what building batches on the GPU buys;
 2. the same with larger batches, to see where the GPU itself, not the launch rate, limits;
 3. the seed's setting: a corpus of about 1M tokens (Harry-Potter-sized; --seed-dataset),
@@ -41,6 +43,7 @@ def parse_args():
     p.add_argument("--epochs", type=int, default=5, help="epochs of each full run")
     p.add_argument("--device", default="cuda", help="torch device")
     p.add_argument("--timeout", type=float, default=240, help="seconds before a setting is abandoned")
+    p.add_argument("--only", default=None, help="comma-separated names of the settings to run (default: all)")
     return p.parse_args()
 
 
@@ -62,8 +65,10 @@ def run_setting(name, dataset, flags, args, workdir):
     ckpt = torch.load(workdir / name / "checkpoint.pt", weights_only=True, map_location="cpu")
     epoch_s = [value for _, value in ckpt["history"]["Epoch time"]]
     words_s = [value for _, value in ckpt["history"]["Words per second"]]
+    later_s, later_words_s = (epoch_s[1:], words_s[1:]) if len(epoch_s) > 1 else (epoch_s, words_s)
     figures = {"wall": wall, "first_epoch_s": epoch_s[0], "first_words_s": words_s[0],
-               "epoch_s": float(np.mean(epoch_s[1:] or epoch_s)), "words_s": float(np.mean(words_s[1:] or words_s))}
+               "epoch_s": float(np.mean(later_s)), "epoch_range": (min(later_s), max(later_s)),
+               "words_s": float(np.dot(later_s, later_words_s) / np.sum(later_s))}  # all their words / all their time
     words, vectors = ckpt["words"], ckpt["model"]["in_embed.weight"].numpy()
     eval_dir = Path(args.eval_dir)
     for label, file in (("ws353", "wordsim353.tsv"), ("simlex", "simlex999.tsv")):
@@ -79,7 +84,10 @@ def main():
     common = ["--embed-size", "200", "--neg-sample-size", "10"]
     settings = [
         ("graph-b8192", args.dataset, [*common, "--batch-size", "8192", "--epochs", str(args.epochs)]),
-        ("eager-b8192", args.dataset, [*common, "--batch-size", "8192", "--epochs", str(args.epochs), "--no-cuda-graph"]),
+        ("tensor-ops-b8192", args.dataset, [*common, "--batch-size", "8192", "--epochs", str(args.epochs),
+                                            "--no-gpu-kernel"]),
+        ("eager-b8192", args.dataset, [*common, "--batch-size", "8192", "--epochs", str(args.epochs),
+                                       "--no-cuda-graph"]),
         ("host-batches-sparse-adam-b8192", args.dataset, [*common, "--batch-size", "8192", "--epochs", "1",
                                                           "--optimizer", "sparse_adam"]),
         ("graph-b32768", args.dataset, [*common, "--batch-size", "32768", "--epochs", str(args.epochs)]),
@@ -88,14 +96,19 @@ def main():
     if args.seed_dataset:
         settings.append(("seed-setting-b8192", args.seed_dataset, ["--embed-size", "200", "--batch-size", "8192",
                                                                    "--epochs", str(args.epochs)]))
-    header = (f"{'setting':32} {'epoch 1 s':>9} {'epoch s':>8} {'words/s':>11} {'whole run s':>11} "
+    if args.only:
+        wanted = set(args.only.split(","))
+        settings = [setting for setting in settings if setting[0] in wanted]
+    header = (f"{'setting':32} {'epoch 1 s':>9} {'epoch s':>8} {'range s':>11} {'words/s':>11} {'whole run s':>11} "
               f"{'WS353':>6} {'SimLex':>6} {'analogy':>7}")
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for name, dataset, flags in settings:
             figures = run_setting(name, dataset, flags, args, Path(workdir))
             if figures:
+                low, high = figures["epoch_range"]
                 rows.append(f"{name:32} {figures['first_epoch_s']:9.2f} {figures['epoch_s']:8.2f} "
+                            f"{low:5.2f}-{high:5.2f} "
                             f"{figures['words_s']:11,.0f} {figures['wall']:11.1f} {figures['ws353']:6.3f} "
                             f"{figures['simlex']:6.3f} {figures['analogy']:7.1%}")
                 print(rows[-1], flush=True)
@@ -104,7 +117,8 @@ def main():
                                 f"{SEED_REPORTED_EPOCH_S} s on a GTX 1080 ({SEED_REPORTED_EPOCH_S / figures['epoch_s']:.0f}x)")
     print("\n" + header)
     print("\n".join(rows))
-    print("(epoch s and words/s: mean over epochs 2 on; words/s counts corpus tokens, target >= 10M on one H100)")
+    print("(epoch s: mean over epochs 2 on, and its range; words/s: their words over their time, counting corpus "
+          "tokens; target >= 10M on one H100)")
 
 
 if __name__ == "__main__":

@@ -190,9 +190,54 @@ def test_evaluation_scalars_and_pictures(tmp_path, corpus_file):
     assert (projector / "vectors.tsv").exists() and (projector / "metadata.tsv").exists()
 
 
+class EagerGraphs:
+    """Stands in for trainer.WindowGraphs on the CPU: the same calls, each step run eagerly (lr as a tensor,
+    as a graph reads it)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, {"draw": 0, "step": 0}
+
+    def draw(self, context_ids, weight, out_ids, lrs):
+        self.calls["draw"] += 1
+        per_step = len(context_ids) // len(lrs)
+        return torch.stack([self.step(context_ids[lo:lo + per_step], weight[lo:lo + per_step],
+                                      out_ids[lo:lo + per_step], lr, count=False)
+                            for lo, lr in zip(range(0, len(context_ids), per_step), lrs)])
+
+    def step(self, context_ids, weight, out_ids, lr, count=True):
+        self.calls["step"] += count
+        return self.model.window_step(context_ids, weight, out_ids, torch.tensor(lr))
+
+
+def test_whole_draw_replays_train_as_step_by_step_and_stop_at_the_end_of_a_draw(tmp_path, corpus_file, monkeypatch):
+    """window_epoch hands a GPU run's whole draws to one graph replay: the weights, and a stop's position, must
+    come out as if the steps had run one by one (a stop asked for mid-draw takes effect at the draw's end)."""
+    stand_ins = []
+    monkeypatch.setattr(trainer, "window_graphs", lambda model, args: stand_ins.append(EagerGraphs(model)) or
+                        stand_ins[-1])
+    args = base_args(tmp_path, corpus_file, "--epochs", "2", "--pip-interval", "0", "--engine", "torch",
+                     "--batch-size", "70", "--subsample-th", "0")
+    assert trainer.main(args + ["--run-name", "draws"]) == 0
+    monkeypatch.setattr(trainer, "window_graphs", lambda model, args: None)
+    assert trainer.main(args + ["--run-name", "steps"]) == 0
+    assert stand_ins[0].calls["draw"] > 2 and stand_ins[0].calls["step"] > 0  # whole draws, and one cut short
+    assert torch.allclose(final_vectors(tmp_path, "draws"), final_vectors(tmp_path, "steps"), atol=1e-5)
+    monkeypatch.setattr(trainer, "window_graphs", lambda model, args: EagerGraphs(model))
+    with monkeypatch.context() as patch:
+        stop_after(patch, "window_epoch", 40)  # the 8th step of the second draw (32 steps a draw)
+        assert trainer.main(args + ["--run-name", "stopped"]) == 128 + signal.SIGINT
+    ckpt = torch.load(tmp_path / "runs" / "stopped" / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == 64 and ckpt["position"]["center"] == 64 * (70 // 6)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert trainer.main(["--resume", str(tmp_path / "runs" / "stopped"), "--quiet"]) == 0
+    assert torch.allclose(final_vectors(tmp_path, "stopped"), final_vectors(tmp_path, "draws"), atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_steps_equal_eager_steps():
-    """The captured step replays window_step: the same windows give the same weights and sums."""
+@pytest.mark.parametrize("gpu_kernel", [True, False])
+def test_cuda_graph_steps_equal_eager_steps(gpu_kernel):
+    """The captured steps replay window_step: the same windows give the same weights and sums, for a whole draw
+    and for one step, with the Triton step and with tensor ops."""
     from model import SGNS
     torch.manual_seed(0)
     eager = SGNS(500, 32).cuda()
@@ -200,13 +245,21 @@ def test_cuda_graph_steps_equal_eager_steps():
         eager.out_embed.weight.normal_(0, 0.1)
     captured = SGNS(500, 32).cuda()
     captured.load_state_dict(eager.state_dict())
-    graph_step = trainer.WindowStepGraph(captured, per_step=64, window=3, neg_count=4)
-    for i in range(5):
-        context_ids = torch.randint(0, 500, (64, 6), device="cuda")
-        weight = (torch.rand(64, 6, device="cuda") < 0.7).float()
-        out_ids = torch.randint(0, 500, (64, 5), device="cuda")
-        lr = 0.05 / (i + 1)
-        expected = eager.window_step(context_ids, weight, out_ids, lr)
-        torch.testing.assert_close(graph_step(context_ids, weight, out_ids, lr), expected)
+    start = {key: value.clone() for key, value in eager.state_dict().items()}
+    eager.gpu_kernel = captured.gpu_kernel = gpu_kernel
+    graphs = trainer.WindowGraphs(captured, per_step=64, window=3, neg_count=4)
+    steps = trainer.data.STEPS_PER_DRAW
+    for i in range(3):
+        context_ids = torch.randint(0, 500, (64 * steps, 6), device="cuda")
+        weight = (torch.rand(64 * steps, 6, device="cuda") < 0.7).float()
+        out_ids = torch.randint(0, 500, (64 * steps, 5), device="cuda")
+        lrs = [0.05 / (i + 1 + s / steps) for s in range(steps)]
+        expected = torch.stack([eager.window_step(context_ids[lo:lo + 64], weight[lo:lo + 64], out_ids[lo:lo + 64],
+                                                  lr) for lo, lr in zip(range(0, 64 * steps, 64), lrs)])
+        torch.testing.assert_close(graphs.draw(context_ids, weight, out_ids, lrs), expected, rtol=1e-5, atol=1e-4)
+        expected = eager.window_step(context_ids[:64], weight[:64], out_ids[:64], lrs[0])
+        torch.testing.assert_close(graphs.step(context_ids[:64], weight[:64], out_ids[:64], lrs[0]), expected,
+                                   rtol=1e-5, atol=1e-4)
     for key, value in eager.state_dict().items():
-        torch.testing.assert_close(captured.state_dict()[key], value, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(captured.state_dict()[key], value, atol=1e-5, rtol=1e-4)
+        assert not torch.equal(value, start[key])
