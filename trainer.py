@@ -398,8 +398,8 @@ def window_epoch(model, corpus, args, epoch, position, batches, graphs, step):
 
     No step waits for the host: windows and negatives are drawn on the device (data.WindowBatches)
     data.STEPS_PER_DRAW steps at a time, and the loss and pair count stay there until step() reads
-    them once per log interval. graphs (WindowStepGraphs, or None) replay a whole draw, or one
-    full-size step of a draw cut short, on a GPU.
+    them once per log interval. graphs (a WindowGraphs, or None) replay a whole draw, or one
+    full-size step of a draw cut short or resumed, on a GPU.
     """
     kept_ids, kept_sentence = batches.subsample(args.seed, epoch)
     n_kept = max(1, len(kept_ids))
@@ -412,11 +412,13 @@ def window_epoch(model, corpus, args, epoch, position, batches, graphs, step):
         starts = range(done - draw_lo, n_drawn, per_step)
         lrs = [lr_at(args, (epoch + (draw_lo + lo) / n_kept) / args.epochs) for lo in starts]
         if graphs is not None and n_drawn == per_draw and done == draw_lo:
-            all_stats = graphs.draw(*drawn, lrs)
-        else:
-            all_stats = [graphs.step(*window, lr) if graphs is not None and len(window[0]) == per_step
-                         else model.window_step(*window, lr)
-                         for window, lr in zip(([t[lo:lo + per_step] for t in drawn] for lo in starts), lrs)]
+            all_stats = graphs.draw(*drawn, lrs)  # the whole draw in one replay
+        else:  # step by step: the epoch's last draw, a resumed one, or no graphs
+            all_stats = []
+            for lo, lr in zip(starts, lrs):
+                window = [t[lo:lo + per_step] for t in drawn]
+                full_size = graphs is not None and len(window[0]) == per_step
+                all_stats.append(graphs.step(*window, lr) if full_size else model.window_step(*window, lr))
         stop = None
         for lo, lr, stats in zip(starts, lrs, all_stats):
             next_center = draw_lo + min(lo + per_step, n_drawn)
