@@ -11,6 +11,7 @@ tensor version, which the tests compare it with (Triton's interpreter runs these
 Triton ships with CUDA builds of torch on Linux and compiles on first use (it needs a C compiler
 then); usable() says whether it works here, and model.SGNS falls back to tensor ops if not.
 """
+import contextlib
 import functools
 
 import torch
@@ -18,9 +19,12 @@ import triton
 import triton.language as tl
 
 CHUNK = 64  # embedding columns a program holds at a time: registers stay bounded whatever the dimension
+# Triton compiles a variant per 16-byte alignment of each pointer; a step's windows and lr are slices
+# at any offset, and a variant first met mid-run cost its compile (0.6 s) inside an epoch
+SLICED = ["context_ids", "weight", "out_ids", "lr"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=SLICED[:3])
 def _tally_rows(context_ids, weight, out_ids, tally, vocab_size,
                 W2: tl.constexpr, K1: tl.constexpr, BW: tl.constexpr, BO: tl.constexpr):
     """tally[row] += the window's real pairs of in-row `row`; tally[V + row] += 1 per out slot holding `row`."""
@@ -33,7 +37,7 @@ def _tally_rows(context_ids, weight, out_ids, tally, vocab_size,
     tl.atomic_add(tally + vocab_size + out, tl.full([BO], 1.0, tl.float32), mask=slot_o < K1, sem="relaxed")
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=SLICED)
 def _window_grads(in_w, out_w, context_ids, weight, out_ids, tally, lr, in_grads, out_grads, stats,
                   vocab_size, cap, dim, W2: tl.constexpr, K1: tl.constexpr, BW: tl.constexpr, BO: tl.constexpr,
                   CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr):
@@ -77,7 +81,7 @@ def _window_grads(in_w, out_w, context_ids, weight, out_ids, tally, lr, in_grads
                  tl.dot(tl.trans(coef_out), inputs, input_precision="ieee"), mask=o_ok[:, None] & col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=SLICED[:3])
 def _add_grads(in_w, out_w, context_ids, weight, out_ids, in_grads, out_grads, dim,
                W2: tl.constexpr, K1: tl.constexpr, BW: tl.constexpr, BO: tl.constexpr,
                CHUNK: tl.constexpr, N_CHUNKS: tl.constexpr):
@@ -117,12 +121,18 @@ def window_step(in_weight, out_weight, context_ids, weight, out_ids, lr, cap):
         return stats
     shape = dict(W2=w2, K1=k1, BW=max(16, triton.next_power_of_2(w2)), BO=max(16, triton.next_power_of_2(k1)))
     columns = dict(CHUNK=CHUNK, N_CHUNKS=triton.cdiv(dim, CHUNK))
-    _tally_rows[(n_windows,)](context_ids, weight, out_ids, tally, vocab_size, **shape)
-    _window_grads[(n_windows,)](in_weight, out_weight, context_ids, weight, out_ids, tally, lr, in_grads, out_grads,
-                                stats, vocab_size, float(cap), dim, **shape, **columns)
-    _add_grads[(n_windows,)](in_weight, out_weight, context_ids, weight, out_ids, in_grads, out_grads, dim,
-                             **shape, **columns)
+    with _on(device):
+        _tally_rows[(n_windows,)](context_ids, weight, out_ids, tally, vocab_size, **shape)
+        _window_grads[(n_windows,)](in_weight, out_weight, context_ids, weight, out_ids, tally, lr, in_grads,
+                                    out_grads, stats, vocab_size, float(cap), dim, **shape, **columns)
+        _add_grads[(n_windows,)](in_weight, out_weight, context_ids, weight, out_ids, in_grads, out_grads, dim,
+                                 **shape, **columns)
     return stats
+
+
+def _on(device):
+    """Triton launches on the current CUDA device, whatever the tensors' device: make it theirs."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @functools.lru_cache(maxsize=None)

@@ -132,8 +132,8 @@ def _gpu_kernel_usable(device):
     """Whether gpu_kernel (Triton) imports and runs on this CUDA device; asked once per device."""
     try:
         import gpu_kernel
-    except ImportError as err:
-        return _say_once(f"warning: no Triton here ({err}); the GPU step runs as tensor ops")
+    except Exception as err:  # noqa: BLE001 - no Triton, or one too old for the kernels' options
+        return _say_once(f"warning: no usable Triton here ({err}); the GPU step runs as tensor ops")
     return gpu_kernel.usable(torch.device(device))
 
 

@@ -90,8 +90,8 @@ def get_parser():
     g.add_argument("--seed", type=int, default=1, help="random seed (runs are reproducible with --num-threads 1)")
     g.add_argument("--device", default="cpu", help="torch device for the torch engine: cpu, cuda, cuda:N")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
-                   help="on a GPU, replay each data.STEPS_PER_DRAW sgns SGD steps as one captured CUDA graph "
-                        "instead of launching their kernels one by one")
+                   help=f"on a GPU, replay every {data.STEPS_PER_DRAW} sgns SGD steps (one draw of windows) as one "
+                        "captured CUDA graph instead of launching their kernels one by one")
     g.add_argument("--gpu-kernel", action=argparse.BooleanOptionalAction, default=True,
                    help="on a GPU, run the sgns SGD step as three Triton kernels (Triton comes with CUDA builds "
                         "of torch on Linux and needs a C compiler; without them, or with --no-gpu-kernel, the "
@@ -632,6 +632,8 @@ def train(args):
         print(f"resuming at epoch {state['epoch'] + 1}, step {state['global_step']}")
     elif args.load_model:
         load_weights(model, load_checkpoint(args.load_model, corpus, args.model_name)["model"], args.load_model)
+    if torch.device(args.device).type == "cuda" and torch.device(args.device).index is not None:
+        torch.cuda.set_device(torch.device(args.device))  # CUDA graphs, Triton and NCCL work on the current device
     model.to(args.device)
     distributed.broadcast_parameters(model)
     engine_model = distributed.data_parallel(model, args.num_gpu) if args.multi_gpu else model
