@@ -115,10 +115,10 @@ def window_step(in_weight, out_weight, context_ids, weight, out_ids, lr, cap):
     counts = torch.zeros(2 * vocab_size + 2, device=device)  # in-row tally, out-row tally, then loss and pairs
     tally, stats = counts[:2 * vocab_size], counts[2 * vocab_size:]
     lr = lr.reshape(1) if torch.is_tensor(lr) else torch.full((1,), lr, device=device)
-    in_grads = torch.empty(n_windows * w2, dim, device=device)
-    out_grads = torch.empty(n_windows * k1, dim, device=device)
     if n_windows == 0:
         return stats
+    in_grads = torch.empty(n_windows * w2, dim, device=device)
+    out_grads = torch.empty(n_windows * k1, dim, device=device)
     shape = dict(W2=w2, K1=k1, BW=max(16, triton.next_power_of_2(w2)), BO=max(16, triton.next_power_of_2(k1)))
     columns = dict(CHUNK=CHUNK, N_CHUNKS=triton.cdiv(dim, CHUNK))
     with _on(device):

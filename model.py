@@ -128,19 +128,15 @@ class SGNS(nn.Module):
         self.out_embed.weight.index_add_(0, out_rows, out_grads, alpha=-lr)
 
 
+@functools.lru_cache(maxsize=None)
 def _gpu_kernel_usable(device):
     """Whether gpu_kernel (Triton) imports and runs on this CUDA device; asked once per device."""
     try:
         import gpu_kernel
     except Exception as err:  # noqa: BLE001 - no Triton, or one too old for the kernels' options
-        return _say_once(f"warning: no usable Triton here ({err}); the GPU step runs as tensor ops")
-    return gpu_kernel.usable(torch.device(device))
-
-
-@functools.lru_cache(maxsize=None)
-def _say_once(message):
-    print(message)
-    return False
+        print(f"warning: no usable Triton here ({err}); the GPU step runs as tensor ops")
+        return False
+    return gpu_kernel.usable(device)
 
 
 def _sgns_loss(center, context, negatives):

@@ -98,6 +98,10 @@ def main():
                                                                    "--epochs", str(args.epochs)]))
     if args.only:
         wanted = set(args.only.split(","))
+        unknown = wanted - {name for name, _, _ in settings}
+        if unknown:
+            sys.exit(f"--only: no setting named {', '.join(sorted(unknown))} "
+                     f"(settings: {', '.join(name for name, _, _ in settings)})")
         settings = [setting for setting in settings if setting[0] in wanted]
     header = (f"{'setting':32} {'epoch 1 s':>9} {'epoch s':>8} {'range s':>11} {'words/s':>11} {'whole run s':>11} "
               f"{'WS353':>6} {'SimLex':>6} {'analogy':>7}")
