@@ -24,6 +24,11 @@ import data
 import model as models
 
 INIT_SCHEMES = ("tcp://", "file://", "env://")
+# --async's default interval: 50 steps, and no fewer global pairs than 50 steps of the default
+# batch (4096). Each exchange sends both whole tables, which cost as much as the training between
+# two exchanges at batch 1024 and 50 steps (bench/RESULTS.md); tied to text, the interval is the
+# one bench_async_quality measured the quality of, whatever the batch.
+MIN_SYNC_STEPS, MIN_SYNC_PAIRS = 50, 50 * 4096
 
 
 class DistributedFailure(Exception):
@@ -62,9 +67,12 @@ def add_arguments(parser):
                       help="every step sums all ranks' gradients: ranks hold identical parameters (default)")
     mode.add_argument("--async", dest="dist_mode", action="store_const", const="async",
                       help="local SGD; the ranks' changes averaged in the background every --sync-interval steps")
-    g.add_argument("--sync-interval", type=int, default=50,
+    g.add_argument("--sync-interval", type=int, default=None,
                    help="steps between two averagings in --async mode (the CPU kernel averages after as many "
-                        "centers as that many steps of --batch-size pairs hold)")
+                        f"centers as that many steps of --batch-size pairs hold). Default: {MIN_SYNC_STEPS} steps, "
+                        f"and at least {MIN_SYNC_PAIRS:,} pairs of global batch (more steps below batch "
+                        f"{MIN_SYNC_PAIRS // MIN_SYNC_STEPS}), so that a small batch does not exchange the whole "
+                        "tables after a few milliseconds of training")
     g.add_argument("--block-momentum", type=float, default=0.0,
                    help="--async: momentum of the averaged changes, in [0, 1) (BMUF). 0.5 gives back what "
                         "averaging takes from 2 ranks: better word similarity, higher PIP loss (README); "
@@ -77,6 +85,8 @@ def check_arguments(parser, args):
     """Validate the flags (parser.error: one line, exit 2) and resolve the world from flags or torchrun's env."""
     global WORLD
     WORLD = None
+    if args.sync_interval is None:
+        args.sync_interval = max(MIN_SYNC_STEPS, math.ceil(MIN_SYNC_PAIRS / max(1, args.batch_size)))  # 0: refused later
     if args.sync_interval <= 0 or not args.dist_timeout > 0:
         parser.error("--sync-interval and --dist-timeout must be positive")
     if not 0 <= args.block_momentum < 1:
@@ -220,9 +230,23 @@ def leave_together():
     process ("terminate called without an active exception": the thread exits as it takes the
     GIL, inside a destructor). Held here, they die in the main thread. Without this and
     join_group, a rank aborted after the last step in 2-3% of short 3-rank runs."""
-    finished = dist.barrier(async_op=True)
+    finished = _barrier(async_op=True)
     finished.wait()
     return finished
+
+
+def _barrier(async_op=False):
+    """dist.barrier, on this rank's GPU under NCCL (named: without it, NCCL guesses, with a warning)."""
+    on_gpu = dist.get_backend() == "nccl"
+    return dist.barrier(async_op=async_op, device_ids=[torch.cuda.current_device()] if on_gpu else None)
+
+
+def start_together():
+    """Wait until every rank is ready to train. Ranks finish their start-up (imports, compiles,
+    caches) at different times; without this wait, the first exchange of the first epoch held it,
+    and rank 0's first epoch time with it: up to 0.2 s of a 0.4 s epoch on 2 cores here."""
+    if active():
+        _barrier()
 
 
 def _looks_distributed(err):

@@ -34,9 +34,16 @@ RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_tim
                        "quiet")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except None: those flags say in their help what they default to."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def get_parser():
     p = argparse.ArgumentParser(description="Train word vectors with skip-gram negative sampling (SGNS).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("corpus")
     g.add_argument("--dataset", default=None,
                    help="corpus: a .txt file or a folder of .txt files (as given or inside --data-dir), "
@@ -570,6 +577,11 @@ def write_pictures(args, run_dir, history, words, vectors):
         print(f"projector files written to {args.export_projector}")
 
 
+def make_writer(run_dir):
+    from tensorboardX import SummaryWriter  # 0.3 s of imports that only the rank that logs pays
+    return SummaryWriter(str(run_dir))
+
+
 def export_vectors(path, words, vectors):
     """word2vec text format, or binary when the path ends in .bin (gensim reads both)."""
     from gensim.models import KeyedVectors
@@ -640,8 +652,7 @@ def train(args):
 
     if distributed.is_main():
         check_room_for_checkpoints(run_dir, model, optimizer, corpus)
-    from tensorboardX import SummaryWriter
-    writer = SummaryWriter(str(run_dir)) if distributed.is_main() else distributed.NullWriter()
+    writer = make_writer(run_dir) if distributed.is_main() else distributed.NullWriter()
     pip_monitor = PipMonitor(corpus, args) if args.pip_interval and distributed.is_main() else None
     sampler = data.NegativeSampler(corpus.counts, args.ns_exponent)
     keep_prob = data.keep_probabilities(corpus.counts, args.subsample_th)
@@ -664,6 +675,7 @@ def train(args):
         signals.check = lambda: None
     ckpt_path = run_dir / "checkpoint.pt"
 
+    distributed.start_together()
     total_words = len(corpus) * args.epochs
     bar = tqdm(total=total_words, unit="word", unit_scale=True, disable=args.quiet, dynamic_ncols=True,
                initial=int(len(corpus) * (state["epoch"] + 0.0)), mininterval=0.5)
