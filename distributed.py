@@ -650,6 +650,13 @@ def exchange_rows(values, sent_from, consensus, changes, unsent, flags, momentum
 
 # ---------------------------------------------------------------------------------------------
 
+def centers_per_step(batch_size, window_size):
+    """Centers in one rank's step: the global batch of pairs split across ranks (a center has about
+    W+1 real pairs). The whole batch outside a --multi-node run."""
+    world_size = dist.get_world_size() if active() else 1
+    return max(1, batch_size // world_size // (window_size + 1))
+
+
 def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, lr_at, stop_signal):
     """One epoch of a --multi-node run on this rank's shard; returns the agreed stop signal or 0.
 
@@ -669,26 +676,26 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, l
     local_ids = torch.from_numpy(ids.astype(np.int64)).to(device)
     sentence_lengths = np.diff(np.append(local_starts, len(ids)))
     local_sentence = torch.from_numpy(np.repeat(np.arange(len(local_starts)), sentence_lengths)).to(device)
-    centers_per_step = max(1, args.batch_size // world_size // (args.window_size + 1))
-    n_steps = max(1, math.ceil(math.ceil(len(kept_ids) / world_size) / centers_per_step))
+    per_step = centers_per_step(args.batch_size, args.window_size)
+    n_steps = max(1, math.ceil(math.ceil(len(kept_ids) / world_size) / per_step))
     averager = Averager(model, args.block_momentum) if args.dist_mode == "async" else None
     words_per_step = len(corpus) / n_steps  # all ranks together go through the corpus once an epoch
     first = position.get("step", 0)
     for i in range(first, n_steps):
         if i == first or i % data.STEPS_PER_DRAW == 0:  # windows drawn for STEPS_PER_DRAW steps at a time
             draw_first = i - i % data.STEPS_PER_DRAW
-            lo = min(draw_first * centers_per_step, len(ids))
-            hi = min(lo + centers_per_step * data.STEPS_PER_DRAW, len(ids))
+            lo = min(draw_first * per_step, len(ids))
+            hi = min(lo + per_step * data.STEPS_PER_DRAW, len(ids))
             drawn = batches.windows(local_ids, local_sentence, lo, hi - lo,
                                     batches.seeded(args.seed, epoch, 1 + rank, draw_first))
-        offset = (i - draw_first) * centers_per_step
-        window = [t[offset:offset + centers_per_step] for t in drawn]
+        offset = (i - draw_first) * per_step
+        window = [t[offset:offset + per_step] for t in drawn]
         lr = lr_at(args, (epoch + i / n_steps) / args.epochs)
         stop = 0
         if averager is not None and (i - first) % args.sync_interval == 0 and i > first:
             stop = averager.sync_point(stop_signal())
         if optimizer is None and averager is None:  # SGD summed over ranks
-            loss_sum, pairs, stop = sync_window_step(model, *window, lr, centers_per_step, stop_signal())
+            loss_sum, pairs, stop = sync_window_step(model, *window, lr, per_step, stop_signal())
         elif optimizer is None:
             loss_sum, pairs = model.window_step(*window, lr)
         else:
@@ -718,8 +725,7 @@ def dist_kernel_epoch(model, corpus, args, epoch, position, sampler, keep_prob, 
     kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts, keep_prob,
                                       data.epoch_rng(args.seed, epoch))  # equal on all ranks
     ids, local_starts = shard(kept_ids, starts, args.seed, epoch, rank, world_size)
-    centers_per_step = max(1, args.batch_size // world_size // (args.window_size + 1))
-    tokens_per_stretch = centers_per_step * args.sync_interval
+    tokens_per_stretch = centers_per_step(args.batch_size, args.window_size) * args.sync_interval
     n_stretches = max(1, math.ceil(math.ceil(len(kept_ids) / world_size) / tokens_per_stretch))
     in_w, out_w = model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy()
     threads = cpu_kernel.set_threads(args.num_threads)

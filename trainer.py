@@ -410,7 +410,7 @@ def window_epoch(model, corpus, args, epoch, position, batches, graphs, step):
     """
     kept_ids, kept_sentence = batches.subsample(args.seed, epoch)
     n_kept = max(1, len(kept_ids))
-    per_step = max(1, args.batch_size // (args.window_size + 1))  # a center has about W+1 real pairs
+    per_step = distributed.centers_per_step(args.batch_size, args.window_size)
     per_draw = per_step * data.STEPS_PER_DRAW
     done = position.get("center", 0)
     for draw_lo in range(done - done % per_draw, len(kept_ids), per_draw):
@@ -500,7 +500,7 @@ def window_graphs(model, args):
     if not (args.cuda_graph and torch.device(args.device).type == "cuda"):
         return None
     try:
-        return WindowGraphs(model, max(1, args.batch_size // (args.window_size + 1)), args.window_size,
+        return WindowGraphs(model, distributed.centers_per_step(args.batch_size, args.window_size), args.window_size,
                             args.neg_sample_size)
     except RuntimeError as err:  # a driver or build without graph support: eager steps do the same work
         print(f"warning: CUDA graph capture failed ({str(err).splitlines()[0]}); training with eager steps")
