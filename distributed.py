@@ -1,8 +1,8 @@
 """Training on several GPUs of one process (DataParallel) or on several processes/machines (torch.distributed).
 
 trainer.py calls: add_arguments / check_arguments (flags), session (init and always destroy the process
-group), is_main, check_same_corpus, broadcast_parameters, data_parallel, and dist_epoch or
-dist_kernel_epoch (the engines of distributed runs). Sync mode sums every rank's gradient rows each
+group), is_main, check_same_corpus, broadcast_parameters, data_parallel, start_together, centers_per_step,
+and dist_epoch or dist_kernel_epoch (the engines of distributed runs). Sync mode sums every rank's gradient rows each
 step (the touched rows swapped point to point on the CPU, all-gathered on GPUs; never a dense
 all-reduce of the V x d tables); async mode is local SGD whose changes are exchanged in a
 non-blocking all-reduce every --sync-interval steps (Averager).
@@ -86,7 +86,8 @@ def check_arguments(parser, args):
     global WORLD
     WORLD = None
     if args.sync_interval is None:
-        args.sync_interval = max(MIN_SYNC_STEPS, math.ceil(MIN_SYNC_PAIRS / max(1, args.batch_size)))  # 0: refused later
+        # a batch size of 0 is refused later, with the other sizes
+        args.sync_interval = max(MIN_SYNC_STEPS, math.ceil(MIN_SYNC_PAIRS / max(1, args.batch_size)))
     if args.sync_interval <= 0 or not args.dist_timeout > 0:
         parser.error("--sync-interval and --dist-timeout must be positive")
     if not 0 <= args.block_momentum < 1:

@@ -534,11 +534,14 @@ def test_torchrun_environment_is_used_when_flags_are_absent(monkeypatch):
     assert distributed.WORLD is None
 
 
-@pytest.mark.parametrize("flags,interval", [([], 50), (["--batch-size", "8192"], 50), (["--batch-size", "1024"], 200),
-                                            (["--batch-size", "1000"], 205), (["--batch-size", "1024",
-                                                                                "--sync-interval", "7"], 7)])
-def test_async_interval_defaults_to_50_steps_and_at_least_50_steps_of_the_default_batch(flags, interval,
-                                                                                       monkeypatch):
+@pytest.mark.parametrize("flags,interval", [
+    ([], 50),
+    (["--batch-size", "8192"], 50),
+    (["--batch-size", "1024"], 200),
+    (["--batch-size", "1000"], 205),
+    (["--batch-size", "1024", "--sync-interval", "7"], 7),
+])
+def test_async_interval_defaults_to_50_steps_and_at_least_50_steps_of_the_default_batch(flags, interval, monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     args = trainer.parse_args(["--dataset", "x.txt", "--multi-node", "--async", "--init-method", "tcp://h:1",
