@@ -35,10 +35,13 @@ RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_tim
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except None: those flags say in their help what they default to."""
+    """Shows each flag's default, except where the help says it already, where it is None (those
+    flags say in their help what they default to) and for a flag off unless given."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        if action.default is None or (action.default is False and action.nargs == 0) or "default" in action.help:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def get_parser():
