@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -29,6 +30,10 @@ INIT_SCHEMES = ("tcp://", "file://", "env://")
 # two exchanges at batch 1024 and 50 steps (bench/RESULTS.md); tied to text, the interval is the
 # one bench_async_quality measured the quality of, whatever the batch.
 MIN_SYNC_STEPS, MIN_SYNC_PAIRS = 50, 50 * 4096
+# Share of an --async epoch spent at sync points above which rank 0 suggests a longer interval
+# (a large vocabulary: every exchange passes over and sends both whole tables; bench/RESULTS.md)
+EXCHANGE_HINT_SHARE = 0.25
+_INTERVAL_HINTED = False  # said once a run
 
 
 class DistributedFailure(Exception):
@@ -559,6 +564,11 @@ class Averager:
         self.no_momentum = self.consensus.new_zeros(0, 1)  # stands for momentum when there is none
         self.work = None
         self.sent = 0
+        self.started, self.exchange_s = time.perf_counter(), 0.0  # for exchange_share
+
+    def exchange_share(self):
+        """The share of the time since this epoch began spent at sync points (passes and waits)."""
+        return self.exchange_s / max(time.perf_counter() - self.started, 1e-9)
 
     def _slices(self):
         """Each parameter with its slice of the flat copies and its slice of the changed-row flags."""
@@ -597,16 +607,19 @@ class Averager:
 
     def sync_point(self, stop_signal):
         """Apply the previous all-reduce, start the next; returns the stop signal agreed at the previous one."""
+        began = time.perf_counter()
         agreed = 0
         received = self.work is not None
         if received and self._wait():
             agreed = self.sent or int(signal.SIGTERM)
         self._exchange(received, send=True)
         self._start(stop_signal)
+        self.exchange_s += time.perf_counter() - began
         return agreed
 
     def finish(self):
         """Blocking: apply what is pending, exchange the rest, and set every rank to the same consensus."""
+        began = time.perf_counter()
         received = self.work is not None
         if received:
             self._wait()
@@ -616,6 +629,25 @@ class Averager:
         self._exchange(True, send=False)
         for p, flat, _ in self._slices():  # a copy, not an update: bit-identical on every rank
             p.data.copy_(self.consensus[flat].view_as(p))
+        self.exchange_s += time.perf_counter() - began
+
+
+def interval_hint(share, interval):
+    """What rank 0 says when an --async epoch spent share of its time at sync points, or None."""
+    if share < EXCHANGE_HINT_SHARE:
+        return None
+    return (f"note: this epoch spent {share:.0%} of its time exchanging with the other ranks (both whole tables "
+            f"every --sync-interval {interval} steps); a larger --sync-interval trains faster, at some cost in word "
+            "similarity (README: Several GPUs and machines)")
+
+
+def _say_interval_hint(averager, args):
+    """Rank 0 prints interval_hint once a run, after the first epoch that deserves it."""
+    global _INTERVAL_HINTED
+    message = interval_hint(averager.exchange_share(), args.sync_interval)
+    if message and not _INTERVAL_HINTED and is_main():
+        _INTERVAL_HINTED = True
+        print(message)
 
 
 def _as_numpy(tensor):
@@ -710,6 +742,7 @@ def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, l
             return stop
     if averager is not None:
         averager.finish()  # every epoch ends with identical parameters: PIP loss and checkpoints see the consensus
+        _say_interval_hint(averager, args)
     return 0
 
 
@@ -748,6 +781,7 @@ def dist_kernel_epoch(model, corpus, args, epoch, position, sampler, keep_prob, 
             averager.finish()
             return stop
     averager.finish()  # every epoch ends with identical parameters, as dist_epoch's
+    _say_interval_hint(averager, args)
     return 0
 
 

@@ -416,6 +416,14 @@ def test_torchrun_launch_async_completes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     ckpt = torch.load(tmp_path / "runs" / "tr" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["args"]["dist_mode"] == "async" and ckpt["args"]["engine"] == "kernel"
+    # a tiny corpus with an exchange every 3 steps spends most of its time exchanging: said once, by rank 0
+    assert result.stdout.count("a larger --sync-interval trains faster") == 1, result.stdout
+
+
+def test_interval_hint_above_a_quarter_of_the_epoch():
+    assert distributed.interval_hint(0.2, 50) is None
+    message = distributed.interval_hint(0.4, 50)
+    assert "40%" in message and "--sync-interval 50 steps" in message
 
 
 def test_a_killed_rank_makes_the_other_exit_within_the_timeout(tmp_path):
