@@ -445,49 +445,49 @@ def _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, max_wind
 
 
 def _sync_window_step_tensors(model, context_ids, weight, out_ids, lr, stop_signal=0):
-    """sync_window_step with tensor ops (GPUs; NCCL's all-gather). Each rank sums
-    its gradients per row into one buffer of rows [gradient | id | id | uses] (in_embed rows
-    first, numbered 0..V-1, then out_embed rows, V..2V-1), and all ranks all-gather the buffers,
-    padded to the longest. The row counts, losses, pairs and stop signals travel before, in a
-    tiny all-gather that runs while the buffer is filled.
-    Returns (global loss sum, global pairs, agreed stop signal).
+    """sync_window_step with tensor ops (GPUs; NCCL's all-gather). Each rank sums its gradients per
+    row into one buffer of rows [gradient | key | key | uses] (keys 0..V-1 for in_embed rows, V..2V-1
+    for out_embed rows), plus a last row holding its loss and pairs, and all ranks all-gather the
+    buffers, padded to the longest. The row counts and stop signals travel before, in a tiny
+    all-gather that runs while the buffer is filled. The host waits for the GPU twice a step: for
+    the number of distinct rows and for the row counts. It had waited 4 + world size times, and
+    one GPU's epoch took 1.18-1.51 s against 1.08-1.35 s now (alternated runs): the step is bound
+    by launching its ~45 kernels (bench/RESULTS.md). Returns (global loss sum and pairs, on the
+    device; agreed stop signal).
     """
     vocab, dim = model.vocab_size, model.embed_size
     assert 2 * vocab < 2 ** 36, "row ids must survive the float32 packing"
     loss_sum, in_rows, in_grads, out_rows, out_grads = model.window_grads(context_ids, weight, out_ids)
-    in_unique, in_where = torch.unique(in_rows, return_inverse=True)
-    out_unique, out_where = torch.unique(out_rows, return_inverse=True)
-    n_in, n_rows = len(in_unique), len(in_unique) + len(out_unique)
-    header_table = _start_header(n_rows, float(loss_sum), float(weight.sum()), stop_signal)
-    # Room for every row this step could touch; rows past n_rows are padding nobody reads.
-    buffer = in_grads.new_empty(max(len(in_rows) + len(out_rows), 1), dim + 3)
-    mine = buffer[:n_rows]
+    keys, where = torch.unique(torch.cat([in_rows, out_rows + vocab]), return_inverse=True)
+    n_rows, n_in_slots = len(keys), len(in_rows)
+    header_table = _start_header(n_rows, stop_signal)
+    # Room for every row this step could touch and the stats row; rows past them are padding nobody reads.
+    buffer = in_grads.new_empty(n_in_slots + len(out_rows) + 1, dim + 3)
+    mine = buffer[:n_rows + 1]
     mine.zero_()
-    mine[:n_in, :dim].index_add_(0, in_where, in_grads)
-    mine[n_in:, :dim].index_add_(0, out_where, out_grads)
-    _ids_as_floats(torch.cat([in_unique, out_unique + vocab]), mine[:, dim:dim + 2])
-    mine[:n_in, dim + 2].index_add_(0, in_where, weight.reshape(-1))  # real pairs behind each in row
-    mine[n_in:, dim + 2].index_add_(0, out_where, torch.ones_like(out_grads[:, 0]))
+    mine[:n_rows, :dim].index_add_(0, where[:n_in_slots], in_grads)
+    mine[:n_rows, :dim].index_add_(0, where[n_in_slots:], out_grads)
+    _ids_as_floats(keys, mine[:n_rows, dim:dim + 2])
+    mine[:n_rows, dim + 2].index_add_(0, where[:n_in_slots], weight.reshape(-1))  # real pairs behind each in row
+    mine[:n_rows, dim + 2].index_add_(0, where[n_in_slots:], torch.ones_like(out_grads[:, 0]))
+    mine[n_rows, :2] = torch.stack([loss_sum, weight.sum()])
     header = header_table()  # normally arrived while the buffer filled
     counts = header[:, 0].long().tolist()
-    n_max = max(counts)  # every rank sends the longest rank's row count
+    n_max = max(counts) + 1  # every rank sends as many rows as the longest, and its stats row
     if n_max > len(buffer):  # a rank with more windows (the last, shorter step): pad with a copy
-        buffer = torch.cat([mine, buffer.new_empty(n_max - n_rows, dim + 3)])
-    parts = []
-    for part, n in zip(_all_gather_equal(buffer[:n_max]), counts):
-        ids = _floats_as_ids(part[:n, dim:dim + 2])
-        parts.append((ids, int(torch.searchsorted(ids, vocab)), part[:n, dim + 2], part[:n, :dim]))  # in, then out
-    in_factor = model.row_damping(torch.cat([ids[:k] for ids, k, _, _ in parts]),
-                                  torch.cat([uses[:k] for _, k, uses, _ in parts]))
-    out_factor = model.row_damping(torch.cat([ids[k:] - vocab for ids, k, _, _ in parts]),
-                                   torch.cat([uses[k:] for _, k, uses, _ in parts]))
-    in_offset = out_offset = 0
-    for ids, k, _, part_grads in parts:
-        n_out = len(ids) - k
-        model.apply_sparse_grads(ids[:k], part_grads[:k] * in_factor[in_offset:in_offset + k], ids[k:] - vocab,
-                                 part_grads[k:] * out_factor[out_offset:out_offset + n_out], lr)
-        in_offset, out_offset = in_offset + k, out_offset + n_out
-    return float(header[:, 1].sum()), int(header[:, 2].sum()), int(header[:, 3].max())
+        buffer = torch.cat([mine, buffer.new_empty(n_max - len(mine), dim + 3)])
+    parts = _all_gather_equal(buffer[:n_max])
+    rows = torch.cat([part[:n] for part, n in zip(parts, counts)])  # rank order: every rank adds the same sums
+    stats = torch.stack([part[n, :2] for part, n in zip(parts, counts)]).sum(0)
+    all_keys, uses = _floats_as_ids(rows[:, dim:dim + 2]), rows[:, dim + 2]
+    # each row scaled by its global count, as window_step scales it (model.row_damping, over both tables)
+    tally = uses.new_zeros(2 * vocab).index_add_(0, all_keys, uses)
+    grads = rows[:, :dim] * (models.MAX_SUMMED_GRADIENTS / tally[all_keys]).clamp_(max=1.0).unsqueeze(1)
+    is_in = (all_keys < vocab).unsqueeze(1)
+    # in rows into in_embed, out rows into out_embed: the other table's rows add zeros (no host sync to split them)
+    model.apply_sparse_grads(all_keys.clamp(max=vocab - 1), grads * is_in, (all_keys - vocab).clamp(min=0),
+                             grads * ~is_in, lr)
+    return stats[0], stats[1], int(header[:, 1].max())
 
 
 def _sparse_params(model):

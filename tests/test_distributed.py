@@ -98,13 +98,14 @@ def _sync_worker(rank, world_size, out_dir):
     batches, windows = list(hand_made_batches(4, 30)), list(hand_made_windows(4, 30))
     sgd, sgd_tensors, adam_model = start_model(), start_model(), start_model()
     adam = torch.optim.SparseAdam(list(adam_model.parameters()), lr=0.01)
-    stats = []
+    stats, tensor_stats = [], []
     for i, (batch, window) in enumerate(zip(batches, windows)):
         last = i == len(batches) - 1
         local_window = [split(t, rank, world_size, last) for t in window]
         cpu_step = distributed.sync_window_step(sgd, *local_window, lr=0.1, max_windows=len(window[0]))
         stats.append(cpu_step[:2])  # the CPU's compiled step
-        distributed._sync_window_step_tensors(sgd_tensors, *local_window, lr=0.1)  # the GPUs' step
+        tensor_step = distributed._sync_window_step_tensors(sgd_tensors, *local_window, lr=0.1)  # the GPUs' step
+        tensor_stats.append([float(tensor_step[0]), float(tensor_step[1])])
         local = [split(t, rank, world_size, last) for t in batch]
         adam.zero_grad(set_to_none=True)
         if len(local[0]):
@@ -112,7 +113,8 @@ def _sync_worker(rank, world_size, out_dir):
         distributed.sync_gradients(adam_model, len(local[0]))
         adam.step()
     torch.save({"sgd": sgd.state_dict(), "sgd_tensors": sgd_tensors.state_dict(), "adam": adam_model.state_dict(),
-                "stats": torch.tensor(stats, dtype=torch.float64)}, out_dir / f"rank{rank}.pt")
+                "stats": torch.tensor(stats, dtype=torch.float64),
+                "tensor_stats": torch.tensor(tensor_stats, dtype=torch.float64)}, out_dir / f"rank{rank}.pt")
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -142,6 +144,7 @@ def test_sync_steps_equal_single_process_steps_on_the_global_batch(tmp_path, mon
             assert not torch.equal(expected, start_model().state_dict()[key])  # the steps did change it
     for rank in ranks:
         torch.testing.assert_close(rank["stats"], torch.stack(stats), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(rank["tensor_stats"], torch.stack(stats), rtol=1e-5, atol=1e-4)
 
 
 def _averager_worker(rank, world_size, block_momentum, out_dir):
