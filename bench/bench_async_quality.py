@@ -3,7 +3,7 @@
     NLTK_DATA=../shared/nltk_data python bench/bench_async_quality.py               # ~4 min on 2 idle cores
     python bench/bench_async_quality.py --trainer ../old-checkout/trainer.py        # another version's trainer
 
-Every run is `trainer.py` on the whole shared Gutenberg corpus (d=100, 3 epochs, default batch,
+Every run is `trainer.py` on the whole shared Gutenberg corpus (d=100, 3 epochs, the trainer's batch,
 --sync-interval and --block-momentum unless told, one thread per process, the default engine:
 the compiled kernel), the ranks joined over Gloo on 127.0.0.1. For each: words/s of the last
 epoch, and WordSim353, SimLex-999, MEN and Google analogy scores of the final vectors. Runs of
@@ -32,7 +32,11 @@ def train(trainer, ranks, args, run_dir):
               "--log-dir", str(run_dir.parent), "--run-name", run_dir.name, "--epochs", str(args.epochs),
               "--embed-size", str(args.dim), "--num-threads", "1", "--pip-interval", "0", "--quiet",
               "--seed", "1", "--projector-words", "100"]
-    rank_flags = ["--async", "--sync-interval", str(args.sync_interval)]
+    if args.batch_size:
+        common += ["--batch-size", str(args.batch_size)]
+    rank_flags = ["--async"]
+    if args.sync_interval:
+        rank_flags += ["--sync-interval", str(args.sync_interval)]
     if args.block_momentum:  # a flag older trainers lack
         rank_flags += ["--block-momentum", str(args.block_momentum)]
     launch(common, ranks, rank_flags, run_dir.name, cwd=trainer.parent)
@@ -49,12 +53,17 @@ def main():
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="process counts (1: one plain process)")
     p.add_argument("--epochs", type=int, default=3, help="epochs of every run")
     p.add_argument("--dim", type=int, default=100, help="embedding size")
-    p.add_argument("--sync-interval", type=int, default=50, help="--sync-interval of the async runs")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="--batch-size of every run (default: the trainer's; the kernel trains pair by pair, so the "
+                        "batch only sets when async ranks average)")
+    p.add_argument("--sync-interval", type=int, default=None,
+                   help="--sync-interval of the async runs (default: the trainer's)")
     p.add_argument("--block-momentum", type=float, default=0.0, help="--block-momentum of the async runs")
     args = p.parse_args()
     trainer = args.trainer.resolve()
     print(f"{trainer}; corpus {args.dataset}; d={args.dim}, {args.epochs} epochs, one thread per process, "
-          f"--sync-interval {args.sync_interval}, --block-momentum {args.block_momentum}, {os.cpu_count()} CPU cores")
+          f"--batch-size {args.batch_size or 'default'}, --sync-interval {args.sync_interval or 'default'}, "
+          f"--block-momentum {args.block_momentum}, {os.cpu_count()} CPU cores")
     print("\n| processes | words/s (last epoch) | WS353 | SimLex | MEN | analogy |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
