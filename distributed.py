@@ -480,9 +480,7 @@ def _sync_window_step_tensors(model, context_ids, weight, out_ids, lr, stop_sign
     rows = torch.cat([part[:n] for part, n in zip(parts, counts)])  # rank order: every rank adds the same sums
     stats = torch.stack([part[n, :2] for part, n in zip(parts, counts)]).sum(0)
     all_keys, uses = _floats_as_ids(rows[:, dim:dim + 2]), rows[:, dim + 2]
-    # each row scaled by its global count, as window_step scales it (model.row_damping, over both tables)
-    tally = uses.new_zeros(2 * vocab).index_add_(0, all_keys, uses)
-    grads = rows[:, :dim] * (models.MAX_SUMMED_GRADIENTS / tally[all_keys]).clamp_(max=1.0).unsqueeze(1)
+    grads = rows[:, :dim] * model.row_damping(all_keys, uses, 2 * vocab)  # scaled by the global counts, as window_step
     is_in = (all_keys < vocab).unsqueeze(1)
     # in rows into in_embed, out rows into out_embed: the other table's rows add zeros (no host sync to split them)
     model.apply_sparse_grads(all_keys.clamp(max=vocab - 1), grads * is_in, (all_keys - vocab).clamp(min=0),

@@ -113,12 +113,14 @@ class SGNS(nn.Module):
         self.apply_sparse_grads(in_rows, in_grads * in_scale, out_rows, out_grads * out_scale, lr)
         return torch.stack([loss_sum, weight.sum()])
 
-    def row_damping(self, rows, weights):
+    def row_damping(self, rows, weights, n_rows=None):
         """Per-entry factor min(1, MAX_SUMMED_GRADIENTS / k), k the weighted count of the entry's row in rows.
 
-        A V-sized tally (index_add_): no host sync, so a CUDA graph can hold it.
+        A tally of n_rows (default V; 2V for keys over both tables) by index_add_: no host sync, so a
+        CUDA graph can hold it.
         """
-        tally = torch.zeros(self.vocab_size, device=rows.device, dtype=weights.dtype).index_add_(0, rows, weights)
+        size = n_rows or self.vocab_size
+        tally = torch.zeros(size, device=rows.device, dtype=weights.dtype).index_add_(0, rows, weights)
         return (MAX_SUMMED_GRADIENTS / tally[rows]).clamp_(max=1.0).unsqueeze(1)
 
     @torch.no_grad()
