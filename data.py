@@ -224,8 +224,15 @@ def _encoded_blocks(files, workers):
             yield None if raw is None else _encode_block(raw)
         return
     import multiprocessing
-    # fork: the children need only this module's functions, already in memory
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
+    # fork: the children need only this module's functions, already in memory (spawn or forkserver
+    # would re-run a caller's unguarded script). Python 3.12+ warns about fork() in a process with
+    # threads (numba's pool, Gloo's); the children only tokenise (regexes, numpy) and take no lock
+    # those threads hold.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*use of fork\(\) may lead to deadlocks",
+                                category=DeprecationWarning)
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    with pool:
         pending = []
         for _, raw in blocks:
             pending.append(None if raw is None else pool.apply_async(_encode_block, (raw,)))
