@@ -19,6 +19,7 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import cpu_kernel
 import data
@@ -645,7 +646,7 @@ def _say_interval_hint(averager, args):
     message = interval_hint(averager.exchange_share(), args.sync_interval)
     if message and not _INTERVAL_HINTED and is_main():
         _INTERVAL_HINTED = True
-        print(message)
+        tqdm.write(message)  # above the progress bar, not through it
 
 
 def _as_numpy(tensor):
