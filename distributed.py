@@ -635,7 +635,7 @@ def interval_hint(share, interval):
     """What rank 0 says when an --async epoch spent share of its time at sync points, or None."""
     if share < EXCHANGE_HINT_SHARE:
         return None
-    return (f"note: this epoch spent {share:.0%} of its time exchanging with the other ranks (both whole tables "
+    return (f"note: this epoch spent {share:.0%} of its time exchanging with the other ranks (all the parameters "
             f"every --sync-interval {interval} steps); a larger --sync-interval trains faster, at some cost in word "
             "similarity (README: Several GPUs and machines)")
 
