@@ -51,6 +51,15 @@ def corpus_subset(source, words, folder):
     return folder, f"{len(chosen)} books, {total:,} words (wc): {', '.join(b[:-4] for b in chosen)}"
 
 
+def add_corpus_arguments(parser):
+    """The corpus flags of the distributed benches: which books, how many words, where the cache is."""
+    parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "corpora" / "gutenberg",
+                        help="folder of Gutenberg .txt files with MANIFEST.tsv")
+    parser.add_argument("--words", type=int, default=400_000,
+                        help="corpus size: first books up to this many words (0: all)")
+    parser.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache", help="corpus cache of the trainer")
+
+
 def _probe_rank(rank, init, sizes, repeats, results):
     """Seconds per exchange of each size (elements a rank) between 2 Gloo ranks, one thread each, and
     the CPU seconds of rank 0 (the CPU is what 2 ranks on 2 cores compete for):
@@ -131,10 +140,7 @@ def run(name, engine, procs, mode, dim, batch, args, work):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "corpora" / "gutenberg",
-                   help="folder of Gutenberg .txt files with MANIFEST.tsv")
-    p.add_argument("--words", type=int, default=400_000, help="corpus size: first books up to this many words (0: all)")
-    p.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache", help="corpus cache of the trainer")
+    add_corpus_arguments(p)
     p.add_argument("--pip-vocab", type=int, default=5_000, help="most frequent words the PIP loss is computed on")
     p.add_argument("--dims", type=int, nargs="+", default=[50, 200], help="embedding sizes")
     p.add_argument("--batches", type=int, nargs="+", default=[1024, 8192, 32768],
