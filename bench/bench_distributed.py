@@ -27,6 +27,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import distributed  # noqa: E402
 
 
 def free_port():
@@ -62,33 +64,38 @@ def add_corpus_arguments(parser):
 
 def _probe_rank(rank, init, sizes, repeats, results):
     """Seconds per exchange of each size (elements a rank) between 2 Gloo ranks, one thread each, and
-    the CPU seconds of rank 0 (the CPU is what 2 ranks on 2 cores compete for):
-    Gloo's all-gather and the send/receive pair a sync step swaps its float32 rows with, and the
-    all-reduce of --async's exchange in float32 and in bfloat16 (what it sends)."""
+    the CPU seconds of rank 0 (the CPU is what 2 ranks on 2 cores compete for): Gloo's all-gather,
+    the all-reduce of --async's exchange in float32 and in bfloat16 (what it sends), then, with
+    Gloo's I/O thread idle-class as in --sync runs, the send/receive pair a sync step swaps its
+    float32 rows with."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+
+    def measure(name, n, exchange):
+        for _ in range(10):
+            exchange()
+        dist.barrier()
+        start, start_cpu = time.perf_counter(), time.process_time()  # CPU: all threads, Gloo's too
+        for _ in range(repeats):
+            exchange()
+        if rank == 0:
+            results[(name, n)] = ((time.perf_counter() - start) / repeats, (time.process_time() - start_cpu) / repeats)
     try:
         for n in sizes:
             mine, parts = torch.ones(n), [torch.empty(n) for _ in range(2)]
+            changes = {dtype: torch.ones(n, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
+            measure("all-gather", n, lambda: dist.all_gather(parts, mine))
+            measure("all-reduce float32", n, lambda: dist.all_reduce(changes[torch.float32]))
+            measure("all-reduce bfloat16", n, lambda: dist.all_reduce(changes[torch.bfloat16]))
+        distributed.idle_gloo_io_thread()
+        for n in sizes:
+            mine, theirs = torch.ones(n), torch.empty(n)
 
-            def send_receive():
-                works = [dist.isend(mine, 1 - rank), dist.irecv(parts[1 - rank], 1 - rank)]
+            def send_receive():  # the receive posted first, as a sync step posts it
+                works = [dist.irecv(theirs, 1 - rank), dist.isend(mine, 1 - rank)]
                 for work in works:
                     work.wait()
-            changes = {dtype: torch.ones(n, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
-            exchanges = (("all-gather", lambda: dist.all_gather(parts, mine)), ("send/receive", send_receive),
-                         ("all-reduce float32", lambda: dist.all_reduce(changes[torch.float32])),
-                         ("all-reduce bfloat16", lambda: dist.all_reduce(changes[torch.bfloat16])))
-            for name, exchange in exchanges:
-                for _ in range(10):
-                    exchange()
-                dist.barrier()
-                start, start_cpu = time.perf_counter(), time.process_time()  # CPU: all threads, Gloo's too
-                for _ in range(repeats):
-                    exchange()
-                if rank == 0:
-                    results[(name, n)] = ((time.perf_counter() - start) / repeats,
-                                          (time.process_time() - start_cpu) / repeats)
+            measure("send/receive", n, send_receive)
         dist.barrier()
     finally:
         dist.destroy_process_group()
