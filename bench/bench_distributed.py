@@ -62,6 +62,13 @@ def add_corpus_arguments(parser):
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache", help="corpus cache of the trainer")
 
 
+def swap(mine, theirs, peer):
+    """Send mine to peer and receive theirs from it, the receive posted first, as a sync step swaps its rows."""
+    received, sent = dist.irecv(theirs, peer), dist.isend(mine, peer)
+    received.wait()
+    sent.wait()
+
+
 def _probe_rank(rank, init, sizes, repeats, results):
     """Seconds per exchange of each size (elements a rank) between 2 Gloo ranks, one thread each, and
     the CPU seconds of rank 0 (the CPU is what 2 ranks on 2 cores compete for): Gloo's all-gather,
@@ -90,12 +97,7 @@ def _probe_rank(rank, init, sizes, repeats, results):
         distributed.idle_gloo_io_thread()
         for n in sizes:
             mine, theirs = torch.ones(n), torch.empty(n)
-
-            def send_receive():  # the receive posted first, as a sync step posts it
-                works = [dist.irecv(theirs, 1 - rank), dist.isend(mine, 1 - rank)]
-                for work in works:
-                    work.wait()
-            measure("send/receive", n, send_receive)
+            measure("send/receive", n, lambda: swap(mine, theirs, 1 - rank))
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -27,7 +27,7 @@ import cpu_kernel  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
 import model as models  # noqa: E402
-from bench_distributed import add_corpus_arguments, corpus_subset, free_port  # noqa: E402
+from bench_distributed import add_corpus_arguments, corpus_subset, free_port, swap  # noqa: E402
 
 WINDOW, NEGATIVES, LR = 5, 5, 0.025
 
@@ -40,15 +40,6 @@ def mean_ms(run, steps):
     for i in range(steps):
         run(i)
     return (time.perf_counter() - start) / steps * 1e3
-
-
-def round_trip(rank):
-    """A few floats each way, the receive posted first, as a sync step swaps its rows."""
-    mine, theirs = torch.ones(4), torch.empty(4)
-    received = dist.irecv(theirs, 1 - rank)
-    sent = dist.isend(mine, 1 - rank)
-    received.wait()
-    sent.wait()
 
 
 def step_windows(corpus, batch, steps):
@@ -97,7 +88,8 @@ def rank_main(rank, init, corpus, dims, batches, steps, results):
                 dist.barrier()
                 sync = mean_ms(lambda i: distributed.sync_window_step(model, *mine[i], LR, half), steps)
                 dist.barrier()
-                trip = mean_ms(lambda i: round_trip(rank), steps)
+                mine_few, theirs_few = torch.ones(4), torch.empty(4)  # a round trip of a few floats
+                trip = mean_ms(lambda i: swap(mine_few, theirs_few, 1 - rank), steps)
                 if rank == 0:
                     results[(dim, batch)] = (halves, sync, trip)
     finally:
