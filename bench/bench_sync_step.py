@@ -9,7 +9,9 @@ ranks at once, as in a sync run), the sync step itself (distributed.sync_window_
 round trip for a few bytes. A sync step cannot take less than a half step plus that round trip:
 the script prints the words/s ratio to one process that bound allows, next to the 1.3x target. An
 --async rank on the torch engine makes the same half steps and exchanges between them: one
-process's step over a half step bounds its ratio (1.6x asked) as if exchanges were free.
+process's step over a half step bounds its ratio (1.6x asked) as if exchanges were free. Last,
+the same bound for --async on the compiled kernel (the CPU's default engine): one process's epoch
+against two processes training their halves at once, with no exchange.
 """
 import argparse
 import sys
@@ -72,6 +74,39 @@ def one_process(corpus, dims, batches, steps):
     return times
 
 
+def kernel_seconds(corpus, dim, part, parts, start=None):
+    """Seconds the compiled kernel (one thread) takes to train part of parts of an epoch's text
+    (distributed.shard's cut), from a fresh model; start: a barrier passed just before the clock."""
+    torch.set_num_threads(1)
+    sampler = data.NegativeSampler(corpus.counts)
+    kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts,
+                                      data.keep_probabilities(corpus.counts, 1e-3), data.epoch_rng(1, 0))
+    ids, local_starts = distributed.shard(kept_ids, starts, 1, 0, part, parts)
+    model = new_model(corpus, dim)
+    tables = model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy()
+    threads = cpu_kernel.set_threads(1)
+    cpu_kernel.warm_up(*tables, sampler, WINDOW, NEGATIVES, threads)
+    if start is not None:
+        start.wait()
+    began = time.perf_counter()
+    cpu_kernel.train_sentences(*tables, ids, local_starts, WINDOW, NEGATIVES, sampler, LR, LR / 100, 1 + part, threads)
+    return time.perf_counter() - began
+
+
+def _kernel_half(part, corpus, dim, start, results):
+    results[part] = kernel_seconds(corpus, dim, part, 2, start)
+
+
+def kernel_ceiling(corpus, dim):
+    """One process's epoch on the kernel over two processes' halves trained at once, with no
+    exchange at all: what 2 --async ranks could reach on this machine if exchanges were free."""
+    one = kernel_seconds(corpus, dim, 0, 1)
+    with mp.Manager() as manager:
+        halves, start = manager.dict(), manager.Barrier(2)
+        mp.start_processes(_kernel_half, args=(corpus, dim, start, halves), nprocs=2, start_method="spawn")
+        return one, max(halves.values())
+
+
 def rank_main(rank, init, corpus, dims, batches, steps, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
@@ -126,6 +161,12 @@ def main():
               f"| {halves + trip:.3f} | {whole / (halves + trip):.2f}x | {whole / halves:.2f}x |")
     print("words/s ratios (both ranks' windows a step against one process's, the same text); targets: sync 1.3x, "
           "async 1.6x")
+    print("\n| embedding | one process's epoch on the kernel (s) | 2 processes' halves at once, no exchange (s) "
+          "| ceiling of --async on the kernel / one process |")
+    print("|---|---|---|---|")
+    for dim in args.dims:
+        one_epoch, halves = kernel_ceiling(corpus, dim)
+        print(f"| {dim} | {one_epoch:.3f} | {halves:.3f} | {one_epoch / halves:.2f}x |")
 
 
 if __name__ == "__main__":
