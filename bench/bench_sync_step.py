@@ -1,7 +1,7 @@
 """Where a --sync step's time goes on this machine: its parts, timed inside 2 Gloo ranks (one thread
 each) on real windows of the corpus bench_distributed.py uses, against one process's step.
 
-    NLTK_DATA=../shared/nltk_data python bench/bench_sync_step.py      # about a minute on 2 idle cores
+    NLTK_DATA=../shared/nltk_data python bench/bench_sync_step.py      # about 25 s on 2 idle cores
 
 For each embedding size and global batch: one process's whole step (alone on the machine, before
 the ranks start), then in 2 ranks a rank's half of it (model.window_step on its own windows, both
