@@ -6,8 +6,8 @@ Python would spend more time dispatching than computing on 100-float rows, so th
 loop (windows, negatives, dot products, row updates) is compiled with numba. Threads
 update the two tables without locks (Hogwild, Recht et al. 2011), as word2vec and gensim
 do: collisions are rare because each thread works on a distant part of the corpus.
-Every random draw comes from a per-chunk generator seeded from (seed, chunk), so with one
-thread a run is exactly reproducible.
+Every random draw of a training step comes from a generator seeded from (seed, epoch, rank,
+step), so with one thread a run is exactly reproducible, however its steps are grouped.
 
 The loop is word2vec's: for each word of a sentence, its context words' input rows are
 trained against the word's output row and negatives. The negatives are drawn once per word
@@ -79,51 +79,62 @@ def sgd_pair(in_w, out_w, center, context, neg_ids, n_neg, lr, work):
     return loss
 
 
-@njit(parallel=True, fastmath=True, nogil=True, cache=True, error_model="numpy")
-def train_chunks(in_w, out_w, kept_ids, bounds, chunk_sentences, window, negative,
-                 accept, alias, lr_first, lr_last, seed, loss_out, pairs_out):
-    """Train on the sentences chunk_sentences[0] .. chunk_sentences[-1] of kept_ids.
+@njit(inline="always")
+def _step_state(base_seed, step):
+    """The generator state of one step: splitmix64 of (base_seed, step), so that every step
+    draws the same numbers however the steps are grouped into calls or threads."""
+    z = np.uint64(base_seed) + (np.uint64(step) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
-    bounds: start of every sentence in kept_ids, with len(kept_ids) appended.
-    Chunk c covers sentences chunk_sentences[c] .. chunk_sentences[c+1] and runs on its
-    own thread. The learning rate falls linearly from lr_first at the first token to
-    lr_last at the last. Negatives come from the alias table (accept, alias).
-    Per-chunk loss sums and pair counts go to loss_out, pairs_out.
+
+@njit(parallel=True, fastmath=True, nogil=True, cache=True, error_model="numpy")
+def train_steps(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step, base_seed, lr_bounds, window,
+                negative, accept, alias, loss_out, pairs_out):
+    """Train the steps whose centers are kept_ids[step_bounds[s]:step_bounds[s + 1]], s = 0..n-1.
+
+    sentence_bounds: where every sentence of kept_ids starts, with len(kept_ids) appended; a
+    window never crosses them, and may reach into a neighbouring step's tokens. Step s is the
+    epoch's step first_step + s: its random draws (window sizes, negatives) come from
+    _step_state(base_seed, first_step + s), and its learning rate falls linearly from
+    lr_bounds[s] to lr_bounds[s + 1]. The threads share the steps out between them.
+    Per-step loss sums and pair counts go to loss_out, pairs_out.
     """
     dim = in_w.shape[1]
     vocab = np.uint64(accept.shape[0])
-    first_token = bounds[chunk_sentences[0]]
-    span = max(1, bounds[chunk_sentences[-1]] - first_token)
-    for chunk in prange(len(chunk_sentences) - 1):
-        state = np.uint64(seed) ^ (np.uint64(chunk + 1) * np.uint64(0x9E3779B97F4A7C15))
-        for _ in range(4):  # decorrelate neighbouring seeds
-            state = _lcg(state)
+    for s in prange(len(step_bounds) - 1):
+        lo, hi = step_bounds[s], step_bounds[s + 1]
+        state = _step_state(base_seed, first_step + s)
         work = np.empty(dim, dtype=np.float32)
         neg_ids = np.empty(negative, dtype=np.int64)
         loss = 0.0
         pairs = 0
-        for sentence in range(chunk_sentences[chunk], chunk_sentences[chunk + 1]):
-            lo, hi = bounds[sentence], bounds[sentence + 1]
-            for pos in range(lo, hi):
-                lr = lr_first + (lr_last - lr_first) * (pos - first_token) / span
+        sentence = np.searchsorted(sentence_bounds, lo, side="right") - 1
+        span = max(1, hi - lo)
+        for pos in range(lo, hi):
+            while pos >= sentence_bounds[sentence + 1]:
+                sentence += 1
+            sent_lo, sent_hi = sentence_bounds[sentence], sentence_bounds[sentence + 1]
+            lr = lr_bounds[s] + (lr_bounds[s + 1] - lr_bounds[s]) * (pos - lo) / span
+            state = _lcg(state)
+            reach = 1 + np.int64((state >> np.uint64(16)) % np.uint64(window))
+            word = np.int64(kept_ids[pos])
+            n_neg = 0
+            for _ in range(negative):
                 state = _lcg(state)
-                reach = 1 + np.int64((state >> np.uint64(16)) % np.uint64(window))
-                word = np.int64(kept_ids[pos])
-                n_neg = 0
-                for _ in range(negative):
-                    state = _lcg(state)
-                    slot = (state >> np.uint64(16)) % vocab
-                    state = _lcg(state)
-                    neg = np.int64(slot) if _uniform(state) < accept[slot] else alias[slot]
-                    if neg != word:  # as word2vec: a negative equal to the target is skipped
-                        neg_ids[n_neg] = neg
-                        n_neg += 1
-                for ctx_pos in range(max(lo, pos - reach), min(hi, pos + reach + 1)):
-                    if ctx_pos != pos:
-                        loss += sgd_pair(in_w, out_w, np.int64(kept_ids[ctx_pos]), word, neg_ids, n_neg, lr, work)
-                        pairs += 1
-        loss_out[chunk] = loss
-        pairs_out[chunk] = pairs
+                slot = (state >> np.uint64(16)) % vocab
+                state = _lcg(state)
+                neg = np.int64(slot) if _uniform(state) < accept[slot] else alias[slot]
+                if neg != word:  # as word2vec: a negative equal to the target is skipped
+                    neg_ids[n_neg] = neg
+                    n_neg += 1
+            for ctx_pos in range(max(sent_lo, pos - reach), min(sent_hi, pos + reach + 1)):
+                if ctx_pos != pos:
+                    loss += sgd_pair(in_w, out_w, np.int64(kept_ids[ctx_pos]), word, neg_ids, n_neg, lr, work)
+                    pairs += 1
+        loss_out[s] = loss
+        pairs_out[s] = pairs
 
 
 def set_threads(num_threads):
@@ -133,35 +144,32 @@ def set_threads(num_threads):
     return numba.get_num_threads()
 
 
-def train_sentences(in_w, out_w, kept_ids, kept_starts, window, negative, sampler, lr_first, lr_last, seed, threads):
-    """Train on all the sentences of kept_ids (kept_starts: where each begins) with `threads`
-    threads, 4 chunks of about equal token counts each; returns (loss summed over the pairs, pairs).
+def train(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step, base_seed, lr_bounds, window, negative,
+          sampler):
+    """train_steps on the numba threads set by set_threads; returns per-step (loss sums, pair counts).
 
-    The loss is NaN where the weights became NaN: numba checks float divisions as Python does,
-    and a NaN weight trips that check (the callers stop the run, naming epoch and step).
+    A step's loss is NaN where the weights became NaN: numba checks float divisions as Python
+    does, and a NaN weight trips that check (the callers stop the run, naming epoch and step).
     """
-    if len(kept_ids) == 0:
-        return 0.0, 0
-    bounds = np.append(kept_starts, len(kept_ids)).astype(np.int64)
-    targets = np.linspace(0, len(kept_ids), 4 * threads + 1)[1:-1]
-    chunks = np.unique(np.concatenate([[0], np.searchsorted(bounds, targets), [len(kept_starts)]]))
-    loss_out, pairs_out = np.zeros(len(chunks) - 1), np.zeros(len(chunks) - 1, dtype=np.int64)
+    n_steps = len(step_bounds) - 1
+    loss_out, pairs_out = np.zeros(n_steps), np.zeros(n_steps, dtype=np.int64)
     try:
-        train_chunks(in_w, out_w, kept_ids, bounds, chunks.astype(np.int64), window, negative,
-                     sampler.accept, sampler.alias, lr_first, lr_last, seed, loss_out, pairs_out)
+        train_steps(in_w, out_w, kept_ids, sentence_bounds, np.asarray(step_bounds, dtype=np.int64),
+                    np.int64(first_step), np.uint64(base_seed), np.asarray(lr_bounds, dtype=np.float64), window,
+                    negative, sampler.accept, sampler.alias, loss_out, pairs_out)
     except (ZeroDivisionError, SystemError) as err:
         if not isinstance(err, ZeroDivisionError) and not isinstance(err.__cause__, ZeroDivisionError):
             raise
-        return math.nan, int(pairs_out.sum())
-    return float(loss_out.sum()), int(pairs_out.sum())
+        loss_out[:] = math.nan
+    return loss_out, pairs_out
 
 
-def warm_up(in_w, out_w, sampler, window, negative, threads):
-    """Have numba load (or compile) the loop that train_sentences will run, by a call that
-    changes nothing (two tokens, learning rate 0): the first call costs ~0.4 s even from
-    numba's cache, which would otherwise count as training time in the first epoch."""
-    train_sentences(in_w, out_w, np.zeros(2, dtype=np.uint32), np.zeros(1, dtype=np.int64), window, negative,
-                    sampler, 0.0, 0.0, 1, threads)
+def warm_up(in_w, out_w, sampler, window, negative):
+    """Have numba load (or compile) train_steps before the first epoch starts its clock, by a call
+    that changes nothing (one step of two tokens at learning rate 0): the first call costs a
+    noticeable part of a second even from numba's cache."""
+    train(in_w, out_w, np.zeros(2, dtype=np.uint32), np.array([0, 2], dtype=np.int64), [0, 2], 0, 1, [0.0, 0.0],
+          window, negative, sampler)
 
 
 @njit(inline="always")

@@ -540,9 +540,34 @@ def shuffle_sentence_blocks(kept_ids, starts, seed, epoch):
     return stream, np.sort(starts - block_lo[block_of_sentence] + new_block_lo[block_of_sentence])
 
 
+def epoch_share(kept_ids, starts, seed, epoch, rank, world_size, shuffled):
+    """This rank's part of an epoch's kept tokens: (token ids, sentence starts within them).
+
+    shuffled: blocks of whole sentences first go in the epoch's random order, the same on all
+    ranks (shuffle_sentence_blocks). The stream is then cut into world_size slices of equal
+    token count (+-1), so every rank makes the same number of steps.
+    """
+    if shuffled:
+        kept_ids, starts = shuffle_sentence_blocks(kept_ids, starts, seed, epoch)
+    if world_size == 1:
+        return kept_ids, starts
+    n = len(kept_ids)
+    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
+    mine = starts[(starts >= lo) & (starts < hi)] - lo
+    return kept_ids[lo:hi], np.unique(np.concatenate([[0], mine])).astype(np.int64)
+
+
 def epoch_rng(seed, epoch, *stream):
-    """The generator for one epoch: a stopped run regenerates the same stream when resumed."""
+    """The generator for one epoch (and stream): a stopped run regenerates the same draws when resumed.
+
+    An epoch's subsampling draws from epoch_rng(seed, epoch), step i of rank r from
+    epoch_rng(seed, epoch, 1 + r, i)."""
     return np.random.default_rng([seed, epoch, *stream])
+
+
+def step_seed(seed, epoch, rank):
+    """A 64-bit seed from which the compiled kernel derives each step's generator (cpu_kernel)."""
+    return int(np.random.SeedSequence([seed, epoch, 1 + rank]).generate_state(1, np.uint64)[0])
 
 
 def _torch_seed(seed, *stream):
@@ -577,6 +602,13 @@ class WindowBatches:
     def seeded(self, seed, *stream):
         self.generator.manual_seed(_torch_seed(seed, *stream))
         return self.generator
+
+    def to_device(self, kept_ids, starts):
+        """Kept ids made on the host, and the sentence of each (from its sentence starts), on the device."""
+        sentence_lengths = np.diff(np.append(starts, len(kept_ids)))
+        kept_sentence = np.repeat(np.arange(len(starts), dtype=np.int32), sentence_lengths)
+        return (torch.from_numpy(kept_ids.astype(np.int64)).to(self.device),
+                torch.from_numpy(kept_sentence).to(self.device))
 
     def subsample(self, seed, epoch):
         """This epoch's kept ids and the sentence of each; reading their count is one host sync an epoch."""

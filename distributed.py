@@ -1,11 +1,15 @@
-"""Training on several GPUs of one process (DataParallel) or on several processes/machines (torch.distributed).
+"""Training on several GPUs of one process (DataParallel) or on several processes and machines
+(torch.distributed): the process group, and the strategies the training loops call.
 
-trainer.py calls: add_arguments / check_arguments (flags), session (init and always destroy the process
-group), is_main, check_same_corpus, broadcast_parameters, data_parallel, start_together, centers_per_step,
-and dist_epoch or dist_kernel_epoch (the engines of distributed runs). Sync mode sums every rank's gradient rows each
-step (the touched rows swapped point to point on the CPU, all-gathered on GPUs; never a dense
-all-reduce of the V x d tables); async mode is local SGD whose changes are exchanged in a
-non-blocking all-reduce every --sync-interval steps (Averager).
+The trainer resolves the world once (resolve_world), runs inside session(), and gives the
+engine a strategy (make_strategy):
+- OneProcess: steps are local; a signal stops the next step (--multi-gpu wraps the model in DataParallel).
+- SyncRanks (--multi-node --sync): every step sums all ranks' gradients. SGD window steps send
+  only the rows they touched (point to point on the CPU, all-gathered on GPUs; never a dense
+  all-reduce of the V x d tables); autograd steps reduce dense models' gradients through
+  DistributedDataParallel and all-gather sparse gradients' rows.
+- AsyncRanks (--multi-node --async): local SGD, whose changes are exchanged in a non-blocking
+  all-reduce every --sync-interval steps (Averager).
 """
 import contextlib
 import math
@@ -19,22 +23,20 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from tqdm import tqdm
 
 import cpu_kernel
-import data
 import model as models
 
 INIT_SCHEMES = ("tcp://", "file://", "env://")
 # --async's default interval: 50 steps, and no fewer global pairs than 50 steps of the default
-# batch (4096). Each exchange sends both whole tables, which cost as much as the training between
-# two exchanges at batch 1024 and 50 steps (bench/RESULTS.md); tied to text, the interval is the
-# one bench_async_quality measured the quality of, whatever the batch.
+# batch (4096): each exchange sends both whole tables, so a small batch must not exchange after a
+# few milliseconds of training. Tied to text, the interval is the one bench_async_quality
+# measured the quality of, whatever the batch.
 MIN_SYNC_STEPS, MIN_SYNC_PAIRS = 50, 50 * 4096
-# Share of an --async epoch spent at sync points above which rank 0 suggests a longer interval
-# (a large vocabulary: every exchange passes over and sends both whole tables; bench/RESULTS.md)
+# Share of an --async epoch spent at sync points above which rank 0 suggests a longer interval.
 EXCHANGE_HINT_SHARE = 0.25
-_INTERVAL_HINTED = False  # said once a run
 
 
 class DistributedFailure(Exception):
@@ -43,15 +45,14 @@ class DistributedFailure(Exception):
 
 @dataclass
 class World:
+    """This process's place among the ranks of a --multi-node run, resolved from flags or torchrun's variables."""
     rank: int
     world_size: int
     local_rank: int
     backend: str
     init_method: str
     timeout: float
-
-
-WORLD = None  # set by check_arguments for --multi-node runs
+    device: str  # the torch device this rank trains on (cuda: one GPU per process)
 
 
 def add_arguments(parser):
@@ -82,106 +83,104 @@ def add_arguments(parser):
     g.add_argument("--block-momentum", type=float, default=0.0,
                    help="--async: momentum of the averaged changes, in [0, 1) (BMUF). 0.5 gives back what "
                         "averaging takes from 2 ranks: better word similarity, higher PIP loss (README); "
-                        "7/8 diverged with 8 ranks")
+                        "keep it at 0.5 or below, larger values can diverge with many ranks")
     g.add_argument("--dist-timeout", type=float, default=120.0,
                    help="seconds a rank waits for the others (connecting, each collective) before failing")
 
 
-def check_arguments(parser, args):
-    """Validate the flags (parser.error: one line, exit 2) and resolve the world from flags or torchrun's env."""
-    global WORLD
-    WORLD = None
-    if args.sync_interval is None:
-        # a batch size of 0 is refused later, with the other sizes
-        args.sync_interval = max(MIN_SYNC_STEPS, math.ceil(MIN_SYNC_PAIRS / max(1, args.batch_size)))
+def default_sync_interval(batch_size):
+    """--sync-interval's default for a global batch of batch_size pairs."""
+    return max(MIN_SYNC_STEPS, math.ceil(MIN_SYNC_PAIRS / max(1, batch_size)))
+
+
+def check_flags(args, cuda_devices):
+    """The distributed flags' mistakes, as one-line messages (empty: none). cuda_devices: GPUs visible."""
+    problems = []
     if args.sync_interval <= 0 or not args.dist_timeout > 0:
-        parser.error("--sync-interval and --dist-timeout must be positive")
+        problems.append("--sync-interval and --dist-timeout must be positive")
     if not 0 <= args.block_momentum < 1:
-        parser.error(f"--block-momentum {args.block_momentum}: must be in [0, 1)")
-    if args.block_momentum and args.dist_mode != "async":
-        parser.error("--block-momentum goes with --multi-node --async")
+        problems.append(f"--block-momentum {args.block_momentum}: must be in [0, 1)")
+    if args.block_momentum and not (args.multi_node and args.dist_mode == "async"):
+        problems.append("--block-momentum goes with --multi-node --async")
     if args.multi_gpu and args.multi_node:
-        parser.error("--multi-gpu and --multi-node exclude each other: for several GPUs with torch.distributed, "
-                     "run one --multi-node process per GPU (torchrun --nproc-per-node N)")
+        problems.append("--multi-gpu and --multi-node exclude each other: for several GPUs with torch.distributed, "
+                        "run one --multi-node process per GPU (torchrun --nproc-per-node N)")
     if args.multi_gpu:
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        wanted = args.num_gpu if args.num_gpu is not None else available
-        if available == 0 or not 1 <= wanted <= available:
-            parser.error(f"--multi-gpu: {wanted if args.num_gpu is not None else 'some'} CUDA device(s) asked for, "
-                         f"{available} visible")
+        wanted = args.num_gpu if args.num_gpu is not None else cuda_devices
+        if cuda_devices == 0 or not 1 <= wanted <= cuda_devices:
+            problems.append(f"--multi-gpu: {wanted if args.num_gpu is not None else 'some'} CUDA device(s) asked "
+                            f"for, {cuda_devices} visible")
         if args.optimizer != "sgd":
-            parser.error("--multi-gpu trains with plain SGD (DataParallel cannot reduce sparse gradients); "
-                         "use --multi-node, one process per GPU, for other optimizers")
-        if args.engine == "kernel":
-            parser.error("--multi-gpu runs the torch engine, not --engine kernel")
-        args.num_gpu, args.engine = wanted, "torch"
-        if args.device == "cpu":
-            args.device = "cuda:0"
+            problems.append("--multi-gpu trains with plain SGD (DataParallel cannot reduce sparse gradients); "
+                            "use --multi-node, one process per GPU, for other optimizers")
     elif args.num_gpu is not None:
-        parser.error("--num-gpu goes with --multi-gpu")
+        problems.append("--num-gpu goes with --multi-gpu")
+    if not args.multi_node and (args.init_method or args.rank is not None or args.world_size is not None
+                                or args.backend or args.dist_mode == "async"):
+        problems.append("--backend, --init-method, --rank, --world-size and --async go with --multi-node")
+    return problems
+
+
+def resolve_world(args, environ, cuda_devices):
+    """This rank's World from the flags or a launcher's variables (environ), for --multi-node runs;
+    None otherwise. Raises ValueError with a one-line message for a flag that cannot work."""
     if not args.multi_node:
-        if args.init_method or args.rank is not None or args.world_size is not None or args.backend \
-                or args.dist_mode == "async":
-            parser.error("--backend, --init-method, --rank, --world-size and --async go with --multi-node")
-        return
+        return None
     init_method = args.init_method
-    if init_method is None and args.rank is None and args.world_size is None and "RANK" in os.environ:
+    if init_method is None and args.rank is None and args.world_size is None and "RANK" in environ:
         init_method = "env://"  # launched by torchrun (or another launcher that sets its variables)
     if init_method is None:
-        parser.error("--multi-node needs --init-method, --rank and --world-size, or torchrun's environment "
-                     "(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
+        raise ValueError("--multi-node needs --init-method, --rank and --world-size, or torchrun's environment "
+                         "(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)")
     if not init_method.startswith(INIT_SCHEMES):
-        parser.error(f"--init-method {init_method}: not a torch.distributed init method; use one of "
-                     f"{', '.join(s + '...' for s in INIT_SCHEMES)}")
+        raise ValueError(f"--init-method {init_method}: not a torch.distributed init method; use one of "
+                         f"{', '.join(s + '...' for s in INIT_SCHEMES)}")
     try:
-        rank = args.rank if args.rank is not None else int(os.environ["RANK"])
-        world_size = args.world_size if args.world_size is not None else int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        rank = args.rank if args.rank is not None else int(environ["RANK"])
+        world_size = args.world_size if args.world_size is not None else int(environ["WORLD_SIZE"])
+        local_rank = int(environ.get("LOCAL_RANK", rank))
     except (KeyError, ValueError):
-        parser.error("--multi-node: give --rank and --world-size (or set RANK and WORLD_SIZE, as torchrun does)")
-    if init_method.startswith("env://") and not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
-        parser.error("--init-method env:// needs MASTER_ADDR and MASTER_PORT in the environment (torchrun sets them)")
+        raise ValueError("--multi-node: give --rank and --world-size (or set RANK and WORLD_SIZE, as torchrun does)")
+    if init_method.startswith("env://") and not {"MASTER_ADDR", "MASTER_PORT"} <= environ.keys():
+        raise ValueError("--init-method env:// needs MASTER_ADDR and MASTER_PORT in the environment "
+                         "(torchrun sets them)")
     if not 0 <= rank < world_size:
-        parser.error(f"--rank {rank} must be in 0..{world_size - 1} (--world-size {world_size})")
+        raise ValueError(f"--rank {rank} must be in 0..{world_size - 1} (--world-size {world_size})")
     backend = args.backend or ("nccl" if args.device.startswith("cuda") else "gloo")
-    if backend == "nccl":
-        if not dist.is_nccl_available() or not torch.cuda.is_available():
-            parser.error("--backend nccl needs CUDA GPUs and a PyTorch built with NCCL; use --backend gloo on CPU")
-        if not args.device.startswith("cuda"):
-            parser.error("--backend nccl moves GPU tensors only: add --device cuda")
-    if args.dist_mode == "sync":  # every step exchanges gradients: batched steps only
-        if args.engine == "kernel":
-            parser.error("--multi-node --sync runs the torch engine (batched steps); --engine kernel goes with --async")
-        args.engine = "torch"
-    if args.device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK, else rank modulo GPUs here
-        args.device = f"cuda:{local_rank % torch.cuda.device_count()}"
-    WORLD = World(rank, world_size, local_rank, backend, init_method, args.dist_timeout)
+    if backend == "nccl" and (not dist.is_nccl_available() or not cuda_devices):
+        raise ValueError("--backend nccl needs CUDA GPUs and a PyTorch built with NCCL; use --backend gloo on CPU")
+    if backend == "nccl" and not args.device.startswith("cuda"):
+        raise ValueError("--backend nccl moves GPU tensors only: add --device cuda")
+    device = args.device
+    if device == "cuda":  # one GPU per process: torchrun's LOCAL_RANK, else rank modulo GPUs here
+        device = f"cuda:{local_rank % cuda_devices}"
+    return World(rank, world_size, local_rank, backend, init_method, args.dist_timeout, device)
 
 
 @contextlib.contextmanager
-def session(args):
-    """Join the process group for the run and always leave it; distributed failures become one line."""
-    if WORLD is None:
+def session(world, dist_mode):
+    """Join the process group of a --multi-node run (world; None: nothing to join) and always
+    leave it; distributed failures become one line. Ranks other than 0 print nothing."""
+    if world is None:
         yield
         return
     silenced = finished = None
     try:
-        join_group(WORLD.backend, WORLD.init_method, WORLD.rank, WORLD.world_size, WORLD.timeout)
-        if WORLD.backend == "gloo" and args.dist_mode == "sync":
+        join_group(world.backend, world.init_method, world.rank, world.world_size, world.timeout)
+        if world.backend == "gloo" and dist_mode == "sync":
             idle_gloo_io_thread()
-        if WORLD.backend == "gloo":  # names the ranks that never showed up, instead of a bare timeout
-            dist.monitored_barrier(timeout=timedelta(seconds=WORLD.timeout))
-        if WORLD.rank != 0:  # one voice: rank 0 prints and shows progress; errors still reach stderr
+        if world.backend == "gloo":  # names the ranks that never showed up, instead of a bare timeout
+            dist.monitored_barrier(timeout=timedelta(seconds=world.timeout))
+        if world.rank != 0:  # one voice: rank 0 prints and shows progress; errors still reach stderr
             silenced, sys.stdout = sys.stdout, open(os.devnull, "w")
-            args.quiet = True
         yield
         finished = leave_together()
     except dist.DistError as err:
-        raise DistributedFailure(_describe(err)) from err
+        raise DistributedFailure(_describe(err, world)) from err
     except RuntimeError as err:  # Gloo/NCCL report dead peers and timeouts as plain RuntimeErrors too
         if not _looks_distributed(err):
             raise
-        raise DistributedFailure(_describe(err)) from err
+        raise DistributedFailure(_describe(err, world)) from err
     finally:
         if silenced is not None:
             sys.stdout.close()
@@ -262,14 +261,14 @@ def _looks_distributed(err):
                                          "store", "rendezvous", "rank"))
 
 
-def _describe(err):
+def _describe(err, world):
     first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
-    return (f"rank {WORLD.rank} of {WORLD.world_size}: another rank died, closed its connection or did not answer "
-            f"within --dist-timeout {WORLD.timeout:g} s ({err.__class__.__name__}: {first[:300]})")
+    return (f"rank {world.rank} of {world.world_size}: another rank died, closed its connection or did not answer "
+            f"within --dist-timeout {world.timeout:g} s ({err.__class__.__name__}: {first[:300]})")
 
 
 def active():
-    return WORLD is not None and dist.is_initialized()
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_main():
@@ -327,27 +326,7 @@ def data_parallel(model, num_gpu):
 
 
 def _comm_device():
-    return torch.device("cuda", torch.cuda.current_device()) if WORLD and WORLD.backend == "nccl" \
-        else torch.device("cpu")
-
-
-# ---------------------------------------------------------------------------------------------
-# Sharding: every rank derives the same block permutation, then takes its equal slice of tokens
-
-def shard(kept_ids, starts, seed, epoch, rank, world_size):
-    """This rank's part of the (subsampled) epoch: token ids and sentence starts within them.
-
-    Blocks of whole sentences are permuted with a seed shared by all ranks (a new order each
-    epoch, data.shuffle_sentence_blocks), the permuted stream is cut into world_size slices of
-    equal token count (+-1), so every rank makes the same number of steps.
-    """
-    n = len(kept_ids)
-    if n == 0:
-        return kept_ids, np.zeros(1, dtype=np.int64)
-    stream, stream_starts = data.shuffle_sentence_blocks(kept_ids, starts, seed, epoch)
-    lo, hi = n * rank // world_size, n * (rank + 1) // world_size
-    mine = stream_starts[(stream_starts >= lo) & (stream_starts < hi)] - lo
-    return stream[lo:hi], np.unique(np.concatenate([[0], mine])).astype(np.int64)
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,36 +468,253 @@ def _sync_window_step_tensors(model, context_ids, weight, out_ids, lr, stop_sign
     return stats[0], stats[1], int(header[:, 1].max())
 
 
+# ---------------------------------------------------------------------------------------------
+# Gradients of autograd steps, summed over ranks
+
 def _sparse_params(model):
     """Parameters whose gradient is sparse (nn.Embedding(sparse=True)): decided by the model, not by the batch."""
-    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse}
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.sparse]
 
 
-def sync_gradients(model, n_local, stop_signal=0):
-    """After backward() of the local mean loss: every gradient becomes the mean over the global batch.
+def sum_sparse_gradients(model):
+    """Every sparse gradient becomes the sum of all ranks' (each rank weighed its loss by its
+    share of the global batch, so the sum is the gradient of the global mean). The rows travel
+    coalesced, all-gathered; a rank without a gradient (no pairs) sends none."""
+    params = _sparse_params(model)
+    grads = [p.grad.coalesce() if p.grad is not None else
+             torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.int64, device=p.device),
+                                     p.new_zeros((0,) + p.shape[1:]), p.shape) for p in params]
+    mine = torch.tensor([g.indices().shape[1] for g in grads], dtype=torch.float64, device=_comm_device())
+    counts = torch.stack(_all_gather_equal(mine)).cpu().long()
+    for column, (p, g) in enumerate(zip(params, grads)):
+        rows, values = _gather_rows(g.indices()[0], g.values(), counts[:, column].tolist())
+        p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, p.shape).coalesce()
 
-    Sparse gradients travel as coalesced rows (all-gather), dense ones are all-reduced; each
-    rank weighs its mean by its share of the global batch. A rank whose batch was empty
-    (no backward) takes part with empty gradients. Returns (global pairs, agreed stop signal).
+
+def _all_gather_numbers(*numbers):
+    """Every rank's few numbers, as a world_size x n float64 table on the host."""
+    return _start_header(*numbers)()
+
+
+class BatchAgreement(Joinable):
+    """Each autograd step's all-gather of every rank's pair count and pending signal.
+
+    Joinable, so that under DistributedDataParallel's join() a rank whose steps have run out
+    answers the others' all-gathers with zeros (no pairs, no signal) until all have joined.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    sparse_ids = _sparse_params(model)
-    sparse = [p for p in params if id(p) in sparse_ids]
-    sparse_grads = [p.grad.coalesce() if p.grad is not None else
-                    torch.sparse_coo_tensor(torch.zeros((1, 0), dtype=torch.int64, device=p.device),
-                                            p.new_zeros((0,) + p.shape[1:]), p.shape) for p in sparse]
-    header = _start_header(n_local, stop_signal, *[g.indices().shape[1] for g in sparse_grads])()
-    n_global = float(header[:, 0].sum())
-    for column, (p, g) in enumerate(zip(sparse, sparse_grads), start=2):
-        rows, values = _gather_rows(g.indices()[0], g.values() * n_local, header[:, column].long().tolist())
-        p.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values / max(n_global, 1.0), p.shape).coalesce()
-    for p in params:
-        if id(p) not in sparse_ids:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            p.grad.mul_(n_local / max(n_global, 1.0))
-            dist.all_reduce(p.grad)
-    return int(n_global), int(header[:, 1].max())
+
+    def __init__(self):
+        super().__init__()
+
+    def exchange(self, n_local, signal_number):
+        """(pairs over all ranks, the largest pending signal)."""
+        Join.notify_join_context(self)
+        table = _all_gather_numbers(n_local, signal_number)
+        return int(table[:, 0].sum()), int(table[:, 1].max())
+
+    def join_hook(self, **kwargs):
+        return _AbsentFromAgreement()
+
+    @property
+    def join_device(self):
+        return _comm_device()
+
+    @property
+    def join_process_group(self):
+        return dist.group.WORLD
+
+
+class _AbsentFromAgreement(JoinHook):
+    def main_hook(self):
+        _all_gather_numbers(0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strategies: what the training loops ask of the distribution
+
+class OneProcess:
+    """One process: steps are local, and a pending signal stops the loop before its next step.
+    multi_gpu: the autograd loop's model is replicated on num_gpu GPUs (DataParallel)."""
+    rank, world_size = 0, 1
+    needs_every_backward = False
+
+    def __init__(self, multi_gpu=False, num_gpu=None):
+        self.multi_gpu, self.num_gpu = multi_gpu, num_gpu
+
+    def wrap(self, model):
+        """What the autograd loop calls for the loss."""
+        return data_parallel(model, self.num_gpu) if self.multi_gpu else model
+
+    def warm_up(self, device):
+        pass
+
+    def start_epoch(self, model):
+        pass
+
+    def end_epoch(self, stop):
+        """Called when an epoch's loop returns; returns the stop signal (0: none)."""
+        return stop
+
+    def before_step(self, step, first_step, signal_number):
+        """The stop agreed before a step (0: go on)."""
+        return signal_number
+
+    def next_sync_point(self, step):
+        """The next step before which the ranks exchange (a compiled call must end there)."""
+        return math.inf
+
+    def window_step(self, local_step, model, window, lr, max_windows, signal_number):
+        """(the step's [loss sum, pairs], the stop agreed after it)."""
+        return local_step(*window, lr), signal_number
+
+    def uneven_steps(self, train_model):
+        """The context the autograd loop runs in (DDP's join where ranks may end at different steps)."""
+        return contextlib.nullcontext()
+
+    def steps_to_run(self, n_steps, my_steps):
+        """How many steps this rank's autograd loop runs: all ranks the same, except under join()."""
+        return n_steps
+
+    def agree_on_batch(self, n_local, signal_number):
+        """(pairs of the global batch, the stop agreed after this step)."""
+        return n_local, signal_number
+
+    def loss_weight(self, n_local, n_global):
+        """The factor on this rank's mean loss that makes the reduced gradient the global mean's."""
+        return 1.0
+
+    def placeholder_batch(self, batch):
+        """A one-pair batch of valid ids, for a rank with no pairs whose backward must still run."""
+        return [t[:0].new_zeros((1,) + t.shape[1:]) for t in batch]
+
+    def reduce_gradients(self, model, n_local):
+        pass
+
+    def agree_at_epoch_end(self, stop):
+        return stop
+
+
+class SyncRanks(OneProcess):
+    """--multi-node --sync: every step is one step on the global batch, and all ranks hold
+    identical parameters after it. Window steps sum the touched rows of all ranks
+    (sync_window_step); autograd steps of dense models go through DistributedDataParallel, with
+    its join() for a rank whose last step is empty; sparse gradients are all-gathered by row."""
+
+    def __init__(self, world):
+        super().__init__()
+        self.world = world
+        self.rank, self.world_size = world.rank, world.world_size
+        self.agreement = BatchAgreement()
+        self.ddp = None
+
+    def wrap(self, model):
+        if _sparse_params(model):
+            return model
+        device_ids = [torch.device(self.world.device).index] if self.world.device.startswith("cuda") else None
+        # the spelling buffers of the rnn model never change: no broadcast of them at every step
+        self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+        self.needs_every_backward = True
+        return self.ddp
+
+    def warm_up(self, device):
+        if device.type == "cpu":
+            cpu_kernel.warm_up_rows()
+
+    def before_step(self, step, first_step, signal_number):
+        return 0  # agreed within the step
+
+    def window_step(self, local_step, model, window, lr, max_windows, signal_number):
+        *stats, stop = sync_window_step(model, *window, lr, max_windows, signal_number)
+        return stats, stop
+
+    def uneven_steps(self, train_model):
+        return Join([self.agreement, self.ddp]) if self.ddp is not None else contextlib.nullcontext()
+
+    def steps_to_run(self, n_steps, my_steps):
+        return my_steps if self.ddp is not None else n_steps
+
+    def agree_on_batch(self, n_local, signal_number):
+        return self.agreement.exchange(n_local, signal_number)
+
+    def loss_weight(self, n_local, n_global):
+        share = n_local / max(n_global, 1)
+        return share * self.world_size if self.ddp is not None else share  # DDP averages over ranks
+
+    def reduce_gradients(self, model, n_local):
+        if self.ddp is None:
+            sum_sparse_gradients(model)
+
+    def agree_at_epoch_end(self, stop):
+        """Ranks that left a join() early meet the others again here, and learn of a stop."""
+        if self.ddp is None:
+            return stop
+        return int(_all_gather_numbers(stop)[:, 0].max())
+
+
+class AsyncRanks(OneProcess):
+    """--multi-node --async: local steps; every sync_interval steps the ranks' changes are
+    exchanged in the background (Averager), and every epoch ends with a blocking exchange, so
+    the PIP loss and checkpoints see identical parameters on all ranks. A stop asked for
+    between two sync points is agreed at the next one but one."""
+
+    def __init__(self, world, sync_interval, block_momentum):
+        super().__init__()
+        self.rank, self.world_size = world.rank, world.world_size
+        self.sync_interval, self.block_momentum = sync_interval, block_momentum
+        self.averager = None
+        self.hinted = False
+
+    def warm_up(self, device):
+        if device.type == "cpu":
+            cpu_kernel.warm_up_exchange()
+
+    def start_epoch(self, model):
+        self.averager = Averager(model, self.block_momentum)  # each epoch starts from a consensus
+
+    def end_epoch(self, stop):
+        self.averager.finish()
+        if not stop:
+            self._hint_once()
+        return stop
+
+    def before_step(self, step, first_step, signal_number):
+        if step > first_step and step % self.sync_interval == 0:
+            return self.averager.sync_point(signal_number)
+        return 0
+
+    def next_sync_point(self, step):
+        return (step // self.sync_interval + 1) * self.sync_interval
+
+    def window_step(self, local_step, model, window, lr, max_windows, signal_number):
+        return local_step(*window, lr), 0
+
+    def agree_on_batch(self, n_local, signal_number):
+        return n_local, 0
+
+    def _hint_once(self):
+        """Rank 0 says once a run when an epoch spent too long exchanging (interval_hint)."""
+        message = interval_hint(self.averager.exchange_share(), self.sync_interval)
+        if message and not self.hinted and self.rank == 0:
+            self.hinted = True
+            tqdm.write(message)  # above the progress bar, not through it
+
+
+def make_strategy(args, world):
+    """The strategy of a run: one process (maybe --multi-gpu), or --multi-node --sync / --async ranks."""
+    if world is None:
+        return OneProcess(args.multi_gpu, args.num_gpu)
+    if args.dist_mode == "sync":
+        return SyncRanks(world)
+    return AsyncRanks(world, args.sync_interval, args.block_momentum)
+
+
+def interval_hint(share, interval):
+    """What rank 0 says when an --async epoch spent share of its time at sync points, or None."""
+    if share < EXCHANGE_HINT_SHARE:
+        return None
+    return (f"note: this epoch spent {share:.0%} of its time exchanging with the other ranks (all the parameters "
+            f"every --sync-interval {interval} steps); a larger --sync-interval trains faster, at some cost in word "
+            "similarity (README: Several GPUs and machines)")
 
 
 class Averager:
@@ -631,24 +827,6 @@ class Averager:
         self.exchange_s += time.perf_counter() - began
 
 
-def interval_hint(share, interval):
-    """What rank 0 says when an --async epoch spent share of its time at sync points, or None."""
-    if share < EXCHANGE_HINT_SHARE:
-        return None
-    return (f"note: this epoch spent {share:.0%} of its time exchanging with the other ranks (all the parameters "
-            f"every --sync-interval {interval} steps); a larger --sync-interval trains faster, at some cost in word "
-            "similarity (README: Several GPUs and machines)")
-
-
-def _say_interval_hint(averager, args):
-    """Rank 0 prints interval_hint once a run, after the first epoch that deserves it."""
-    global _INTERVAL_HINTED
-    message = interval_hint(averager.exchange_share(), args.sync_interval)
-    if message and not _INTERVAL_HINTED and is_main():
-        _INTERVAL_HINTED = True
-        tqdm.write(message)  # above the progress bar, not through it
-
-
 def _as_numpy(tensor):
     """A CPU tensor as a numpy array; bfloat16, which numpy lacks, as its bits (uint16)."""
     if tensor.dtype == torch.bfloat16:
@@ -678,134 +856,3 @@ def exchange_rows(values, sent_from, consensus, changes, unsent, flags, momentum
         unsent.copy_(total - changes.float())
         torch.add(consensus, total, out=values)
         sent_from.copy_(values)
-
-
-# ---------------------------------------------------------------------------------------------
-
-def centers_per_step(batch_size, window_size):
-    """Centers in one rank's step: the global batch of pairs split across ranks (a center has about
-    W+1 real pairs). The whole batch outside a --multi-node run."""
-    world_size = dist.get_world_size() if active() else 1
-    return max(1, batch_size // world_size // (window_size + 1))
-
-
-def dist_epoch(model, optimizer, corpus, args, epoch, position, batches, step, lr_at, stop_signal):
-    """One epoch of a --multi-node run on this rank's shard; returns the agreed stop signal or 0.
-
-    All ranks make the same number of steps (their shards differ by at most one token) and
-    draw windows and negatives from a generator seeded by (seed, epoch, rank, first step of
-    the draw), so a run stopped at step i resumes exactly there. Plain SGD steps on whole
-    windows, as a single process does (data.WindowBatches, model.window_step); other
-    optimizers step on the pairs of those windows, by autograd. stop_signal() is this rank's
-    pending SIGINT/SIGTERM: ranks stop together at a step they agree on (sync: the next
-    step; async: the next sync point but one).
-    """
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    kept_ids, kept_sentence = (t.cpu().numpy() for t in batches.subsample(args.seed, epoch))  # equal on all ranks
-    starts = np.flatnonzero(np.diff(kept_sentence, prepend=-1))  # where each kept sentence begins
-    ids, local_starts = shard(kept_ids, starts, args.seed, epoch, rank, world_size)
-    device = batches.device
-    local_ids = torch.from_numpy(ids.astype(np.int64)).to(device)
-    sentence_lengths = np.diff(np.append(local_starts, len(ids)))
-    local_sentence = torch.from_numpy(np.repeat(np.arange(len(local_starts)), sentence_lengths)).to(device)
-    per_step = centers_per_step(args.batch_size, args.window_size)
-    n_steps = max(1, math.ceil(math.ceil(len(kept_ids) / world_size) / per_step))
-    averager = Averager(model, args.block_momentum) if args.dist_mode == "async" else None
-    words_per_step = len(corpus) / n_steps  # all ranks together go through the corpus once an epoch
-    first = position.get("step", 0)
-    for i in range(first, n_steps):
-        if i == first or i % data.STEPS_PER_DRAW == 0:  # windows drawn for STEPS_PER_DRAW steps at a time
-            draw_first = i - i % data.STEPS_PER_DRAW
-            lo = min(draw_first * per_step, len(ids))
-            hi = min(lo + per_step * data.STEPS_PER_DRAW, len(ids))
-            drawn = batches.windows(local_ids, local_sentence, lo, hi - lo,
-                                    batches.seeded(args.seed, epoch, 1 + rank, draw_first))
-        offset = (i - draw_first) * per_step
-        window = [t[offset:offset + per_step] for t in drawn]
-        lr = lr_at(args, (epoch + i / n_steps) / args.epochs)
-        stop = 0
-        if averager is not None and (i - first) % args.sync_interval == 0 and i > first:
-            stop = averager.sync_point(stop_signal())
-        if optimizer is None and averager is None:  # SGD summed over ranks
-            loss_sum, pairs, stop = sync_window_step(model, *window, lr, per_step, stop_signal())
-        elif optimizer is None:
-            loss_sum, pairs = model.window_step(*window, lr)
-        else:
-            loss_sum, pairs, sync_stop = _autograd_step(model, optimizer, *pairs_of_windows(*window), lr,
-                                                        averager is None, stop_signal())
-            stop = max(stop, sync_stop)
-        step(loss_sum, pairs, words_per_step, lr, {"step": i + 1})
-        if stop:
-            if averager is not None:
-                averager.finish()
-            return stop
-    if averager is not None:
-        averager.finish()  # every epoch ends with identical parameters: PIP loss and checkpoints see the consensus
-        _say_interval_hint(averager, args)
-    return 0
-
-
-def dist_kernel_epoch(model, corpus, args, epoch, position, sampler, keep_prob, step, lr_at, stop_signal):
-    """One --async epoch of this rank's shard on the compiled CPU kernel (cpu_kernel); returns
-    the agreed stop signal or 0.
-
-    The kernel trains pair by pair, as one process does, between two averagings. A rank
-    averages after as many centers as --sync-interval torch-engine steps would take
-    (--batch-size / world size / (window + 1) centers a step), so both engines average after
-    the same amount of text. position["step"] counts the stretches between averagings done.
-    """
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts, keep_prob,
-                                      data.epoch_rng(args.seed, epoch))  # equal on all ranks
-    ids, local_starts = shard(kept_ids, starts, args.seed, epoch, rank, world_size)
-    tokens_per_stretch = centers_per_step(args.batch_size, args.window_size) * args.sync_interval
-    n_stretches = max(1, math.ceil(math.ceil(len(kept_ids) / world_size) / tokens_per_stretch))
-    in_w, out_w = model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy()
-    threads = cpu_kernel.set_threads(args.num_threads)
-    averager = Averager(model, args.block_momentum)
-    words_per_stretch = len(corpus) / n_stretches
-    first = position.get("step", 0)
-    for i in range(first, n_stretches):
-        stop = averager.sync_point(stop_signal()) if i > first else 0
-        lo, hi = np.searchsorted(local_starts, [i * tokens_per_stretch, (i + 1) * tokens_per_stretch])
-        token_lo = local_starts[lo] if lo < len(local_starts) else len(ids)
-        token_hi = local_starts[hi] if hi < len(local_starts) else len(ids)
-        lr_first, lr_last = (lr_at(args, (epoch + k / n_stretches) / args.epochs) for k in (i, i + 1))
-        seed = int(data.epoch_rng(args.seed, epoch, 1 + rank, i).integers(1, 2**63))
-        loss_sum, pairs = cpu_kernel.train_sentences(in_w, out_w, ids[token_lo:token_hi],
-                                                     local_starts[lo:hi] - token_lo, args.window_size,
-                                                     args.neg_sample_size, sampler, lr_first, lr_last, seed, threads)
-        step(loss_sum, pairs, words_per_stretch, lr_last, {"step": i + 1})
-        if stop:
-            averager.finish()
-            return stop
-    averager.finish()  # every epoch ends with identical parameters, as dist_epoch's
-    _say_interval_hint(averager, args)
-    return 0
-
-
-def pairs_of_windows(context_ids, weight, out_ids):
-    """The real (center, context) pairs of windows and each pair's negatives (its center's), for autograd models."""
-    rows, cols = weight.nonzero(as_tuple=True)
-    return out_ids[rows, 0], context_ids[rows, cols], out_ids[rows, 1:]
-
-
-def _autograd_step(model, optimizer, center_ids, context_ids, neg_ids, lr, synchronous, stop_signal):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    n_local = len(center_ids)
-    loss_sum = 0.0
-    if n_local:  # a rank may get an empty last batch: it still takes part in the exchange
-        loss = model(center_ids, context_ids, neg_ids)
-        loss.backward()
-        loss_sum = float(loss.detach()) * n_local
-    stop = 0
-    if synchronous:
-        n_global, stop = sync_gradients(model, n_local, stop_signal)
-        if n_global == 0:
-            return 0.0, 0, stop
-    elif n_local == 0:
-        return 0.0, 0, 0
-    optimizer.step()
-    return loss_sum, n_local, stop

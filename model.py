@@ -1,12 +1,8 @@
 """SGNS models: embedding tables (SGNS) or character LSTM word encoders (RNNSGNS), with the SGNS loss."""
-import functools
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
-
-import cpu_kernel
 
 # window_step: a row met more than this many times in one step (weighted by real pairs) moves by
 # its mean gradient times this, not by the sum of all its gradients. The sum, computed from one
@@ -26,7 +22,6 @@ class SGNS(nn.Module):
     def __init__(self, vocab_size, embed_size, sparse=True):
         super().__init__()
         self.vocab_size, self.embed_size = vocab_size, embed_size
-        self.gpu_kernel = True  # window_step on a GPU: Triton kernels where they run (trainer's --gpu-kernel)
         self.in_embed = nn.Embedding(vocab_size, embed_size, sparse=sparse)
         self.out_embed = nn.Embedding(vocab_size, embed_size, sparse=sparse)
         with torch.no_grad():
@@ -84,27 +79,13 @@ class SGNS(nn.Module):
 
     @torch.no_grad()
     def window_step(self, context_ids, weight, out_ids, lr):
-        """One SGD step on whole windows; returns [loss summed over the real pairs, their count].
+        """One SGD step on whole windows as tensor ops; returns [loss summed over the real pairs, their count].
 
-        A row's summed gradient is scaled down where the row occurs more than MAX_SUMMED_GRADIENTS
-        times. lr is a number, or a 0-d tensor on the device (a captured CUDA graph reads it there).
-        On the CPU compiled loops sum the gradients per row and apply them (cpu_kernel.TouchedRows):
-        30% faster than the tensor ops at batch 8192, d=50 (bench/RESULTS.md). On a GPU, three Triton
-        kernels do the same step (gpu_kernel), unless self.gpu_kernel is False or Triton does not run there.
+        Every row moves by -lr times its summed gradient, scaled down where the row occurs more
+        than MAX_SUMMED_GRADIENTS times (row_damping). lr is a number, or a 0-d tensor on the
+        device (a captured CUDA graph reads it there). This is the step's reference form; the
+        engines run it as compiled loops on the CPU and as Triton kernels on a GPU.
         """
-        if context_ids.device.type == "cpu" and not torch.is_tensor(lr):
-            rows = cpu_kernel.touched_rows(self.vocab_size, self.embed_size)
-            packed = rows.buffer(rows.number(context_ids.numpy(), weight.numpy(), out_ids.numpy()))
-            loss_sum, _, in_grads, _, out_grads = self.window_grads(context_ids, weight, out_ids, rows.scratch)
-            rows.pack(in_grads.numpy(), out_grads.numpy(), packed)
-            rows.apply(self.in_embed.weight.data.numpy(), self.out_embed.weight.data.numpy(), packed, lr,
-                       MAX_SUMMED_GRADIENTS)
-            return torch.stack([loss_sum, weight.sum()])
-        if context_ids.device.type == "cuda" and self.gpu_kernel and _gpu_kernel_usable(context_ids.device):
-            import gpu_kernel
-            return gpu_kernel.window_step(self.in_embed.weight.data, self.out_embed.weight.data,
-                                          context_ids.contiguous(), weight.contiguous(), out_ids.contiguous(), lr,
-                                          MAX_SUMMED_GRADIENTS)
         loss_sum, in_rows, in_grads, out_rows, out_grads = self.window_grads(context_ids, weight, out_ids)
         in_scale = self.row_damping(in_rows, weight.reshape(-1))
         out_scale = self.row_damping(out_rows, torch.ones_like(out_rows, dtype=in_grads.dtype))
@@ -128,17 +109,6 @@ class SGNS(nn.Module):
         """Plain SGD on the touched rows only."""
         self.in_embed.weight.index_add_(0, in_rows, in_grads, alpha=-lr)
         self.out_embed.weight.index_add_(0, out_rows, out_grads, alpha=-lr)
-
-
-@functools.lru_cache(maxsize=None)
-def _gpu_kernel_usable(device):
-    """Whether gpu_kernel (Triton) imports and runs on this CUDA device; asked once per device."""
-    try:
-        import gpu_kernel
-    except Exception as err:  # noqa: BLE001 - no Triton, or one too old for the kernels' options
-        print(f"warning: no usable Triton here ({err}); the GPU step runs as tensor ops")
-        return False
-    return gpu_kernel.usable(device)
 
 
 def _sgns_loss(center, context, negatives):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import data  # noqa: E402
 import evaluate  # noqa: E402
-import trainer  # noqa: E402
+import engines  # noqa: E402
 from model import RNN_DEFAULTS, RNNSGNS  # noqa: E402
 
 
@@ -215,7 +215,7 @@ def unseen_words(corpus, args):
         _, stream = epoch_batches(token_ids, starts, counts, args.train_batch_size, args.seed, args.device, epoch)
         for batch in stream:
             for group in optimizer.param_groups:
-                group["lr"] = trainer.lr_at(schedule, steps / total_steps)
+                group["lr"] = engines.lr_at(schedule, steps / total_steps)
             losses.append(train_step(model, optimizer, batch))
             steps += 1
             if steps == total_steps:

@@ -4,7 +4,7 @@ each) on real windows of the corpus bench_distributed.py uses, against one proce
     NLTK_DATA=../shared/nltk_data python bench/bench_sync_step.py      # about 25 s on 2 idle cores
 
 For each embedding size and global batch: one process's whole step (alone on the machine, before
-the ranks start), then in 2 ranks a rank's half of it (model.window_step on its own windows, both
+the ranks start), then in 2 ranks a rank's half of it (the compiled window step on its own windows, both
 ranks at once, as in a sync run), the sync step itself (distributed.sync_window_step) and Gloo's
 round trip for a few bytes. A sync step cannot take less than a half step plus that round trip:
 the script prints the words/s ratio to one process that bound allows, next to the 1.3x target. An
@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -28,10 +29,12 @@ sys.path.insert(0, str(ROOT))
 import cpu_kernel  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
+import engines  # noqa: E402
 import model as models  # noqa: E402
 from bench_distributed import add_corpus_arguments, corpus_subset, free_port, swap  # noqa: E402
 
 WINDOW, NEGATIVES, LR = 5, 5, 0.025
+CENTERS_PER_STEP = engines.centers_per_step(4096, WINDOW)  # the kernel's steps: the trainer's default batch
 
 
 def mean_ms(run, steps):
@@ -51,7 +54,7 @@ def step_windows(corpus, batch, steps):
     windows = data.WindowBatches(corpus, data.keep_probabilities(corpus.counts, 1e-3), sampler, WINDOW, NEGATIVES,
                                  "cpu")
     kept_ids, kept_sentence = windows.subsample(1, 0)
-    half = batch // 2 // (WINDOW + 1)  # centers in a rank's step (distributed.centers_per_step)
+    half = batch // 2 // (WINDOW + 1)  # centers in a rank's step (engines.centers_per_step)
     draw = windows.windows(kept_ids, kept_sentence, 0, 2 * half * steps, windows.seeded(1, 0))
     return [[[t[lo:lo + n] for t in draw] for lo, n in ((2 * half * i, 2 * half), (2 * half * i, half),
                                                          ((2 * i + 1) * half, half))] for i in range(steps)]
@@ -70,26 +73,28 @@ def one_process(corpus, dims, batches, steps):
     for dim in dims:
         for batch in batches:
             model, steps_windows = new_model(corpus, dim), step_windows(corpus, batch, steps)
-            times[(dim, batch)] = mean_ms(lambda i: model.window_step(*steps_windows[i][0], LR), steps)
+            times[(dim, batch)] = mean_ms(lambda i: engines.compiled_window_step(model, *steps_windows[i][0], LR), steps)
     return times
 
 
 def kernel_seconds(corpus, dim, part, parts, start=None):
     """Seconds the compiled kernel (one thread) takes to train part of parts of an epoch's text
-    (distributed.shard's cut), from a fresh model; start: a barrier passed just before the clock."""
+    (data.epoch_share's cut), from a fresh model; start: a barrier passed just before the clock."""
     torch.set_num_threads(1)
     sampler = data.NegativeSampler(corpus.counts)
     kept_ids, starts = data.subsample(corpus.token_ids, corpus.sentence_starts,
                                       data.keep_probabilities(corpus.counts, 1e-3), data.epoch_rng(1, 0))
-    ids, local_starts = distributed.shard(kept_ids, starts, 1, 0, part, parts)
+    ids, local_starts = data.epoch_share(kept_ids, starts, 1, 0, part, parts, shuffled=True)
     model = new_model(corpus, dim)
     tables = model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy()
-    threads = cpu_kernel.set_threads(1)
-    cpu_kernel.warm_up(*tables, sampler, WINDOW, NEGATIVES, threads)
+    cpu_kernel.set_threads(1)
+    cpu_kernel.warm_up(*tables, sampler, WINDOW, NEGATIVES)
+    steps = np.append(np.arange(0, len(ids), CENTERS_PER_STEP), len(ids))
     if start is not None:
         start.wait()
     began = time.perf_counter()
-    cpu_kernel.train_sentences(*tables, ids, local_starts, WINDOW, NEGATIVES, sampler, LR, LR / 100, 1 + part, threads)
+    cpu_kernel.train(*tables, ids, np.append(local_starts, len(ids)), steps, 0, data.step_seed(1, 0, part),
+                     np.linspace(LR, LR / 100, len(steps)), WINDOW, NEGATIVES, sampler)
     return time.perf_counter() - began
 
 
@@ -119,7 +124,7 @@ def rank_main(rank, init, corpus, dims, batches, steps, results):
                 mine = [step[1 + rank] for step in steps_windows]
                 half = len(mine[0][0])
                 dist.barrier()
-                halves = mean_ms(lambda i: model.window_step(*mine[i], LR), steps)
+                halves = mean_ms(lambda i: engines.compiled_window_step(model, *mine[i], LR), steps)
                 dist.barrier()
                 sync = mean_ms(lambda i: distributed.sync_window_step(model, *mine[i], LR, half), steps)
                 dist.barrier()

@@ -289,3 +289,22 @@ def test_window_batches_negatives_follow_the_unigram_power(tmp_path):
     frequencies = np.bincount(draws, minlength=len(corpus.words)) / len(draws)
     weights = corpus.counts.astype(np.float64) ** 0.75
     assert np.abs(frequencies - weights / weights.sum()).max() < 0.005
+
+
+def test_epoch_shares_cover_the_epoch_once_in_equal_parts_and_change_each_epoch():
+    rng = np.random.default_rng(0)
+    starts = np.unique(np.concatenate([[0], rng.integers(1, 5000, 600)]))
+    kept = rng.integers(0, 1000, 5000).astype(np.uint32)
+    for world_size in (1, 2, 3):
+        parts = [data.epoch_share(kept, starts, 7, 0, r, world_size, shuffled=True) for r in range(world_size)]
+        assert max(len(p[0]) for p in parts) - min(len(p[0]) for p in parts) <= 1
+        assert np.array_equal(np.sort(np.concatenate([p[0] for p in parts])), np.sort(kept))
+        for ids, local_starts in parts:
+            assert local_starts[0] == 0 and np.all(np.diff(local_starts) > 0) and local_starts[-1] < len(ids)
+    # sentences stay whole: every sentence of the permuted stream is a sentence of the original
+    ids, local_starts = data.epoch_share(kept, starts, 7, 0, 0, 1, shuffled=True)
+    originals = {kept[a:b].tobytes() for a, b in zip(starts, np.append(starts[1:], len(kept)))}
+    bounds = np.append(local_starts, len(ids))
+    assert all(ids[a:b].tobytes() in originals for a, b in zip(bounds[:-1], bounds[1:]))
+    assert not np.array_equal(data.epoch_share(kept, starts, 7, 1, 0, 2, shuffled=True)[0],
+                              data.epoch_share(kept, starts, 7, 0, 0, 2, shuffled=True)[0])

@@ -18,9 +18,10 @@ import torch.multiprocessing as mp
 import cpu_kernel
 import data
 import distributed
+import engines
 import model as model_module
 import trainer
-from model import SGNS
+from model import SGNS, RNNSGNS
 from test_trainer import base_args, write_small_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,11 +94,17 @@ def split(tensor, rank, world_size, last):
 SMALL_CAP = 3  # MAX_SUMMED_GRADIENTS for the sync test: with 40 words, many rows pass it
 
 
+def gloo_world(rank, world_size):
+    return distributed.World(rank, world_size, rank, "gloo", "tcp://", 30, "cpu")
+
+
 def _sync_worker(rank, world_size, out_dir):
     model_module.MAX_SUMMED_GRADIENTS = SMALL_CAP
     batches, windows = list(hand_made_batches(4, 30)), list(hand_made_windows(4, 30))
     sgd, sgd_tensors, adam_model = start_model(), start_model(), start_model()
     adam = torch.optim.SparseAdam(list(adam_model.parameters()), lr=0.01)
+    strategy = distributed.SyncRanks(gloo_world(rank, world_size))
+    assert strategy.wrap(adam_model) is adam_model  # sparse gradients: the row exchange, not DDP
     stats, tensor_stats = [], []
     for i, (batch, window) in enumerate(zip(batches, windows)):
         last = i == len(batches) - 1
@@ -107,14 +114,16 @@ def _sync_worker(rank, world_size, out_dir):
         tensor_step = distributed._sync_window_step_tensors(sgd_tensors, *local_window, lr=0.1)  # the GPUs' step
         tensor_stats.append([float(tensor_step[0]), float(tensor_step[1])])
         local = [split(t, rank, world_size, last) for t in batch]
-        adam.zero_grad(set_to_none=True)
-        if len(local[0]):
-            adam_model(*local).backward()
-        distributed.sync_gradients(adam_model, len(local[0]))
-        adam.step()
+        engines._autograd_step(autograd_engine(adam_model, adam, strategy), local, 0.01, 0)
     torch.save({"sgd": sgd.state_dict(), "sgd_tensors": sgd_tensors.state_dict(), "adam": adam_model.state_dict(),
                 "stats": torch.tensor(stats, dtype=torch.float64),
                 "tensor_stats": torch.tensor(tensor_stats, dtype=torch.float64)}, out_dir / f"rank{rank}.pt")
+
+
+def autograd_engine(model, optimizer, strategy, train_model=None):
+    """What engines._autograd_step reads of an engine."""
+    return argparse.Namespace(model=model, train_model=train_model or model, optimizer=optimizer, strategy=strategy,
+                              args=argparse.Namespace(multi_gpu=False, model_name="sgns"))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -236,36 +245,50 @@ def test_async_exchange_moves_rows_by_the_momentum_of_the_mean_change_of_the_ran
         torch.testing.assert_close(ranks[0][key], value, atol=1e-6, rtol=1e-6)
 
 
-def _epoch_worker(rank, world_size, corpus_file, cache_dir, mode, out_dir):
-    corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
-    args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=4, device="cpu",
-                              dist_mode=mode, sync_interval=5, optimizer="sgd", lr=0.025,
-                              block_momentum=0.0)
+def engine_args(**overrides):
+    """The run options an engine reads, for a small test run."""
+    return argparse.Namespace(**{**dict(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=4, lr=0.025,
+                                        ns_exponent=0.75, subsample_th=0.0, multi_gpu=False, model_name="sgns",
+                                        gpu_kernel=True, cuda_graph=True), **overrides})
+
+
+def make_engine(corpus, rank, world_size, mode, loop, optimizer_name="sgd", **overrides):
+    """An Engine of a 2-rank run (mode sync/async), a fresh SGNS model and its optimizer."""
+    args = engine_args(**overrides)
     torch.manual_seed(1)
     model = SGNS(len(corpus.words), 16)
-    optimizer = None
-    if mode == "sync-sparse_adam":  # autograd on the windows' pairs, gradients averaged over ranks
-        args.dist_mode, optimizer = "sync", torch.optim.SparseAdam(list(model.parameters()), lr=0.01)
-    batches = data.WindowBatches(corpus, data.keep_probabilities(corpus.counts, 0), data.NegativeSampler(corpus.counts),
-                                 args.window_size, args.neg_sample_size, "cpu")
-    losses = []
-    for epoch in range(args.epochs):
-        epoch_loss = [0.0, 0]
+    optimizer = torch.optim.SparseAdam(list(model.parameters()), lr=0.01) if optimizer_name == "sparse_adam" else None
+    world = gloo_world(rank, world_size)
+    strategy = distributed.SyncRanks(world) if mode == "sync" else distributed.AsyncRanks(world, 5, 0.0)
+    return engines.Engine(args, model, optimizer, corpus, strategy, loop, "cpu")
 
-        def step(loss_sum, pairs, words, lr, position):
-            epoch_loss[0] += loss_sum
-            epoch_loss[1] += pairs
-        if mode == "async-kernel":  # the compiled CPU loop between averagings
-            args.dist_mode, args.num_threads = "async", 1
-            stop = distributed.dist_kernel_epoch(model, corpus, args, epoch, {}, data.NegativeSampler(corpus.counts),
-                                                 data.keep_probabilities(corpus.counts, 0), step, trainer.lr_at,
-                                                 lambda: 0)
-        else:
-            stop = distributed.dist_epoch(model, optimizer, corpus, args, epoch, {}, batches, step, trainer.lr_at,
-                                          lambda: 0)
-        assert stop == 0
-        losses.append(float(epoch_loss[0]) / float(epoch_loss[1]))
-    torch.save({"model": model.state_dict(), "losses": torch.tensor(losses)}, out_dir / f"rank{rank}.pt")
+
+class StepRecorder:
+    """An epoch's `report`: counts steps, sums the loss and pairs, keeps the last position."""
+
+    def __init__(self):
+        self.steps, self.position, self.loss, self.pairs = 0, 0, 0.0, 0
+
+    def __call__(self, steps_done, loss_sum, pairs, words, lr):
+        self.steps += 1
+        self.position = steps_done
+        self.loss += float(loss_sum)
+        self.pairs += int(pairs)
+
+
+EPOCH_MODES = {"sync": ("sync", "window", "sgd"), "async": ("async", "window", "sgd"),
+               "async-kernel": ("async", "kernel", "sgd"), "sync-sparse_adam": ("sync", "autograd", "sparse_adam")}
+
+
+def _epoch_worker(rank, world_size, corpus_file, cache_dir, mode, out_dir):
+    corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
+    engine = make_engine(corpus, rank, world_size, *EPOCH_MODES[mode])
+    losses = []
+    for epoch in range(engine.args.epochs):
+        report = StepRecorder()
+        assert engine.run_epoch(epoch, 0, report, lambda: 0) == 0
+        losses.append(report.loss / report.pairs)
+    torch.save({"model": engine.model.state_dict(), "losses": torch.tensor(losses)}, out_dir / f"rank{rank}.pt")
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "async-kernel", "sync-sparse_adam"])
@@ -279,35 +302,17 @@ def test_distributed_epochs_learn_and_end_with_identical_parameters(tmp_path, mo
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-class StepRecorder:
-    """The `step` callback of an epoch function: counts steps and keeps the last position."""
-
-    def __init__(self):
-        self.steps, self.position = 0, {}
-
-    def __call__(self, loss_sum, pairs, words, lr, position):
-        self.steps += 1
-        self.position = position
-
-
 def _resume_worker(rank, world_size, corpus_file, cache_dir, out_dir):
     corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
-    args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
-                              dist_mode="sync", sync_interval=5, optimizer="sgd", lr=0.025,
-                              block_momentum=0.0)
-    batches = data.WindowBatches(corpus, data.keep_probabilities(corpus.counts, 1e-2),
-                                 data.NegativeSampler(corpus.counts), args.window_size, args.neg_sample_size, "cpu")
     models = []
     for stop_at in (None, 37):  # 37: in the middle of the second draw of steps
-        torch.manual_seed(1)
-        model = SGNS(len(corpus.words), 16)
-        step = StepRecorder()
-        stop_signal = lambda: 2 if stop_at is not None and step.steps >= stop_at else 0  # noqa: E731
-        if distributed.dist_epoch(model, None, corpus, args, 0, {}, batches, step, trainer.lr_at, stop_signal):
-            assert step.position == {"step": stop_at + 1}  # the agreed step is made, then the ranks stop
-            assert distributed.dist_epoch(model, None, corpus, args, 0, step.position, batches, step,
-                                          trainer.lr_at, lambda: 0) == 0
-        models.append(model.state_dict())
+        engine = make_engine(corpus, rank, world_size, "sync", "window", epochs=1, subsample_th=1e-2)
+        report = StepRecorder()
+        stop_signal = lambda: 2 if stop_at is not None and report.steps >= stop_at else 0  # noqa: E731
+        if engine.run_epoch(0, 0, report, stop_signal):
+            assert report.position == stop_at + 1  # the agreed step is made, then the ranks stop
+            assert engine.run_epoch(0, report.position, report, lambda: 0) == 0
+        models.append(engine.model.state_dict())
     torch.save({"straight": models[0], "resumed": models[1]}, out_dir / f"rank{rank}.pt")
 
 
@@ -322,17 +327,14 @@ def test_a_stopped_and_resumed_distributed_epoch_equals_an_uninterrupted_one(tmp
 
 def _kernel_stop_worker(rank, world_size, corpus_file, cache_dir, out_dir):
     corpus = data.load_corpus(str(corpus_file), cache_dir=str(cache_dir), min_count=1)
-    args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
-                              dist_mode="async", sync_interval=2, optimizer="sgd", lr=0.025, num_threads=1,
-                              block_momentum=0.0)
-    torch.manual_seed(1)
-    model = SGNS(len(corpus.words), 16)
-    step = StepRecorder()
-    # only rank 0 is asked to stop (after its 3rd stretch): both must stop at the same place
-    stop_signal = lambda: 15 if rank == 0 and step.steps >= 3 else 0  # noqa: E731
-    stop = distributed.dist_kernel_epoch(model, corpus, args, 0, {}, data.NegativeSampler(corpus.counts),
-                                         data.keep_probabilities(corpus.counts, 0), step, trainer.lr_at, stop_signal)
-    torch.save({"stop": stop, "position": step.position, "model": model.state_dict()}, out_dir / f"rank{rank}.pt")
+    engine = make_engine(corpus, rank, world_size, "async", "kernel", epochs=1)
+    engine.strategy.sync_interval = 2
+    report = StepRecorder()
+    # only rank 0 is asked to stop (after its 3rd step): both must stop at the same place
+    stop_signal = lambda: 15 if rank == 0 and report.steps >= 3 else 0  # noqa: E731
+    stop = engine.run_epoch(0, 0, report, stop_signal)
+    torch.save({"stop": stop, "position": report.position, "model": engine.model.state_dict()},
+               out_dir / f"rank{rank}.pt")
 
 
 def test_an_async_kernel_epoch_stops_on_all_ranks_at_the_same_stretch_with_equal_parameters(tmp_path):
@@ -340,47 +342,88 @@ def test_an_async_kernel_epoch_stops_on_all_ranks_at_the_same_stretch_with_equal
     run_ranks(_kernel_stop_worker, corpus_file, tmp_path / "cache", tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["stop"] == ranks[1]["stop"] == 15
-    assert ranks[0]["position"] == ranks[1]["position"] and ranks[0]["position"]["step"] < 20
+    assert ranks[0]["position"] == ranks[1]["position"] < 20
     for key in ranks[0]["model"]:
         assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key])
-
-
-def test_shards_cover_the_epoch_once_in_equal_parts_and_change_each_epoch():
-    rng = np.random.default_rng(0)
-    starts = np.unique(np.concatenate([[0], rng.integers(1, 5000, 600)]))
-    kept = rng.integers(0, 1000, 5000).astype(np.uint32)
-    for world_size in (1, 2, 3):
-        parts = [distributed.shard(kept, starts, 7, 0, r, world_size) for r in range(world_size)]
-        assert max(len(p[0]) for p in parts) - min(len(p[0]) for p in parts) <= 1
-        assert np.array_equal(np.sort(np.concatenate([p[0] for p in parts])), np.sort(kept))
-        for ids, local_starts in parts:
-            assert local_starts[0] == 0 and np.all(np.diff(local_starts) > 0) and local_starts[-1] < len(ids)
-    # sentences stay whole: every sentence of the permuted stream is a sentence of the original
-    ids, local_starts = distributed.shard(kept, starts, 7, 0, 0, 1)
-    originals = {kept[a:b].tobytes() for a, b in zip(starts, np.append(starts[1:], len(kept)))}
-    bounds = np.append(local_starts, len(ids))
-    assert all(ids[a:b].tobytes() in originals for a, b in zip(bounds[:-1], bounds[1:]))
-    assert not np.array_equal(distributed.shard(kept, starts, 7, 1, 0, 2)[0],
-                              distributed.shard(kept, starts, 7, 0, 0, 2)[0])
 
 
 def test_data_parallel_path_equals_sgd_on_sparse_gradients(tmp_path):
     """--multi-gpu trains dense tables through nn.DataParallel with autograd SGD; on a CPU machine
     DataParallel runs the module as is, so the same epoch must match SGD on sparse gradients."""
     corpus = data.load_corpus(str(write_small_corpus(tmp_path / "s.txt", 200)), cache_dir=str(tmp_path), min_count=1)
-    args = argparse.Namespace(seed=1, batch_size=64, window_size=3, neg_sample_size=3, epochs=1, device="cpu",
-                              optimizer="sgd", lr=0.05, multi_gpu=True, model_name="sgns")
-    sampler, keep = data.NegativeSampler(corpus.counts), data.keep_probabilities(corpus.counts, 0)
     results = []
     for dense in (False, True):
+        args = engine_args(epochs=1, lr=0.05, multi_gpu=True)  # plain SGD on the summed loss, both
         torch.manual_seed(1)
         model = SGNS(len(corpus.words), 16, sparse=not dense)
-        engine_model = distributed.data_parallel(model, 2) if dense else model
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
-        trainer.torch_epoch(engine_model, optimizer, corpus, args, 0, {}, sampler, keep, lambda *a: None)
+        engine = engines.Engine(args, model, optimizer, corpus, distributed.OneProcess(dense, 2), "autograd", "cpu")
+        assert isinstance(engine.train_model, torch.nn.DataParallel) == dense
+        engine.run_epoch(0, 0, StepRecorder(), lambda: 0)
         results.append(model.state_dict())
     for key in results[0]:
         torch.testing.assert_close(results[1][key], results[0][key], atol=1e-5, rtol=1e-4)
+
+
+RNN_WORDS = ["cat", "cats", "dog", "dogs", "car", "cars", "bus", "buses", "tram", "trams", "the", "a"]
+
+
+def rnn_model():
+    torch.manual_seed(5)
+    return RNNSGNS(RNN_WORDS, 6, char_embed_size=5, hidden_size=7)
+
+
+def rnn_batches(n_steps, batch, seed=4):
+    rng = np.random.default_rng(seed)
+    vocab = len(RNN_WORDS)
+    return [tuple(torch.from_numpy(a) for a in (rng.integers(0, vocab, batch), rng.integers(0, vocab, batch),
+                                                rng.integers(0, vocab, (batch, NEG)))) for _ in range(n_steps)]
+
+
+def _ddp_worker(rank, world_size, out_dir):
+    torch.use_deterministic_algorithms(True)
+    model = rnn_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    strategy = distributed.SyncRanks(gloo_world(rank, world_size))
+    ddp = strategy.wrap(model)
+    assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+    engine = autograd_engine(model, optimizer, strategy, ddp)
+    batches = rnn_batches(4, 14)
+    # uneven shares: rank r takes rows r::world_size; rank 1 has no pairs at the last step and joins early
+    my_steps = len(batches) - 1 if rank == 1 else len(batches)
+    after_each_step = []
+    with strategy.uneven_steps(ddp):
+        for step in range(strategy.steps_to_run(len(batches), my_steps)):
+            local = [t[rank::world_size] for t in batches[step]]
+            engines._autograd_step(engine, local, 0.01, 0)
+            after_each_step.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert strategy.agree_at_epoch_end(0) == 0
+    after_each_step.append({k: v.clone() for k, v in model.state_dict().items()})
+    torch.save(after_each_step, out_dir / f"rank{rank}.pt")
+
+
+def test_ddp_ranks_train_the_rnn_model_as_one_process_on_the_global_batch(tmp_path):
+    """2 Gloo ranks train the rnn model through DistributedDataParallel: after each step their
+    parameters equal one process's trained by Adam on the global batch, the last step (which
+    leaves rank 1 without pairs: it joins early, DDP's join()) included."""
+    run_ranks(_ddp_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model = rnn_model()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    batches = rnn_batches(4, 14)
+    for step, batch in enumerate(batches):
+        if step == len(batches) - 1:  # what the ranks had together on the last step: rank 0's rows only
+            batch = [t[0::2] for t in batch]
+        optimizer.zero_grad()
+        model(*batch).backward()
+        optimizer.step()
+        for key, expected in model.state_dict().items():
+            torch.testing.assert_close(ranks[0][min(step, len(ranks[0]) - 1)][key], expected, atol=1e-5, rtol=1e-4)
+            if step < len(batches) - 1:
+                torch.testing.assert_close(ranks[1][step][key], expected, atol=1e-5, rtol=1e-4)
+    for key, expected in model.state_dict().items():
+        assert not torch.equal(expected, rnn_model().state_dict()[key])
+        torch.testing.assert_close(ranks[1][-1][key], expected, atol=1e-5, rtol=1e-4)  # equal again at the end
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,7 +558,7 @@ def test_sync_runs_put_only_the_gloo_io_thread_under_sched_idle(tmp_path):
     (["--multi-node", "--backend", "nccl", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "1"], "nccl"),
     (["--async"], "--multi-node"),
     (["--multi-node", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2", "--engine", "kernel"],
-     "--engine kernel goes with --async"),
+     "with --multi-node --async"),
     (["--multi-node", "--async", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2",
       "--block-momentum", "1"], "must be in [0, 1)"),
     (["--multi-node", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2", "--block-momentum", "0.5"],
@@ -538,11 +581,10 @@ def test_torchrun_environment_is_used_when_flags_are_absent(monkeypatch):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "1234")
     args = trainer.parse_args(["--multi-node", "--dataset", "x.txt"])
-    world = distributed.WORLD
+    world = args.world
     assert (world.rank, world.world_size, world.init_method, world.backend) == (1, 3, "env://", "gloo")
-    assert args.engine == "torch"
-    trainer.parse_args(["--dataset", "x.txt"])  # a plain run clears it
-    assert distributed.WORLD is None
+    assert args.engine == "torch" and args.loop == "window" and args.quiet  # only rank 0 shows progress
+    assert trainer.parse_args(["--dataset", "x.txt"]).world is None
 
 
 @pytest.mark.parametrize("flags,interval", [

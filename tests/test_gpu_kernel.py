@@ -37,7 +37,6 @@ def test_triton_step_equals_the_tensor_step(monkeypatch, cap, dim):
     monkeypatch.setattr(models, "MAX_SUMMED_GRADIENTS", cap)
     expected_model, window = random_case(seed=dim, dim=dim)
     triton_model, _ = random_case(seed=dim, dim=dim)
-    expected_model.gpu_kernel = False
     start = {key: value.clone() for key, value in triton_model.state_dict().items()}
     for lr in (0.2, torch.tensor(0.1, device=DEVICE)):
         expected = expected_model.window_step(*window, lr)
@@ -59,17 +58,19 @@ def test_no_windows_change_nothing():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_sgns_takes_the_triton_step_on_a_gpu():
-    """SGNS.window_step on a GPU runs gpu_kernel (unless told not to), and both give the same weights."""
-    assert models._gpu_kernel_usable(torch.device(DEVICE))
+def test_the_engine_takes_the_triton_step_on_a_gpu_unless_told_not_to():
+    """On a GPU the window loop's step runs gpu_kernel (--gpu-kernel, the default) and gives the
+    weights of the tensor step; --no-gpu-kernel runs the tensor step."""
+    import engines
+    device = torch.device(DEVICE)
+    assert engines.choose_window_step(random_case(seed=2)[0], device, gpu_kernel=False).__name__ == "window_step"
     with_kernel, window = random_case(seed=2)
     tensor_ops, _ = random_case(seed=2)
-    tensor_ops.gpu_kernel = False
     launched = []
     real = gpu_kernel.window_step
     gpu_kernel.window_step = lambda *a: launched.append(1) or real(*a)
     try:
-        with_kernel.window_step(*window, 0.1)
+        engines.choose_window_step(with_kernel, device)(*window, 0.1)
     finally:
         gpu_kernel.window_step = real
     tensor_ops.window_step(*window, 0.1)

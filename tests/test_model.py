@@ -57,15 +57,22 @@ def test_kernel_pair_step_equals_reference_gradient():
     np.testing.assert_allclose(out_w, expected_out, atol=1e-6)
 
 
-def run_kernel(kept, starts, model, seed=7, threads=1):
+def run_kernel(kept, starts, model, seed=7, threads=1, steps=2, calls=1):
+    """Train kept (sentences from starts) in `steps` steps, grouped into `calls` kernel calls, lr 0.05 -> 0.01."""
     cpu_kernel.set_threads(threads)
     bounds = np.append(starts, len(kept)).astype(np.int64)
-    chunks = np.array([0, len(starts) // 2, len(starts)], dtype=np.int64)
+    step_bounds = np.linspace(0, len(kept), steps + 1).astype(np.int64)
+    lrs = np.linspace(0.05, 0.01, steps + 1)
     sampler = data.NegativeSampler(np.bincount(kept, minlength=model.vocab_size) + 1)
-    loss_out, pairs_out = np.zeros(2), np.zeros(2, dtype=np.int64)
-    cpu_kernel.train_chunks(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), kept, bounds,
-                            chunks, 3, 4, sampler.accept, sampler.alias, 0.05, 0.01, seed, loss_out, pairs_out)
-    return loss_out.sum() / pairs_out.sum(), pairs_out.sum()
+    tables = model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy()
+    losses, pairs = [], []
+    for first, end in zip(*[np.linspace(0, steps, calls + 1).astype(int)[i:] for i in (0, 1)]):
+        loss, n = cpu_kernel.train(*tables, kept, bounds, step_bounds[first:end + 1], first, seed,
+                                   lrs[first:end + 1], 3, 4, sampler)
+        losses.append(loss)
+        pairs.append(n)
+    losses, pairs = np.concatenate(losses), np.concatenate(pairs)
+    return losses.sum() / pairs.sum(), pairs.sum()
 
 
 def structured_corpus(n_sentences=400):
@@ -92,6 +99,19 @@ def test_kernel_is_reproducible_with_one_thread_and_learns():
     same = sims[:20, :20].mean() + sims[20:, 20:].mean()
     cross = 2 * sims[:20, 20:].mean()
     assert same > cross + 0.2
+
+
+def test_kernel_steps_train_the_same_however_they_are_grouped_into_calls():
+    """A step draws from its own generator: one call of 12 steps, or 5 calls, give the same bits
+    (what an exact resume mid-epoch and --async's calls that end at sync points rely on)."""
+    kept, starts = structured_corpus()
+    torch.manual_seed(0)
+    one_call, five_calls = SGNS(40, 10), SGNS(40, 10)
+    five_calls.load_state_dict(one_call.state_dict())
+    assert run_kernel(kept, starts, one_call, steps=12, calls=1) == run_kernel(kept, starts, five_calls, steps=12,
+                                                                               calls=5)
+    assert torch.equal(one_call.in_embed.weight, five_calls.in_embed.weight)
+    assert torch.equal(one_call.out_embed.weight, five_calls.out_embed.weight)
 
 
 def test_kernel_counts_pairs_like_the_numpy_window():
@@ -186,24 +206,3 @@ def test_window_step_caps_the_summed_gradient_of_rows_met_too_often(monkeypatch)
     out_scale[5] = 2 / 4
     assert torch.allclose(model.in_embed.weight, start["in_embed.weight"] - 0.1 * in_scale * summed_in, atol=1e-6)
     assert torch.allclose(model.out_embed.weight, start["out_embed.weight"] - 0.1 * out_scale * summed_out, atol=1e-6)
-
-
-def test_compiled_window_step_equals_the_tensor_step_even_after_an_unfinished_one():
-    """On the CPU window_step sums rows with compiled loops (cpu_kernel.TouchedRows); a lr given as a
-    tensor takes the tensor ops. Both agree, also when a step stopped between numbering its rows and
-    packing them (the next one clears what it left)."""
-    compiled, tensors = small_case(seed=7)[0], small_case(seed=7)[0]
-    gen = torch.Generator().manual_seed(7)
-    rows = cpu_kernel.touched_rows(compiled.vocab_size, compiled.embed_size)
-    for step in range(5):
-        out_ids, context_ids = torch.randint(0, 12, (6, 3), generator=gen), torch.randint(0, 12, (6, 4), generator=gen)
-        weight = (torch.rand(6, 4, generator=gen) < 0.7).float()
-        if step == 2:  # numbered, never packed
-            rows.number(torch.randint(0, 12, (6, 4)).numpy(), torch.ones(6, 4).numpy(), out_ids.numpy())
-        stats = compiled.window_step(context_ids, weight, out_ids, 0.1)
-        expected = tensors.window_step(context_ids, weight, out_ids, torch.tensor(0.1))
-        torch.testing.assert_close(stats, expected)
-    for key, value in tensors.state_dict().items():
-        torch.testing.assert_close(compiled.state_dict()[key], value, atol=1e-6, rtol=1e-6)
-        assert not torch.equal(value, small_case(seed=7)[0].state_dict()[key])
-    assert (rows.slot == -1).all() and (rows.tally == 0).all()  # left clean for the next step

@@ -9,6 +9,7 @@ import torch
 import trainer
 from model import PAD_CHAR, UNKNOWN_CHAR, CharVocab, RNNSGNS, build_model, model_from_checkpoint
 from reference import reference_loss
+from test_trainer import stop_after
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -228,19 +229,8 @@ def test_trainer_run_checkpoint_rebuilds_the_model(tmp_path, capsys):
 def test_interrupted_and_resumed_rnn_run_equals_uninterrupted(tmp_path, monkeypatch):
     args = rnn_args(tmp_path, "--epochs", "2", "--pip-interval", "0", "--subsample-th", "0")
     assert trainer.main(args + ["--run-name", "straight"]) == 0
-    real, calls = trainer.torch_epoch, [0]
-
-    def stopping_epoch(*a):
-        *head, step = a
-
-        def counting_step(*s):
-            calls[0] += 1
-            if calls[0] == 80:  # 57 steps an epoch: mid-way through the second
-                signal.raise_signal(signal.SIGINT)
-            step(*s)
-        return real(*head, counting_step)
     with monkeypatch.context() as patch:
-        patch.setattr(trainer, "torch_epoch", stopping_epoch)
+        stop_after(patch, "autograd_epoch", 80)  # 58 steps an epoch: mid-way through the second
         assert trainer.main(args + ["--run-name", "stopped"]) == 128 + signal.SIGINT
     ckpt = torch.load(tmp_path / "runs" / "stopped" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["position"] and ckpt["optimizer"]["state"]

@@ -21,11 +21,14 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import data
+import engines
 import trainer
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_TOKENS = 300  # tokens per kernel call in these tests: 16 steps an epoch on the small corpus
+BATCH_SIZE = 1800  # 300 centers a step: 16 steps an epoch on the small corpus, without subsampling
+KERNEL_CENTERS = 300  # centers per kernel call in these tests: one step a call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,7 +61,7 @@ def restore_signal_handlers():
 def base_args(tmp_path, dataset, *extra):
     return ["--dataset", str(dataset), "--cache-dir", str(tmp_path / "cache"), "--log-dir", str(tmp_path / "runs"),
             "--embed-size", "16", "--remove-th", "1", "--num-threads", "1", "--quiet", "--pip-interval", "0",
-            "--subsample-th", "0", *extra]
+            "--subsample-th", "0", "--batch-size", str(BATCH_SIZE), *extra]
 
 
 def run_main(capsys, argv):
@@ -129,9 +132,10 @@ def tmpfs(tmp_path):
 DRIVER = r'''
 import io, os, signal, sys, time
 import torch
+import engines
 import trainer
 
-trainer.TOKENS_PER_KERNEL_CALL = int(os.environ["KERNEL_TOKENS"])
+engines.CENTERS_PER_KERNEL_CALL = int(os.environ["KERNEL_CENTERS"])
 marker = os.environ.get("MARKER")
 pause_at_step = int(os.environ.get("PAUSE_AT_STEP", 0))
 stall_save = int(os.environ.get("STALL_SAVE", 0))
@@ -150,17 +154,18 @@ def wait_here():
 
 
 steps = [0]
-for name in ("kernel_epoch", "torch_epoch"):
-    def engine(*args, _real=getattr(trainer, name)):
-        *head, step = args
+for name in ("kernel_epoch", "window_epoch", "autograd_epoch"):
+    def loop(engine, epoch, _real=getattr(engines, name)):
+        report = epoch.report
 
-        def counting_step(*a):
+        def counting_report(*a):
             steps[0] += 1
             if steps[0] == pause_at_step:
                 wait_here()
-            step(*a)
-        return _real(*head, counting_step)
-    setattr(trainer, name, engine)
+            report(*a)
+        epoch.report = counting_report
+        return _real(engine, epoch)
+    setattr(engines, name, loop)
 
 saves = [0]
 real_save = torch.save
@@ -192,7 +197,7 @@ def start_driver(tmp_path, argv, **env):
     marker.unlink(missing_ok=True)
     process = subprocess.Popen([sys.executable, str(driver), *map(str, argv)], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
-                               env=cli_env(KERNEL_TOKENS=str(KERNEL_TOKENS), MARKER=str(marker),
+                               env=cli_env(KERNEL_CENTERS=str(KERNEL_CENTERS), MARKER=str(marker),
                                            **{k: str(v) for k, v in env.items()}))
     deadline = time.time() + 240
     while not marker.exists():
@@ -468,7 +473,7 @@ def test_kill_9_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path, c
     with pytest.raises(Exception):
         load_ckpt(partial[0])  # the half-written file really is damaged, and is not the checkpoint
 
-    monkeypatch.setattr(trainer, "TOKENS_PER_KERNEL_CALL", KERNEL_TOKENS)  # as in the killed run
+    monkeypatch.setattr(engines, "CENTERS_PER_KERNEL_CALL", KERNEL_CENTERS)  # as in the killed run
     assert trainer.main(["--resume", str(run_dir), "--quiet"]) == 0
     assert not list(run_dir.glob(".*.tmp*"))  # the resumed run cleared the dead write's leftovers
     assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "straight")) == 0
@@ -485,7 +490,7 @@ def test_kill_9_mid_epoch_then_resume_completes(tmp_path, capsys, corpus_file, m
     run_dir = tmp_path / "runs" / "r"
     assert load_ckpt(run_dir / "checkpoint.pt")["epoch"] == 1
 
-    monkeypatch.setattr(trainer, "TOKENS_PER_KERNEL_CALL", KERNEL_TOKENS)  # as in the killed run
+    monkeypatch.setattr(engines, "CENTERS_PER_KERNEL_CALL", KERNEL_CENTERS)  # as in the killed run
     code, out, err = run_main(capsys, ["--resume", str(run_dir), "--quiet"])
     assert code == 0, err
     assert "resuming at epoch 2" in out
@@ -510,16 +515,16 @@ def test_absurd_lr_flag_stops_with_nan(tmp_path, capsys, corpus_file, engine_fla
                          ids=["kernel", "torch-sgd", "torch-sparse-adam"])
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch,
                                                                                  corpus_file, engine_flags):
-    real_lr_at = trainer.lr_at
+    real_lr_at = engines.lr_at
     # an absurd learning rate from the second epoch on: the first epoch's checkpoint is good
-    monkeypatch.setattr(trainer, "lr_at", lambda args, progress: 1e30 if progress > 0.5 else real_lr_at(args, progress))
+    monkeypatch.setattr(engines, "lr_at", lambda args, progress: 1e30 if progress > 0.5 else real_lr_at(args, progress))
     saved = []
-    real_save = trainer.save_checkpoint
+    real_save = checkpoint.save
 
     def recording_save(path, *args):
         real_save(path, *args)
         saved.append(Path(path).read_bytes())
-    monkeypatch.setattr(trainer, "save_checkpoint", recording_save)
+    monkeypatch.setattr(checkpoint, "save", recording_save)
 
     code, _, err = run_main(capsys, base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "r",
                                               *engine_flags))
@@ -545,7 +550,7 @@ def test_signal_mid_epoch_checkpoints_prints_resume_command_and_resume_finishes(
     assert f"Resume with: python trainer.py --resume {run_dir}" in out
     ckpt = load_ckpt(run_dir / "checkpoint.pt")
     assert ckpt["epoch"] == 0 and ckpt["global_step"] == 5
-    assert 0 < ckpt["position"]["sentence"] < 600  # a mid-epoch checkpoint: 5 of the epoch's 16 kernel calls
+    assert ckpt["position"] == {"step": 5}  # a mid-epoch checkpoint: 5 of the epoch's 16 steps
 
     if signum == signal.SIGINT:  # the printed command, as the user would type it
         result = run_cli(tmp_path, "--resume", run_dir, "--quiet")

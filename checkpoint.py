@@ -1,0 +1,167 @@
+"""Run folders and checkpoints: where a run writes, what a checkpoint holds, how it is read back.
+
+A checkpoint is one dict saved by torch.save and read with weights_only=True (tensors, numbers,
+strings, lists and dicts only: never a pickle). It holds everything a resume needs: the model's
+and the optimizer's state, the vocabulary, the run's arguments, and the training state
+(epoch, position inside it, step count, the epoch's running loss, the best PIP loss so far and
+the history of every logged scalar). The trainer and evaluate.py read it through this module.
+"""
+import argparse
+import json
+from datetime import datetime
+from pathlib import Path
+
+import fileio
+
+FORMAT = 1
+# Extra bytes a checkpoint holds besides its tensors and words (the state, the args, zip records).
+OVERHEAD_BYTES = 1 << 16
+
+
+class CheckpointError(Exception):
+    """A checkpoint or run folder the user pointed at cannot be used; reported in one line, exit 2."""
+
+
+def make_run_dir(args):
+    """A new folder for the run under --log-dir (a suffix where the name is taken), with args.json."""
+    name = args.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.log_dir) / name
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path(args.log_dir) / f"{name}-{suffix}"
+    run_dir.mkdir(parents=True)
+    fileio.atomic_write(run_dir / "args.json", lambda tmp: tmp.write_text(json.dumps(vars(args), indent=2)))
+    return run_dir
+
+
+def saved_arguments(run_dir):
+    """The arguments a run folder was started with (its args.json), as a dict."""
+    args_file = Path(run_dir) / "args.json"
+    if not args_file.is_file():
+        raise CheckpointError(f"--resume {run_dir}: no args.json there (is it a run directory?)")
+    try:
+        saved = json.loads(args_file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"--resume {run_dir}: cannot read args.json ({err})") from err
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"--resume {run_dir}: args.json holds a {type(saved).__name__}, not the run's arguments")
+    return saved
+
+
+def resume_arguments(parser, given, run_dir, overridable):
+    """The arguments of a resumed run: its saved ones, where the command line gave flags in
+    `overridable` those instead. Saved values pass through the parser as if typed, so an edited
+    args.json is checked like a command line; flags added since the run was saved take their
+    defaults. `given` maps each flag's dest to its command-line value, None where not given."""
+    defaults = vars(parser.parse_args([]))
+    saved = {**defaults, **{k: v for k, v in saved_arguments(run_dir).items() if k in defaults}}
+    merged = {**saved, **{k: given[k] for k in overridable if given.get(k) is not None}}
+
+    def refuse(message):
+        raise CheckpointError(f"--resume {run_dir}: args.json: {message}")
+    checked = vars(_parse_with(parser, _as_command_line(parser, merged, refuse), refuse))
+    checked["resume"] = str(run_dir)
+    return argparse.Namespace(**checked)
+
+
+def _parse_with(parser, argv, on_error):
+    """parser.parse_args(argv), its errors going to on_error instead of exiting."""
+    exit_on_error = parser.error
+    parser.error = on_error
+    try:
+        return parser.parse_args(argv)
+    finally:
+        parser.error = exit_on_error
+
+
+def _as_command_line(parser, values, refuse):
+    """The argv that gives `values` (dest -> value) to parser: what args.json stands for."""
+    argv, switch_values = [], {}
+    for action in parser._actions:
+        if action.nargs == 0 and action.dest != "help":  # flags without a value: store_true, store_const, --x/--no-x
+            possible = switch_values.setdefault(action.dest, set())
+            possible.update({action.default, True, False} if isinstance(action, argparse.BooleanOptionalAction)
+                            else {action.default, action.const})
+    for action in parser._actions:
+        if not action.option_strings or action.dest not in values or action.dest == "help":
+            continue
+        value, flag = values[action.dest], action.option_strings[0]
+        if action.nargs == 0:
+            if value not in switch_values[action.dest]:
+                refuse(f"{action.dest} = {value!r} is not a value {flag} can give")
+            if isinstance(action, argparse.BooleanOptionalAction) and value != action.default:
+                argv.append(flag if value else action.option_strings[1])
+            elif not isinstance(action, argparse.BooleanOptionalAction) and value == action.const != action.default:
+                argv.append(flag)
+        elif value is None or value == action.default:
+            continue
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def save(path, model, optimizer, corpus, args, state):
+    """Everything a resume needs, written atomically; a failed write keeps the previous file."""
+    import torch
+    ckpt = {"format": FORMAT, "model_name": args.model_name, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "words": corpus.words, "counts": corpus.counts.tolist(), "corpus_hash": corpus.hash,
+            "args": dict(vars(args)), **state}
+    try:
+        fileio.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
+        kept = "the previous checkpoint is intact" if Path(path).exists() else "no earlier checkpoint exists"
+        raise OSError(f"cannot write checkpoint {path}: {reason} ({fileio.free_bytes(path) / 2**20:.1f} MiB free "
+                      f"on its disk); {kept}") from err
+
+
+def bytes_needed(model, optimizer, corpus):
+    """About what one checkpoint of this run takes on disk."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * weights if optimizer is not None and optimizer.state_dict().get("param_groups") else 0
+    vocabulary = sum(len(w) + 16 for w in corpus.words) + 8 * len(corpus.words)
+    return weights + moments + vocabulary + OVERHEAD_BYTES
+
+
+def read(path):
+    """The checkpoint dict in path (a file, or a run folder's checkpoint.pt), checked to be ours."""
+    import torch
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for damaged, empty or unsafe files
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.__class__.__name__}"
+                              f"{': ' + _first_line(err) if str(err).strip() else ' (empty or damaged file)'}")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "words" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of this version of sgns")
+    return ckpt
+
+
+def read_for_run(path, corpus, model_name):
+    """read(path), refused unless it was trained on this corpus with this model."""
+    ckpt = read(path)
+    if ckpt.get("corpus_hash") != corpus.hash:
+        raise CheckpointError(f"{path} was trained on another corpus or other preprocessing options")
+    if ckpt.get("model_name") != model_name:
+        raise CheckpointError(f"{path} holds a {ckpt.get('model_name')} model, not {model_name}")
+    return ckpt
+
+
+def load_weights(model, state_dict, path):
+    """The checkpoint's weights into model; another size or vocabulary is a user error, not a crash."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} does not fit this model: {str(err).splitlines()[-1].strip()}") from err
+
+
+def _first_line(err):
+    return (str(err).strip().splitlines() or [err.__class__.__name__])[0]

@@ -1,0 +1,36 @@
+"""Files written so that a crash never leaves half of one, and the disk checks around them.
+
+Every file the project writes (caches, checkpoints, exports, pictures) goes through
+atomic_write: the bytes land in a hidden temporary file beside the target, which is renamed
+over it only once complete. A kill -9 or power cut leaves the old file or the new one.
+"""
+import os
+import shutil
+from pathlib import Path
+
+
+def temp_path(path):
+    """The hidden temporary file atomic_write fills for path (named after this process)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename it into place; the temporary file never outlives the call."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def free_bytes(path):
+    """Free bytes on the disk that holds path's folder (NaN where it cannot be asked)."""
+    try:
+        return shutil.disk_usage(Path(path).parent).free
+    except OSError:
+        return float("nan")
