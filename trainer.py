@@ -303,35 +303,17 @@ class PipMonitor:
         tag = f"v{self.vocab}-w{args.window_size}-k{args.neg_sample_size}"
         sppmi_file = corpus.cache_file(f"sppmi-{tag}.npz")
         oracle_file = corpus.cache_file(f"oracle-{tag}-d{args.embed_size}.npy")
-        self.sppmi = _cached(sppmi_file, lambda: pip_loss.sppmi(
-            corpus.token_ids, self.vocab, args.window_size, args.neg_sample_size, corpus.sentence_starts), log)
+        self.sppmi = data.cached_array(sppmi_file, lambda: pip_loss.sppmi(
+            corpus.token_ids, self.vocab, args.window_size, args.neg_sample_size, corpus.sentence_starts),
+            (self.vocab, self.vocab), log)
         dim = min(args.embed_size, self.vocab - 1)
-        self.oracle = _cached(oracle_file, lambda: pip_loss.oracle_embedding(self.sppmi, dim), log)
+        self.oracle = data.cached_array(oracle_file, lambda: pip_loss.oracle_embedding(self.sppmi, dim),
+                                        (self.vocab, dim), log)
 
     def losses(self, vectors):
         vectors = vectors[:self.vocab].numpy()  # float32: pip_loss computes in float64 from it
         return {"PIP loss": pip_loss.pip_loss_sppmi(vectors, self.sppmi),
                 "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle)}
-
-
-def _cached(path, compute, log):
-    """Load a derived array from the corpus cache (never unpickled), else compute and store it."""
-    import scipy.sparse
-    sparse = path.suffix == ".npz"
-    if path.exists():
-        try:
-            return scipy.sparse.load_npz(path) if sparse else np.load(path, allow_pickle=False)
-        except Exception as err:
-            log(f"warning: cached {path.name} is damaged ({err}); recomputing it")
-    value = compute()
-    try:
-        def write(tmp):  # an open file: given a name, numpy and scipy would append .npy/.npz to it
-            with open(tmp, "wb") as f:
-                scipy.sparse.save_npz(f, value) if sparse else np.save(f, value, allow_pickle=False)
-        data.atomic_write(path, write)
-    except OSError as err:
-        log(f"warning: could not cache {path.name}: {err}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
