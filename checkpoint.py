@@ -135,11 +135,12 @@ def read(path):
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:  # a write that never began, or a truncated copy
+        raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for damaged, empty or unsafe files
-        raise CheckpointError(f"cannot read checkpoint {path}: {err.__class__.__name__}"
-                              f"{': ' + _first_line(err) if str(err).strip() else ' (empty or damaged file)'}")
+        raise CheckpointError(f"cannot read checkpoint {path}: {err.__class__.__name__}: {_first_line(err)}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "words" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this version of sgns")
     return ckpt

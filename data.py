@@ -4,8 +4,13 @@ A corpus becomes one compact array of word ids (``np.uint32``) plus the start of
 each sentence. Everything downstream (the training kernels, the PIP loss) works on those
 arrays, so memory stays O(tokens) whatever the window or the number of epochs.
 """
+import bz2
+import codecs
+import gzip
 import hashlib
+import itertools
 import json
+import lzma
 import os
 import re
 import socket
@@ -16,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CACHE_FORMAT = 2  # bump when the cache layout or the tokeniser changes: old caches rebuild
+import fileio
+
+CACHE_FORMAT = 3  # bump when the cache layout or the tokeniser changes: old caches rebuild
 READ_BLOCK_BYTES = 8 << 20  # bytes tokenised at a time, so a large corpus never sits in memory as text
 STEPS_PER_DRAW = 32  # WindowBatches users draw this many steps' windows in one go: fewer, larger kernels
 SHUFFLE_BLOCK_TOKENS = 1000  # shuffle_sentence_blocks moves sentences in blocks of about this many tokens
@@ -28,6 +35,21 @@ _TOKEN_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*|[.!?]|\n[ \t\r]*\n")
 _ASCII_TOKEN_RE = re.compile(r"[a-z]+(?:'[a-z]+)*|[.!?]|\n[ \t\r]*\n")  # the same on lowercase ASCII, faster
 _MARKUP_RE = re.compile(r"<[^>\n]*>")
 _BOUNDARY_TOKENS = (".", "!", "?")
+
+SNIFF_BYTES = 1 << 16  # a corpus file's first (uncompressed) bytes tell its text encoding
+# Magic bytes of formats read through Python's decompressors, and of archives we refuse
+_COMPRESSED = ((re.compile(rb"\x1f\x8b"), "gzip", gzip.open), (re.compile(rb"\xfd7zXZ\x00"), "xz", lzma.open),
+               (re.compile(rb"BZh[1-9](1AY&SY|\x17rE8P\x90)"), "bzip2", bz2.open))
+_DECOMPRESSION_ERRORS = (OSError, EOFError, lzma.LZMAError)  # what a damaged or truncated compressed file raises
+_ARCHIVES = ((b"PK\x03\x04", "zip archive"), (b"PK\x05\x06", "zip archive"), (b"7z\xbc\xaf\x27\x1c", "7z archive"),
+             (b"\x28\xb5\x2f\xfd", "zstd-compressed file"), (b"Rar!\x1a\x07", "rar archive"))
+# Byte order marks, longest first (UTF-32-LE's starts with UTF-16-LE's); these codecs consume the mark
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+_MARK_BAD_BYTES = "sgns-mark-bad-bytes"
+# A byte that is not valid UTF-16/32 becomes U+DCFF, which encodes (surrogateescape) as the byte 0xFF:
+# invalid UTF-8, so _encode_block counts and replaces it as it does a bad byte of a UTF-8 file.
+codecs.register_error(_MARK_BAD_BYTES, lambda err: ("\udcff" * (err.end - err.start), err.end))
 
 
 class DatasetError(Exception):
@@ -113,22 +135,96 @@ def resolve_dataset(dataset, data_dir="data"):
 # ---------------------------------------------------------------------------------------------
 # Tokenising
 
-def _read_blocks(path):
-    """Yield the file's bytes in blocks cut after a newline, so no word or character is split."""
+def _decompressor(path):
+    """(name, open function) of the compression of a corpus file, or (None, open); refuses archives."""
     with open(path, "rb") as f:
-        tail = b""
-        while True:
-            block = f.read(READ_BLOCK_BYTES)
-            if not block:
-                if tail:
-                    yield tail
-                return
-            block = tail + block
-            cut = block.rfind(b"\n") + 1
-            if cut == 0:  # no newline in 8 MB: cut at a space, else anywhere
-                cut = block.rfind(b" ") + 1 or len(block)
-            tail = block[cut:]
-            yield block[:cut]
+        head = f.read(16)
+    for magic, kind in _ARCHIVES:
+        if head.startswith(magic):
+            raise DatasetError(f"{path} is a {kind}, not text: extract it and pass the text file or its folder")
+    for magic, name, opener in _COMPRESSED:
+        if magic.match(head):
+            return name, opener
+    return None, open
+
+
+def _guess_encoding(head, path):
+    """The text encoding of a file starting with `head`: its byte order mark, else its NUL bytes tell.
+
+    Text in UTF-16 or UTF-32 without a mark has NUL bytes at fixed places (the high bytes of
+    ASCII characters); a UTF-8 file with the odd stray NUL byte stays UTF-8. What decodes to
+    no text in any of them (a binary file, text in another encoding) is refused.
+    """
+    for bom, encoding in _BOMS:
+        if head.startswith(bom):
+            return encoding
+    if head.count(0) * 10 <= len(head):
+        bad = head.decode("utf-8", errors=_MARK_BAD_BYTES).count("\udcff")
+        if bad * 5 > len(head):
+            raise DatasetError(f"{path} is not UTF-8 text: {bad * 100 // len(head)}% of its first bytes are not "
+                               "valid UTF-8 (convert it with iconv -f ENCODING -t UTF-8, or pass a text file)")
+        return "utf-8"
+    zero = np.frombuffer(head[:len(head) // 4 * 4], dtype=np.uint8).reshape(-1, 4) == 0
+    share = zero.mean(axis=0) if len(zero) else np.zeros(4)
+    patterns = (("utf-32-le", share[2:].min() > 0.9 and share[0] < 0.1),
+                ("utf-32-be", share[:2].min() > 0.9 and share[3] < 0.1),
+                ("utf-16-le", share[1::2].mean() > 0.5 and share[0::2].mean() < 0.1),
+                ("utf-16-be", share[0::2].mean() > 0.5 and share[1::2].mean() < 0.1))
+    for encoding, fits in patterns:
+        if fits and _looks_like_text(head[:len(head) // 4 * 4].decode(encoding, errors=_MARK_BAD_BYTES)):
+            return encoding
+    raise DatasetError(f"{path} does not look like text: {head.count(0) * 100 // len(head)}% of its first "
+                       "bytes are NUL (a binary file?)")
+
+
+def _looks_like_text(text):
+    """Printable characters, mostly Latin: what UTF-16/32 text with NUL bytes in every other place decodes to."""
+    printable = sum(char.isprintable() or char in "\t\n\r\f" for char in text)
+    latin = sum(char < "\u0100" for char in text)
+    return len(text) > 0 and printable >= 0.98 * len(text) and latin * 2 >= len(text)
+
+
+def _file_format(path):
+    """(compression or None, text encoding) of a corpus file, from its first bytes."""
+    compression, opener = _decompressor(path)
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except _DECOMPRESSION_ERRORS as err:
+        if compression is None:
+            raise
+        raise DatasetError(f"cannot decompress {path} ({compression}): {err}") from err
+    return compression, _guess_encoding(head, path)
+
+
+def _utf8_blocks(path, compression, encoding):
+    """The file's text in blocks of UTF-8 bytes, bad bytes kept as they are (invalid UTF-8)."""
+    opener = {name: opener for _, name, opener in _COMPRESSED}.get(compression, open)
+    decoder = None if encoding == "utf-8" else codecs.getincrementaldecoder(encoding)(errors=_MARK_BAD_BYTES)
+    try:
+        with opener(path, "rb") as f:
+            while block := f.read(READ_BLOCK_BYTES):
+                yield block if decoder is None else decoder.decode(block).encode("utf-8", "surrogateescape")
+    except _DECOMPRESSION_ERRORS as err:
+        if compression is None:
+            raise
+        raise DatasetError(f"cannot decompress {path} ({compression}): {err}") from err
+    if decoder is not None and (rest := decoder.decode(b"", final=True)):  # a truncated last character
+        yield rest.encode("utf-8", "surrogateescape")
+
+
+def _read_blocks(path, compression=None, encoding="utf-8"):
+    """Yield the file's text as UTF-8 bytes in blocks cut after a newline, so no word or character is split."""
+    tail = b""
+    for block in _utf8_blocks(path, compression, encoding):
+        block = tail + block
+        cut = block.rfind(b"\n") + 1
+        if cut == 0:  # no newline in 8 MB: cut at a space, else anywhere
+            cut = block.rfind(b" ") + 1 or len(block)
+        tail = block[cut:]
+        yield block[:cut]
+    if tail:
+        yield tail
 
 
 def normalize(text):
@@ -216,9 +312,13 @@ def _encode_block(raw):
     return bad, types, np.fromiter(map(local_ids.__getitem__, tokens), dtype=np.int32, count=len(tokens))
 
 
-def _encoded_blocks(files, workers):
-    """(bad, types, ids) for every block of every file in order, with None after each file."""
-    blocks = ((path, raw) for path in files for raw in [*_read_blocks(path), None])
+def _encoded_blocks(formats, workers):
+    """(bad, types, ids) for every block of every file in order, with None after each file.
+
+    formats maps each file to its (compression, encoding), as _file_format finds them.
+    """
+    blocks = ((path, raw) for path, (compression, encoding) in formats.items()
+              for raw in itertools.chain(_read_blocks(path, compression, encoding), [None]))
     if workers <= 1:
         for _, raw in blocks:
             yield None if raw is None else _encode_block(raw)
@@ -244,19 +344,23 @@ def _encoded_blocks(files, workers):
 
 
 def build_arrays(source, min_count=5, remove_stopwords=False, lemmatize=False, workers=None):
-    """Tokenise every file once and encode it; returns (words, counts, token_ids, sentence_starts).
+    """Tokenise every file once and encode it; returns (words, counts, token_ids, sentence_starts, warning).
 
     One pass: each new word type gets a provisional id in order of first sight, the text
     becomes an int32 array of provisional ids (id 0 marks a sentence boundary), and at the
     end the types are counted, filtered and renumbered by descending frequency. Blocks are
     tokenised by `workers` processes (default: one per core) when there are several.
+    Compressed files (gzip, bzip2, xz) are read through their decompressor and UTF-16/32
+    text is decoded, as _file_format finds them. warning says how many bytes could not be
+    decoded and were replaced (None when every byte could).
     """
     workers = workers or os.cpu_count() or 1
+    formats = {path: _file_format(path) for path in source.files}
     n_blocks = sum(1 + os.path.getsize(p) // READ_BLOCK_BYTES for p in source.files)
     type_ids = {}
     type_words = ["<boundary>"]
     pieces, bad_bytes = [], 0
-    for block in _encoded_blocks(source.files, workers if n_blocks > 1 else 1):
+    for block in _encoded_blocks(formats, workers if n_blocks > 1 else 1):
         if block is None:
             pieces.append(np.zeros(1, dtype=np.int32))  # a file ends a sentence
             continue
@@ -268,8 +372,6 @@ def build_arrays(source, min_count=5, remove_stopwords=False, lemmatize=False, w
                 type_words.append(tok)
         to_provisional = np.array([0] + [type_ids[tok] for tok in types], dtype=np.int32)
         pieces.append(to_provisional[local])
-    if bad_bytes:
-        warnings.warn(f"{source.name}: {bad_bytes} byte(s) were not valid UTF-8 and were replaced")
     provisional = np.concatenate(pieces)
     del pieces
     type_counts = np.bincount(provisional, minlength=len(type_words))
@@ -302,7 +404,15 @@ def build_arrays(source, min_count=5, remove_stopwords=False, lemmatize=False, w
     del final, keep
     starts = np.flatnonzero(np.diff(sentence_index, prepend=-1) != 0)
     counts = np.bincount(token_ids, minlength=len(vocab)).astype(np.int64)
-    return vocab, counts, token_ids, split_long_sentences(starts, len(token_ids))
+    warning = _decode_warning(bad_bytes, {encoding for _, encoding in formats.values()})
+    return vocab, counts, token_ids, split_long_sentences(starts, len(token_ids)), warning
+
+
+def _decode_warning(bad_bytes, encodings):
+    if not bad_bytes:
+        return None
+    names = " or ".join(sorted({encoding[:6].upper() for encoding in encodings}))  # utf-16-le: UTF-16
+    return f"{bad_bytes} byte(s) were not valid {names} and were replaced"
 
 
 def split_long_sentences(starts, n_tokens, max_len=MAX_SENTENCE_TOKENS):
@@ -327,6 +437,7 @@ class Corpus:
     sentence_starts: np.ndarray
     hash: str
     cache_dir: Path
+    decode_warning: str = None  # how many bytes could not be decoded, said on every load
 
     def cache_file(self, suffix):
         """Path for an artefact derived from this corpus (SPPMI matrix, oracle embedding...)."""
@@ -344,17 +455,39 @@ def _file_digest(path):
     return digest.hexdigest()
 
 
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename into place: a crash never leaves a half-written file."""
+def cached_array(path, compute, expected_shape, log=print):
+    """A derived array from the corpus cache (never unpickled), else compute() stored there.
+
+    A .npz path holds a scipy sparse matrix, any other a dense .npy array. A cached file that
+    does not load, or holds an array of another shape or with values that are not finite
+    floats, is recomputed with a warning.
+    """
+    import scipy.sparse
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    sparse = path.suffix == ".npz"
+    if path.exists():
+        try:
+            value = scipy.sparse.load_npz(path) if sparse else np.load(path, allow_pickle=False)
+            _check_array(value.data if sparse else value, value.shape, tuple(expected_shape))
+            return value
+        except Exception as err:  # any damage at all means: recompute
+            log(f"warning: cached {path.name} is damaged ({err}); recomputing it")
+    value = compute()
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        def write(tmp):  # an open file: given a name, numpy and scipy would append .npy/.npz to it
+            with open(tmp, "wb") as f:
+                scipy.sparse.save_npz(f, value) if sparse else np.save(f, value, allow_pickle=False)
+        fileio.atomic_write(path, write)
+    except OSError as err:
+        log(f"warning: could not cache {path.name}: {err}")
+    return value
+
+
+def _check_array(values, shape, expected_shape):
+    if shape != expected_shape:
+        raise ValueError(f"shape {shape}, expected {expected_shape}")
+    if values.dtype.kind != "f" or not np.isfinite(values).all():
+        raise ValueError(f"values of type {values.dtype} that are not all finite floats")
 
 
 def _save_cache(corpus, options):
@@ -364,11 +497,11 @@ def _save_cache(corpus, options):
     def write_arrays(tmp):
         with open(tmp, "wb") as f:
             np.savez(f, token_ids=corpus.token_ids, sentence_starts=corpus.sentence_starts, counts=corpus.counts)
-    atomic_write(arrays_path, write_arrays)
+    fileio.atomic_write(arrays_path, write_arrays)
     meta = {"format": CACHE_FORMAT, "hash": corpus.hash, "name": corpus.name, "options": options,
             "words": corpus.words, "n_tokens": int(len(corpus.token_ids)),
-            "arrays_digest": _file_digest(arrays_path)}
-    atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
+            "arrays_digest": _file_digest(arrays_path), "decode_warning": corpus.decode_warning}
+    fileio.atomic_write(meta_path, lambda tmp: tmp.write_text(json.dumps(meta)))
 
 
 def _load_cache(corpus_hash, cache_dir, name):
@@ -385,13 +518,28 @@ def _load_cache(corpus_hash, cache_dir, name):
             raise ValueError("arrays do not match their digest")
         with np.load(arrays_path, allow_pickle=False) as arrays:
             token_ids, starts, counts = arrays["token_ids"], arrays["sentence_starts"], arrays["counts"]
-        if len(token_ids) != meta["n_tokens"] or len(counts) != len(meta["words"]):
-            raise ValueError("sizes do not match")
+        _check_corpus_arrays(token_ids, starts, counts, meta["n_tokens"], len(meta["words"]))
+        decode_warning = meta["decode_warning"]
     except Exception as err:  # any damage at all means: rebuild
         warnings.warn(f"corpus cache {meta_path} is damaged ({err}); rebuilding it")
         return None
     probe.words, probe.counts, probe.token_ids, probe.sentence_starts = meta["words"], counts, token_ids, starts
+    probe.decode_warning = decode_warning
     return probe
+
+
+def _check_corpus_arrays(token_ids, starts, counts, n_tokens, n_words):
+    """Raise ValueError unless the arrays are what build_arrays makes for n_tokens tokens of n_words words."""
+    if token_ids.shape != (n_tokens,) or token_ids.dtype != np.uint32 or counts.shape != (n_words,):
+        raise ValueError("sizes or types do not match")
+    if n_tokens and token_ids.max() >= n_words:
+        raise ValueError(f"word ids up to {token_ids.max()} for {n_words} words")
+    if counts.sum() != n_tokens:  # the sum, not a full np.bincount: a cache hit stays cheap
+        raise ValueError("word counts do not add up to the tokens")
+    if starts.ndim != 1 or starts.dtype.kind not in "iu":
+        raise ValueError("sentence starts of the wrong shape or type")
+    if len(starts) == 0 or starts[0] != 0 or starts[-1] >= n_tokens or np.any(np.diff(starts) <= 0):
+        raise ValueError("sentence starts are not increasing offsets into the tokens")
 
 
 def load_corpus(dataset=None, data_dir="data", cache_dir="data/cache", min_count=5,
@@ -401,17 +549,20 @@ def load_corpus(dataset=None, data_dir="data", cache_dir="data/cache", min_count
     options = {"min_count": int(min_count), "remove_stopwords": bool(remove_stopwords),
                "lemmatize": bool(lemmatize)}
     corpus_hash = hash_source(source, options)
+    corpus = None
     if use_cache:
-        cached = _load_cache(corpus_hash, cache_dir, source.name)
-        if cached is not None:
-            return cached
-    words, counts, token_ids, starts = build_arrays(source, **options)
-    corpus = Corpus(source.name, words, counts, token_ids, starts, corpus_hash, Path(cache_dir))
-    if use_cache:
-        try:
-            _save_cache(corpus, options)
-        except OSError as err:
-            log(f"warning: could not write the corpus cache in {cache_dir}: {err}")
+        fileio.remove_stale_temp_files(cache_dir)  # left by a run killed while it wrote the cache
+        corpus = _load_cache(corpus_hash, cache_dir, source.name)
+    if corpus is None:
+        words, counts, token_ids, starts, decode_warning = build_arrays(source, **options)
+        corpus = Corpus(source.name, words, counts, token_ids, starts, corpus_hash, Path(cache_dir), decode_warning)
+        if use_cache:
+            try:
+                _save_cache(corpus, options)
+            except OSError as err:
+                log(f"warning: could not write the corpus cache in {cache_dir}: {err}")
+    if corpus.decode_warning:  # on a cache hit too: the vocabulary still lacks what was replaced
+        warnings.warn(f"{corpus.name}: {corpus.decode_warning}")
     return corpus
 
 

@@ -19,14 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import mmap
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, NoReturn, Sequence
 
 import numpy as np
 from scipy.stats import spearmanr
+
+import fileio
 
 EmbedFn = Callable[[list], np.ndarray]
 
@@ -401,12 +403,42 @@ def load_vectors(path) -> tuple[list[str], np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise EvaluationInputError(f"vectors file not found: {path}")
+    binary = path.suffix == ".bin"
     try:
-        keyed = KeyedVectors.load_word2vec_format(str(path), binary=path.suffix == ".bin")
+        keyed = KeyedVectors.load_word2vec_format(str(path), binary=binary)
     except Exception as error:  # gensim raises assorted errors on malformed files
         raise EvaluationInputError(
             f"cannot read word2vec file {path}: {type(error).__name__}: {error}") from error
-    return list(keyed.index_to_key), np.asarray(keyed.vectors, dtype=np.float32)
+    if _holds_more_words(path, binary, len(keyed.index_to_key), keyed.vector_size):
+        raise EvaluationInputError(
+            f"{path} holds more than the {len(keyed.index_to_key)} words its header announces; "
+            f"correct the word count on its first line")
+    words, vectors = list(keyed.index_to_key), np.asarray(keyed.vectors, dtype=np.float32)
+    _check_finite(words, vectors, path)
+    return words, vectors
+
+
+def _holds_more_words(path: Path, binary: bool, n_words: int, dim: int) -> bool:
+    """Whether vectors follow the header's word count (gensim stops reading there, silently)."""
+    with open(path, "rb") as handle:
+        header_length = len(handle.readline())
+        if not binary:
+            return sum(1 for line in handle if line.strip()) > n_words
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            end = header_length
+            for _ in range(n_words):  # a record is "word " then dim float32s, as gensim reads it
+                end = mapped.find(b" ", end) + 1 + 4 * dim
+            return bool(mapped[end:end + 4096].strip())
+
+
+def _check_finite(words: Sequence[str], vectors: np.ndarray, source) -> None:
+    """Refuse vectors holding NaN or infinity: every cosine with them, and every score, would be NaN."""
+    bad_rows = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+    if len(bad_rows):
+        others = f" and {len(bad_rows) - 1} more" if len(bad_rows) > 1 else ""
+        raise EvaluationInputError(
+            f"{source}: the vector of {words[bad_rows[0]]!r} (word {bad_rows[0] + 1}){others} holds NaN "
+            f"or infinite values; these vectors cannot be evaluated")
 
 
 def resolve_checkpoint_path(path) -> Path:
@@ -417,21 +449,11 @@ def resolve_checkpoint_path(path) -> Path:
 
 def read_checkpoint(path) -> dict:
     """The checkpoint dict of a run directory or checkpoint file (weights only, no pickle)."""
-    import torch
-
-    file_path = resolve_checkpoint_path(path)
-    if not file_path.is_file():
-        raise EvaluationInputError(f"checkpoint not found: {file_path}")
+    import checkpoint
     try:
-        checkpoint = torch.load(str(file_path), map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt/unsafe files
-        raise EvaluationInputError(
-            f"cannot read checkpoint {file_path}: {type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}") from error
-    if not isinstance(checkpoint, dict) or "words" not in checkpoint or "model" not in checkpoint:
-        raise EvaluationInputError(
-            f"{file_path} is not a sgns checkpoint (needs 'words' and 'model' entries)")
-    return checkpoint
+        return checkpoint.read(path)
+    except checkpoint.CheckpointError as error:
+        raise EvaluationInputError(str(error)) from error
 
 
 def load_checkpoint(path) -> tuple[list[str], np.ndarray, EmbedFn | None, bool]:
@@ -483,20 +505,12 @@ def load_checkpoint(path) -> tuple[list[str], np.ndarray, EmbedFn | None, bool]:
     if vectors.shape[0] != len(words):
         raise EvaluationInputError(
             f"{file_path}: {vectors.shape[0]} vectors for {len(words)} words")
+    _check_finite(words, vectors, file_path)
     return words, np.asarray(vectors, dtype=np.float32), embed_fn, lowercase
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+    fileio.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
 
 
 def export_projector(words: Sequence[str], vectors: np.ndarray, out_dir) -> tuple[Path, Path]:

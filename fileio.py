@@ -5,6 +5,7 @@ atomic_write: the bytes land in a hidden temporary file beside the target, which
 over it only once complete. A kill -9 or power cut leaves the old file or the new one.
 """
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -34,3 +35,35 @@ def free_bytes(path):
         return shutil.disk_usage(Path(path).parent).free
     except OSError:
         return float("nan")
+
+
+_TEMP_NAME_RE = re.compile(r"\..+\.tmp(\d+)")  # atomic_write's temp names: .NAME.tmpPID
+
+
+def _process_running(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder):
+    """Delete atomic_write's temp files in folder whose writer is no longer running; returns them.
+
+    A writer killed mid-write (kill -9, power cut) leaves its hidden .NAME.tmpPID behind. Files
+    of running processes (another run writing the same cache right now) are kept. Best effort:
+    a file that cannot be deleted stays.
+    """
+    removed = []
+    for path in Path(folder).glob(".*.tmp*"):
+        match = _TEMP_NAME_RE.fullmatch(path.name)
+        if match and not _process_running(int(match.group(1))):
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+    return removed

@@ -611,14 +611,12 @@ def _parse_args(argv):
 def main(argv=None):
     """Entry point; user mistakes print one line and exit with status 2."""
     import json
-    import shutil
     args = _parse_args(argv)
     try:
         import data  # only the command line needs the corpus reader
     except ImportError as err:
         print(f"error: cannot import data.py: {err}", file=sys.stderr)
         return 2
-    repo = os.path.dirname(os.path.abspath(__file__))
     out_dir = args.out_dir or os.path.join("saved", "runs", time.strftime("select-dim-%Y%m%d-%H%M%S"))
     started = time.perf_counter()
     try:
@@ -650,13 +648,11 @@ def main(argv=None):
                        "sigma": curve.sigma, "vocab_size": vocab_size, "window": args.window,
                        "neg": args.neg, "alpha": args.alpha, "trials": args.trials, "seed": args.seed,
                        "corpus_hash": corpus.hash}, f)
-        os.makedirs(os.path.join(repo, "img"), exist_ok=True)
-        shutil.copyfile(png, os.path.join(repo, "img", "pip_select_dim.png"))
     except OSError as err:
         print(f"error: cannot write the curve: {err}", file=sys.stderr)
         return 2
     print(f"PIP-loss-minimising dimension: {best} (expected PIP loss {losses[best - 1]:.4g}; "
-          f"curve in {png}, copy in img/pip_select_dim.png; {time.perf_counter() - started:.1f} s in all)")
+          f"curve in {png}; {time.perf_counter() - started:.1f} s in all)")
     return 0
 
 

@@ -7,8 +7,6 @@ sees a half-written PNG, even if training is interrupted mid-save.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -19,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (must follow matplotlib.use)
 import numpy as np  # noqa: E402
+
+import fileio  # noqa: E402
 
 # Panels in this order when present; the two PIP losses get their own axes
 # because their scale differs from the training loss and from each other.
@@ -31,20 +31,11 @@ class PlotError(ValueError):
 
 
 def _save_atomically(figure, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
     try:
-        figure.savefig(temp_name, format="png", dpi=110, bbox_inches="tight")
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
+        fileio.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
         plt.close(figure)
-    return path
+    return Path(path)
 
 
 def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]], path,

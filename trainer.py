@@ -12,7 +12,6 @@ from pathlib import Path
 if "--multi-node" in sys.argv:  # c10d logs every failed connection with a C++ stack trace; we report it in
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # one line (read when torch loads: set it first)
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -325,8 +324,7 @@ def start_state(args, run_dir, model, optimizer, corpus):
             optimizer.load_state_dict(ckpt["optimizer"])
         state = {k: ckpt.get(k, state[k]) for k in state}
         state["position"] = resumable_position(state)
-        for stale in run_dir.glob(".*.tmp*"):  # left by a write that a kill -9 or power cut interrupted
-            stale.unlink()
+        fileio.remove_stale_temp_files(run_dir)  # left by a write that a kill -9 or power cut interrupted
         print(f"resuming at epoch {state['epoch'] + 1}, step {state['global_step']}")
     elif args.load_model:
         weights = checkpoint.read_for_run(args.load_model, corpus, args.model_name)["model"]
@@ -360,6 +358,7 @@ def check_export_path(args):
         if Path(args.export).is_dir():
             raise UserError(f"--export {args.export} is a folder; give a file name")
         Path(args.export).parent.mkdir(parents=True, exist_ok=True)
+        fileio.remove_stale_temp_files(Path(args.export).parent)  # an earlier export killed mid-write
 
 
 def check_room_for_checkpoints(run_dir, model, optimizer, corpus, files):
@@ -458,35 +457,17 @@ class PipMonitor:
         tag = f"v{self.vocab}-w{args.window_size}-k{args.neg_sample_size}"
         sppmi_file = corpus.cache_file(f"sppmi-{tag}.npz")
         oracle_file = corpus.cache_file(f"oracle-{tag}-d{args.embed_size}.npy")
-        self.sppmi = _cached(sppmi_file, lambda: pip_loss.sppmi(
-            corpus.token_ids, self.vocab, args.window_size, args.neg_sample_size, corpus.sentence_starts), log)
+        self.sppmi = data.cached_array(sppmi_file, lambda: pip_loss.sppmi(
+            corpus.token_ids, self.vocab, args.window_size, args.neg_sample_size, corpus.sentence_starts),
+            (self.vocab, self.vocab), log)
         dim = min(args.embed_size, self.vocab - 1)
-        self.oracle = _cached(oracle_file, lambda: pip_loss.oracle_embedding(self.sppmi, dim), log)
+        self.oracle = data.cached_array(oracle_file, lambda: pip_loss.oracle_embedding(self.sppmi, dim),
+                                        (self.vocab, dim), log)
 
     def losses(self, vectors):
         vectors = vectors[:self.vocab].numpy()  # float32: pip_loss computes in float64 from it
         return {"PIP loss": pip_loss.pip_loss_sppmi(vectors, self.sppmi),
                 "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle)}
-
-
-def _cached(path, compute, log):
-    """Load a derived array from the corpus cache (never unpickled), else compute and store it."""
-    import scipy.sparse
-    sparse = path.suffix == ".npz"
-    if path.exists():
-        try:
-            return scipy.sparse.load_npz(path) if sparse else np.load(path, allow_pickle=False)
-        except Exception as err:
-            log(f"warning: cached {path.name} is damaged ({err}); recomputing it")
-    value = compute()
-    try:
-        def write(tmp):  # an open file: given a name, numpy and scipy would append .npy/.npz to it
-            with open(tmp, "wb") as f:
-                scipy.sparse.save_npz(f, value) if sparse else np.save(f, value, allow_pickle=False)
-        fileio.atomic_write(path, write)
-    except OSError as err:
-        log(f"warning: could not cache {path.name}: {err}")
-    return value
 
 
 def epoch_scalars(args, epoch, state, epoch_time, epoch_words, model, corpus, pip_monitor):

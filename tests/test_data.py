@@ -1,5 +1,14 @@
+import bz2
 import collections
+import gzip
 import json
+import lzma
+import subprocess
+import sys
+import zipfile
+
+import codecs
+import warnings
 
 import numpy as np
 import pytest
@@ -114,12 +123,87 @@ def test_cache_reused_rebuilt_on_change_and_on_damage(tmp_path, monkeypatch):
     assert built == [1, 1, 1, 1]
 
 
-def test_invalid_utf8_is_replaced_with_a_warning(tmp_path):
+def test_invalid_utf8_is_replaced_with_a_warning_on_every_load(tmp_path, monkeypatch):
     path = tmp_path / "bad.txt"
     path.write_bytes(b"good words \xff\xfe here. good words")
-    with pytest.warns(UserWarning, match="2 byte"):
+    with pytest.warns(UserWarning, match="bad.txt: 2 byte.* not valid UTF-8"):
         corpus = load(tmp_path, path)
     assert "good" in corpus.words
+    monkeypatch.setattr(data, "build_arrays", None)  # the second load must be a cache hit
+    with pytest.warns(UserWarning, match="bad.txt: 2 byte.* not valid UTF-8"):
+        again = load(tmp_path, path)
+    assert again.words == corpus.words
+
+
+ENCODED = {
+    "utf-16 with BOM": lambda text: text.encode("utf-16"),
+    "utf-16-be with BOM": lambda text: codecs.BOM_UTF16_BE + text.encode("utf-16-be"),
+    "utf-16-le without BOM": lambda text: text.encode("utf-16-le"),
+    "utf-16-be without BOM": lambda text: text.encode("utf-16-be"),
+    "utf-32 with BOM": lambda text: text.encode("utf-32"),
+    "utf-32-le without BOM": lambda text: text.encode("utf-32-le"),
+    "utf-32-be without BOM": lambda text: text.encode("utf-32-be"),
+    "utf-8 with BOM": lambda text: text.encode("utf-8-sig"),
+    "gzip": lambda text: gzip.compress(text.encode()),
+    "bzip2": lambda text: bz2.compress(text.encode()),
+    "xz": lambda text: lzma.compress(text.encode()),
+    "gzip of utf-16": lambda text: gzip.compress(text.encode("utf-16")),
+}
+
+
+@pytest.mark.parametrize("encode", ENCODED.values(), ids=ENCODED.keys())
+def test_utf16_utf32_and_compressed_files_read_as_their_text(tmp_path, monkeypatch, encode):
+    text = TEXT + "Le café naïve. Ünïcödé wörds, 日本語 too.\n" * 3
+    expected = load(tmp_path, write_corpus(tmp_path, text, name="plain.txt"))
+    path = tmp_path / "encoded"
+    path.write_bytes(encode(text))
+    monkeypatch.setattr(data, "READ_BLOCK_BYTES", 64)  # characters and compressed blocks cut across reads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every byte decoded: no warning
+        corpus = load(tmp_path, path)
+    assert corpus.words == expected.words and "café" in corpus.words and "日本語" in corpus.words
+    assert np.array_equal(corpus.token_ids, expected.token_ids)
+    assert np.array_equal(corpus.sentence_starts, expected.sentence_starts)
+
+
+def test_undecodable_utf16_bytes_are_counted_and_replaced(tmp_path):
+    path = tmp_path / "broken16.txt"
+    # a lone high surrogate (2 bytes) mid-text and an odd last byte: 3 bytes that are not UTF-16
+    path.write_bytes("good words ".encode("utf-16") + b"\x00\xd8" + " here. good".encode("utf-16-le") + b"x")
+    with pytest.warns(UserWarning, match="3 byte.* not valid UTF-16"):
+        corpus = load(tmp_path, path)
+    assert corpus.words == ["good", "here", "words"]
+
+
+def test_archives_binary_and_damaged_compressed_files_are_refused(tmp_path):
+    with zipfile.ZipFile(tmp_path / "book.zip", "w") as archive:
+        archive.writestr("book.txt", TEXT)
+    with pytest.raises(data.DatasetError, match="book.zip is a zip archive, not text: extract it"):
+        load(tmp_path, tmp_path / "book.zip")
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(np.random.default_rng(0).integers(0, 4, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(data.DatasetError, match="image.txt does not look like text: .*NUL"):
+        load(tmp_path, binary)
+    truncated = tmp_path / "cut.gz"
+    whole = gzip.compress(TEXT.encode() * 50)
+    truncated.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(data.DatasetError, match="cannot decompress .*cut.gz \\(gzip\\)"):
+        load(tmp_path, truncated)
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(np.random.default_rng(0).integers(1, 256, 4000, dtype=np.uint8).tobytes())
+    with pytest.raises(data.DatasetError, match="noise.txt is not UTF-8 text: .*iconv"):
+        load(tmp_path, noise)
+    russian = tmp_path / "cp1251.txt"
+    russian.write_bytes("Кошка сидит на ковре. Собака бежит домой.\n".encode("cp1251") * 20)
+    with pytest.raises(data.DatasetError, match="cp1251.txt is not UTF-8 text: .*iconv"):
+        load(tmp_path, russian)
+
+    stray_nul = write_corpus(tmp_path, "a cat\x00 and a dog. " * 20, name="stray.txt")  # still UTF-8 text
+    assert load(tmp_path, stray_nul).words == ["a", "and", "cat", "dog"]
+    latin1 = tmp_path / "latin1.txt"  # a few bad bytes in text: replaced with a warning, as before
+    latin1.write_bytes("Le café est très bon. Il fait beau.\n".encode("latin-1") * 20)
+    with pytest.warns(UserWarning, match="40 byte.* not valid UTF-8"):
+        assert "bon" in load(tmp_path, latin1).words
 
 
 def test_no_words_is_an_error(tmp_path):
@@ -308,3 +392,43 @@ def test_epoch_shares_cover_the_epoch_once_in_equal_parts_and_change_each_epoch(
     assert all(ids[a:b].tobytes() in originals for a, b in zip(bounds[:-1], bounds[1:]))
     assert not np.array_equal(data.epoch_share(kept, starts, 7, 1, 0, 2, shuffled=True)[0],
                               data.epoch_share(kept, starts, 7, 0, 0, 2, shuffled=True)[0])
+
+
+def test_cached_array_computes_once_and_recomputes_what_has_the_wrong_shape_or_values(tmp_path):
+    import scipy.sparse
+    sparse = scipy.sparse.random(6, 6, density=0.5, format="csr", dtype=np.float32, random_state=0)
+    dense = np.arange(12, dtype=np.float64).reshape(6, 2)
+    computed, messages = [], []
+
+    def cached(name, value, shape):
+        return data.cached_array(tmp_path / name, lambda: computed.append(name) or value, shape, messages.append)
+
+    assert (cached("m.npz", sparse, (6, 6)) != sparse).nnz == 0 and computed == ["m.npz"]
+    assert np.array_equal(cached("e.npy", dense, (6, 2)), dense) and computed == ["m.npz", "e.npy"]
+    assert (cached("m.npz", sparse, (6, 6)) != sparse).nnz == 0
+    assert np.array_equal(cached("e.npy", dense, (6, 2)), dense)
+    assert computed == ["m.npz", "e.npy"] and not messages  # both read back from the cache
+
+    with open(tmp_path / "m.npz", "wb") as f:
+        scipy.sparse.save_npz(f, scipy.sparse.eye(5, format="csr"))
+    wrong_dense = {"shape": np.zeros((6, 3)), "NaN": np.where(dense == 3, np.nan, dense),
+                   "integers": dense.astype(np.int64)}
+    assert (cached("m.npz", sparse, (6, 6)) != sparse).nnz == 0
+    for name, wrong in wrong_dense.items():
+        np.save(tmp_path / "e.npy", wrong)
+        assert np.array_equal(cached("e.npy", dense, (6, 2)), dense), name
+    assert computed == ["m.npz", "e.npy"] + ["m.npz"] + ["e.npy"] * 3
+    assert len(messages) == 4 and all("damaged" in m and "recomputing" in m for m in messages)
+    assert "(5, 5), expected (6, 6)" in messages[0] and "(6, 3), expected (6, 2)" in messages[1]
+    assert np.array_equal(np.load(tmp_path / "e.npy"), dense)  # the recomputed array replaced the bad one
+
+
+def test_load_corpus_removes_stale_temp_files_of_the_cache(tmp_path):
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    path = write_corpus(tmp_path)
+    first = load(tmp_path, path)
+    stale = first.cache_file("arrays.npz").with_name(f".{first.cache_file('arrays.npz').name}.tmp{finished.pid}")
+    stale.write_bytes(b"half an npz")
+    assert load(tmp_path, path).words == first.words
+    assert not stale.exists()

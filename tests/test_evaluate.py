@@ -270,20 +270,56 @@ def test_post_processing_maps_out_of_vocabulary_queries_like_the_table():
 
 # ---------------------------------------------------------------- loading and export
 
-@pytest.mark.parametrize("name", ["vectors.txt", "vectors.bin"])
-def test_word2vec_round_trip(tmp_path, name, small_space):
+def save_word2vec(path: Path, words, vectors) -> Path:
+    """gensim's word2vec file of the vectors: binary when the name ends in .bin."""
     from gensim.models import KeyedVectors
 
-    words, vectors = small_space
     keyed = KeyedVectors(vector_size=vectors.shape[1])
     keyed.add_vectors(words, vectors)
-    path = tmp_path / name
-    keyed.save_word2vec_format(str(path), binary=name.endswith(".bin"))
+    keyed.save_word2vec_format(str(path), binary=path.suffix == ".bin")
+    return path
+
+
+@pytest.mark.parametrize("name", ["vectors.txt", "vectors.bin"])
+def test_word2vec_round_trip(tmp_path, name, small_space):
+    words, vectors = small_space
+    path = save_word2vec(tmp_path / name, words, vectors)
 
     loaded_words, loaded = evaluate.load_vectors(path)
     assert loaded_words == words
     assert loaded.dtype == np.float32
     np.testing.assert_allclose(loaded, vectors, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vectors.txt", "vectors.bin"])
+def test_load_vectors_refuses_more_words_than_the_header_announces(tmp_path, name, small_space):
+    words, vectors = small_space
+    raw = save_word2vec(tmp_path / name, words, vectors).read_bytes()
+    header_end = raw.index(b"\n")
+    short = tmp_path / f"short-{name}"
+    short.write_bytes(f"{len(words) - 1} {vectors.shape[1]}".encode() + raw[header_end:])
+    with pytest.raises(evaluate.EvaluationInputError, match=f"more than the {len(words) - 1} words its header"):
+        evaluate.load_vectors(short)
+    trailing = tmp_path / f"trailing-{name}"  # a last newline, or blank lines, are not more words
+    trailing.write_bytes(raw + b"\n\n")
+    assert evaluate.load_vectors(trailing)[0] == words
+
+
+def test_non_finite_vectors_are_refused_naming_the_first_word(tmp_path, small_space):
+    import torch
+
+    words, vectors = small_space
+    vectors = vectors.copy()
+    vectors[[12, 30], 3] = [np.inf, np.nan]
+    path = tmp_path / "vectors.txt"
+    path.write_text(f"{len(words)} {vectors.shape[1]}\n" + "".join(
+        f"{word} {' '.join(map(str, row))}\n" for word, row in zip(words, vectors)))
+    with pytest.raises(evaluate.EvaluationInputError, match=r"'w12' \(word 13\) and 1 more holds NaN or infinite"):
+        evaluate.load_vectors(path)
+    state = {"in_embed.weight": torch.from_numpy(vectors), "out_embed.weight": torch.zeros(vectors.shape)}
+    checkpoint = {"model_name": "sgns", "model": state, "words": words, "args": {"embed_size": vectors.shape[1]}}
+    with pytest.raises(evaluate.EvaluationInputError, match="'w12'"):
+        evaluate.load_checkpoint(checkpoint)
 
 
 def test_load_vectors_missing_file(tmp_path):
@@ -365,14 +401,7 @@ def run_cli(*args, cwd=REPO):
 
 @pytest.fixture
 def word2vec_file(tmp_path):
-    from gensim.models import KeyedVectors
-
-    words, vectors = make_analogy_space()
-    keyed = KeyedVectors(vector_size=vectors.shape[1])
-    keyed.add_vectors(words, vectors)
-    path = tmp_path / "vectors.txt"
-    keyed.save_word2vec_format(str(path), binary=False)
-    return path
+    return save_word2vec(tmp_path / "vectors.txt", *make_analogy_space())
 
 
 def test_cli_json_output(tmp_path, word2vec_file):
@@ -424,13 +453,22 @@ def test_cli_table_output_plot_and_projector(tmp_path, word2vec_file):
     ["--vectors", "{vectors}", "--export-projector", "{vectors}"],  # a file, not a folder
     ["--vectors", "{garbage}"],
     ["--checkpoint", "{garbage}"],
+    ["--checkpoint", "{empty}"],
+    ["--vectors", "{nan}", "--json", "--neighbors", "x0"],
+    ["--vectors", "{short}"],
 ])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, word2vec_file, args, capsys, monkeypatch):
     # In-process (a subprocess per case costs seconds of imports): any exception
     # other than SystemExit(2) would fail the test, i.e. no traceback reaches users.
     garbage = write(tmp_path / "garbage.bin", "\x00\x01 this is not a vector file")
     badpairs = write(tmp_path / "bad.tsv", "a\tb\t1\nc\td\tnot-a-number\n")
-    args = [a.format(vectors=word2vec_file, garbage=garbage, badpairs=badpairs) for a in args]
+    empty = write(tmp_path / "empty.pt", "")
+    lines = word2vec_file.read_text().splitlines()
+    nan = write(tmp_path / "nan.txt", "\n".join(lines[:3] + [lines[3].split()[0] + " nan" * int(lines[0].split()[1])]
+                                                + lines[4:]) + "\n")
+    short = write(tmp_path / "short.txt", "\n".join([f"5 {lines[0].split()[1]}"] + lines[1:]) + "\n")
+    args = [a.format(vectors=word2vec_file, garbage=garbage, badpairs=badpairs, empty=empty, nan=nan, short=short)
+            for a in args]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         evaluate.main(args)

@@ -6,6 +6,7 @@ driver around trainer.main in a subprocess; the rest call trainer.main in-proces
 uncaught exception fails the test just as a traceback would.
 """
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import warnings
+import zipfile
 from argparse import Namespace
 from pathlib import Path
 
@@ -72,10 +74,10 @@ def run_main(capsys, argv):
     return code, out, err
 
 
-def run_cli(tmp_path, *argv, timeout=300):
-    """`python trainer.py ARGV` as a user would run it."""
-    return subprocess.run([sys.executable, str(ROOT / "trainer.py"), *map(str, argv)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=timeout, env=cli_env())
+def run_cli(tmp_path, *argv, timeout=300, script=ROOT / "trainer.py", **env):
+    """`python trainer.py ARGV` (or another script) as a user would run it."""
+    return subprocess.run([sys.executable, str(script), *map(str, argv)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=timeout, env=cli_env(**env))
 
 
 def cli_env(**extra):
@@ -85,13 +87,13 @@ def cli_env(**extra):
     return env
 
 
-def assert_one_line_error(stderr, *needles):
-    """No traceback; exactly one 'error:' line, holding every needle; anything else is a warning."""
+def assert_one_line_error(stderr, *needles, prefix="error:"):
+    """No traceback; exactly one error line (starting with prefix), holding every needle; anything else is a warning."""
     assert "Traceback" not in stderr, stderr
     lines = [line for line in stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
+    errors = [line for line in lines if line.startswith(prefix)]
     assert len(errors) == 1, stderr
-    assert all(line.startswith(("error:", "warning:")) for line in lines), stderr
+    assert all(line.startswith((prefix, "warning:")) for line in lines), stderr
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
     return errors[0]
@@ -245,6 +247,14 @@ def test_invalid_utf8_is_replaced_with_a_warning_and_training_goes_on(tmp_path):
     words = load_ckpt(tmp_path / "runs" / "r" / "checkpoint.pt")["words"]
     assert {"cat", "sat", "binary"} <= set(words) and not any("\ufffd" in w for w in words)
 
+    # issue 25 #11: the next run reads the cache, and still says what was replaced
+    [meta] = (tmp_path / "cache").glob("corpus-*-meta.json")
+    written = meta.stat().st_ino
+    again = run_cli(tmp_path, *base_args(tmp_path, corpus, "--epochs", "1", "--run-name", "r2"))
+    assert again.returncode == 0, again.stderr
+    assert meta.stat().st_ino == written  # a cache hit: the cache was not rewritten
+    assert [line for line in again.stderr.splitlines() if line.startswith("warning:")] == warnings
+
 
 def test_empty_vocabulary_after_remove_th_names_the_types_and_suggests_lower(tmp_path, capsys, corpus_file):
     argv = base_args(tmp_path, corpus_file)
@@ -351,6 +361,19 @@ def damage_corpus_cache(corpus, kind, proof):
     elif kind == "older-format":
         meta["format"] = data.CACHE_FORMAT - 1
         meta_path.write_text(json.dumps(meta))
+    elif kind in ("ids-out-of-range", "counts-changed", "starts-past-the-end"):  # issue 25 #13: arrays that
+        with np.load(arrays_path) as arrays:                                     # load, with a matching digest
+            saved = dict(arrays)
+        if kind == "ids-out-of-range":
+            saved["token_ids"][5] = len(meta["words"]) + 3
+        elif kind == "counts-changed":
+            saved["counts"][0] += 1
+        else:
+            saved["sentence_starts"][-1] = len(saved["token_ids"]) + 10
+        with open(arrays_path, "wb") as f:
+            np.savez(f, **saved)
+        meta["arrays_digest"] = data._file_digest(arrays_path)
+        meta_path.write_text(json.dumps(meta))
     elif kind == "pickle-payload":  # a crafted cache whose digest matches: only allow_pickle=False stops it
         with open(arrays_path, "wb") as f:
             np.savez(f, token_ids=pickled_array(proof), sentence_starts=pickled_array(proof),
@@ -360,7 +383,7 @@ def damage_corpus_cache(corpus, kind, proof):
 
 
 @pytest.mark.parametrize("kind", ["truncated", "bytes-changed", "meta-garbage", "words-changed", "older-format",
-                                  "pickle-payload"])
+                                  "ids-out-of-range", "counts-changed", "starts-past-the-end", "pickle-payload"])
 def test_damaged_corpus_cache_is_rebuilt_with_a_warning_never_unpickled(tmp_path, corpus_file, kind):
     def load():
         return data.load_corpus(str(corpus_file), cache_dir=str(tmp_path / "cache"), min_count=1)
@@ -664,3 +687,140 @@ def test_export_into_a_missing_folder_is_created_or_a_clear_error(tmp_path, caps
     assert code == 1
     assert_one_line_error(err, str(corpus_file))
     assert "corpus:" not in out  # before training, not after it
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 25: the cases outside the trainer's own code
+
+def test_select_dim_writes_only_into_its_out_dir(tmp_path):
+    """#1: pip_loss.py --select-dim writes its curve into --out-dir, never next to its code (img/)."""
+    source = tmp_path / "src"  # a copy of the code: a regression writes into it, not into this checkout
+    source.mkdir()
+    for name in ("pip_loss.py", "data.py"):
+        shutil.copy(ROOT / name, source / name)
+    corpus = write_small_corpus(tmp_path / "small.txt")
+    before = snapshot(source)
+    result = run_cli(tmp_path, "--dataset", corpus, "--select-dim", "--vocab-size", "10", "--max-dim", "5",
+                     "--neg", "1", "--trials", "1", "--min-count", "1", "--cache-dir", tmp_path / "cache",
+                     "--out-dir", tmp_path / "out", script=source / "pip_loss.py", PYTHONDONTWRITEBYTECODE="1")
+    assert result.returncode == 0, result.stderr
+    code_files = {path: raw for path, raw in snapshot(source).items() if "__pycache__" not in path.parts}
+    assert code_files == before and not (source / "img").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pip_select_dim.json", "pip_select_dim.png"]
+    assert (tmp_path / "out" / "pip_select_dim.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_on_an_empty_checkpoint_is_one_line_exit_2(tmp_path):
+    """#2, evaluate.py's side: an empty checkpoint file (a write cut short) is refused, and kept."""
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").touch()
+    result = run_cli(tmp_path, "--checkpoint", run_dir, "--no-default-eval", script=ROOT / "evaluate.py")
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, str(run_dir / "checkpoint.pt"), "empty", prefix="evaluate.py: error:")
+    assert [p.name for p in run_dir.iterdir()] == ["checkpoint.pt"] and (run_dir / "checkpoint.pt").stat().st_size == 0
+
+
+@pytest.mark.parametrize("kind", ["utf-16", "gzip"])
+def test_utf16_or_gzip_corpus_trains_on_its_words(tmp_path, corpus_file, kind):
+    """#11: a UTF-16 file with a BOM, or a gzip file, trains on the words of its text."""
+    text = corpus_file.read_text()
+    encoded = tmp_path / ("small16.txt" if kind == "utf-16" else "small.txt.gz")
+    encoded.write_bytes(text.encode("utf-16") if kind == "utf-16" else gzip.compress(text.encode()))
+    result = run_cli(tmp_path, *base_args(tmp_path, encoded, "--epochs", "1", "--run-name", "r"))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "warning" not in result.stderr
+    plain = data.load_corpus(str(corpus_file), cache_dir=str(tmp_path / "plain-cache"), min_count=1)
+    assert load_ckpt(tmp_path / "runs" / "r" / "checkpoint.pt")["words"] == plain.words
+    assert len(plain.words) == 13
+
+
+@pytest.mark.parametrize("kind", ["zip", "binary"])
+def test_archive_or_binary_corpus_is_one_line_exit_2(tmp_path, capsys, corpus_file, kind):
+    """#11: what is not text, or cannot be decompressed here, is refused before anything is built."""
+    if kind == "zip":
+        refused = tmp_path / "small.zip"
+        with zipfile.ZipFile(refused, "w") as archive:
+            archive.write(corpus_file, "small.txt")
+        needles = ["small.zip is a zip archive", "extract it"]
+    else:
+        refused = tmp_path / "vectors.txt"
+        refused.write_bytes(np.arange(-50, 50, dtype=np.float32).tobytes() * 10)
+        needles = ["vectors.txt does not look like text", "NUL"]
+    before = refused.read_bytes()
+    code, out, err = run_main(capsys, base_args(tmp_path, refused, "--epochs", "1", "--run-name", "r"))
+    assert code == 2
+    assert_one_line_error(err, *needles)
+    assert "corpus:" not in out and refused.read_bytes() == before
+    assert not list((tmp_path / "cache").glob("corpus-*")) and not (tmp_path / "runs" / "r" / "checkpoint.pt").exists()
+
+
+def write_vectors(path, words, vectors, count=None):
+    lines = [f"{len(words) if count is None else count} {vectors.shape[1]}"]
+    lines += [f"{word} " + " ".join(f"{value:.4f}" for value in row) for word, row in zip(words, vectors)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["nan-row", "header-short"])
+def test_evaluate_refuses_nan_vectors_and_a_short_header(tmp_path, damage):
+    """#12: NaN vectors, or a header that announces fewer words than follow, are one line, exit 2."""
+    words = [f"w{i}" for i in range(30)]
+    vectors = np.random.default_rng(0).normal(size=(30, 4))
+    if damage == "nan-row":
+        vectors[7, 2] = np.nan
+        path = write_vectors(tmp_path / "vectors.txt", words, vectors)
+        needles = ["'w7'", "NaN"]
+    else:
+        path = write_vectors(tmp_path / "vectors.txt", words, vectors, count=20)
+        needles = ["more than the 20 words its header announces"]
+    before = path.read_bytes()
+    result = run_cli(tmp_path, "--vectors", path, "--neighbors", "w1", "--no-default-eval", "--json",
+                     script=ROOT / "evaluate.py")
+    assert result.returncode == 2 and result.stdout == ""
+    assert_one_line_error(result.stderr, str(path), *needles, prefix="evaluate.py: error:")
+    assert path.read_bytes() == before
+
+
+def test_pip_cache_of_the_wrong_shape_is_recomputed_with_a_warning(tmp_path, capsys, corpus_file):
+    """#13: cached SPPMI and oracle arrays that load but do not fit are rebuilt, not used after epoch 1."""
+    import scipy.sparse
+    argv = base_args(tmp_path, corpus_file, "--epochs", "1", "--pip-interval", "1", "--pip-vocab", "10")
+    code, _, err = run_main(capsys, [*argv, "--run-name", "first"])
+    assert code == 0, err
+    [sppmi_file] = (tmp_path / "cache").glob("*sppmi*.npz")
+    [oracle_file] = (tmp_path / "cache").glob("*oracle*.npy")
+    right_sppmi, right_oracle = scipy.sparse.load_npz(sppmi_file), np.load(oracle_file)
+    with open(sppmi_file, "wb") as f:
+        scipy.sparse.save_npz(f, scipy.sparse.eye(4, format="csr", dtype=np.float32))
+    np.save(oracle_file, np.ones((10, 3)))
+    code, out, err = run_main(capsys, [*argv, "--run-name", "second"])
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert f"warning: cached {sppmi_file.name} is damaged (shape (4, 4), expected (10, 10)); recomputing it" in out
+    assert f"warning: cached {oracle_file.name} is damaged (shape (10, 3), expected (10, 9)); recomputing it" in out
+    assert (scipy.sparse.load_npz(sppmi_file) != right_sppmi).nnz == 0
+    np.testing.assert_allclose(np.abs(np.load(oracle_file)), np.abs(right_oracle))
+    first, second = (load_ckpt(tmp_path / "runs" / r / "checkpoint.pt")["history"] for r in ("first", "second"))
+    assert second["PIP loss"] == first["PIP loss"] and second["PIP loss (oracle)"] == first["PIP loss (oracle)"]
+
+
+def test_stale_temp_files_in_the_cache_are_removed_by_the_next_run(tmp_path, capsys, corpus_file):
+    """Temp files a kill -9 left in the cache folder go; those of a process still writing stay."""
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    writing = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        cache = tmp_path / "cache"
+        cache.mkdir()
+        stale = [cache / f".corpus-0123-arrays.npz.tmp{killed.pid}", cache / f".corpus-0123-meta.json.tmp{killed.pid}"]
+        live = cache / f".corpus-4567-arrays.npz.tmp{writing.pid}"
+        for path in [*stale, live]:
+            path.write_bytes(b"PK\x03\x04 half an npz")
+        code, _, err = run_main(capsys, base_args(tmp_path, corpus_file, "--epochs", "1", "--run-name", "r"))
+        assert code == 0, err
+        assert not any(path.exists() for path in stale) and live.exists()
+    finally:
+        writing.kill()
+        writing.wait()
