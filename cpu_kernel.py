@@ -13,8 +13,8 @@ The loop is word2vec's: for each word of a sentence, its context words' input ro
 trained against the word's output row and negatives. The negatives are drawn once per word
 and shared by its context window (Ji et al., "Parallelizing Word2Vec in Shared and
 Distributed Memory", 2016): the same few output rows stay in cache for the whole window,
-which made the epoch 1.8x faster here at equal quality (bench/RESULTS.md), while each pair
-is still its own sequential SGD step, exactly -lr times the pair's gradient.
+which makes the epoch much faster at equal quality (docs/design.md), while each pair is
+still its own sequential SGD step, exactly -lr times the pair's gradient.
 """
 import functools
 import math
@@ -220,7 +220,7 @@ def exchange_rows(values, sent_from, consensus, changes, unsent, flags, momentum
 
 
 def warm_up_exchange():
-    """Have numba load (or compile) exchange_rows before the first epoch starts its clock (~0.35 s
+    """Have numba load (or compile) exchange_rows before the first epoch starts its clock (a noticeable part of a second
     from numba's cache), by a call on empty rows."""
     empty, no_bits = np.zeros((0, 1), dtype=np.float32), np.zeros((0, 1), dtype=np.uint16)
     exchange_rows(empty, empty, empty, no_bits, no_bits, np.zeros(0, dtype=np.uint16), empty, np.float32(0.0),
@@ -344,9 +344,9 @@ class TouchedRows:
 
     def scratch(self, name, shape):
         """A float32 array of shape on storage kept for the next call with the same name. Allocated
-        afresh each step, the packed rows cost their page faults again (1 ms at batch 8192, d=200),
-        and the products of model.window_grads over malloc's mmap threshold (32 MB) were mapped and
-        page-faulted anew every time: at batch 32,768, d=200, a step took 2x as long (bench/RESULTS.md)."""
+        afresh each step, the packed rows would pay their page faults again, and the products of
+        model.window_grads above malloc's mmap threshold would be mapped and page-faulted anew
+        every time, which costs as much as the step's arithmetic at large batches."""
         size = math.prod(shape)
         store = self._scratch.get(name)
         if store is None or len(store) < size:

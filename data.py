@@ -228,7 +228,7 @@ def _read_blocks(path, compression=None, encoding="utf-8"):
 
 
 def normalize(text):
-    """Lowercase, drop <markup>, unify apostrophes: the seed's normalisation."""
+    """Lowercase, drop <markup>, unify apostrophes: the original sgns_pytorch's normalisation."""
     text = text.lower().replace("\u2019", "'")
     return _MARKUP_RE.sub(" ", text)
 

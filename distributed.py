@@ -191,7 +191,7 @@ def session(world, dist_mode):
 
 
 def join_group(backend, init_method, rank, world_size, timeout):
-    """dist.init_process_group, after importing torch._dynamo (1 s). torch.optim imports it on first
+    """dist.init_process_group, after importing torch._dynamo. torch.optim imports it on first
     use, and imported while a group exists (torch 2.13) it keeps the group alive past
     destroy_process_group: the group's Gloo threads then outlive the interpreter (see leave_together)."""
     import torch._dynamo  # noqa: F401
@@ -205,11 +205,10 @@ def idle_gloo_io_thread():
 
     When data comes in while the main thread holds the connection's lock, the I/O thread only
     try-locks and waits on epoll again, which answers at once: it spins. With every core busy, it
-    took the core of the lock holder it waited for, for up to a scheduler slice: 3 ms here, in a
-    step of 3 ms (2 ranks on 2 cores, batch 8192, d=50). Under SCHED_IDLE it runs only on a core
-    nobody else wants, which a sync step always leaves when it waits for the swap; sync steps got
-    1.1-1.8x faster (bench/RESULTS.md). Not for --async: its exchange must progress while every
-    core trains."""
+    takes the core of the lock holder it waits for, for up to a scheduler slice, as long as a
+    whole step. Under SCHED_IDLE it runs only on a core nobody else wants, which a sync step
+    always leaves when it waits for the swap. Not for --async: its exchange must progress while
+    every core trains."""
     try:
         threads = os.listdir("/proc/self/task")
         policy = os.SCHED_IDLE
@@ -235,7 +234,7 @@ def leave_together():
     belong to Python. Dropped by a Gloo thread while the interpreter shuts down, they abort the
     process ("terminate called without an active exception": the thread exits as it takes the
     GIL, inside a destructor). Held here, they die in the main thread. Without this and
-    join_group, a rank aborted after the last step in 2-3% of short 3-rank runs."""
+    join_group, a rank could abort after the last step of a short run."""
     finished = _barrier(async_op=True)
     finished.wait()
     return finished
@@ -249,8 +248,8 @@ def _barrier(async_op=False):
 
 def start_together():
     """Wait until every rank is ready to train. Ranks finish their start-up (imports, compiles,
-    caches) at different times; without this wait, the first exchange of the first epoch held it,
-    and rank 0's first epoch time with it: up to 0.2 s of a 0.4 s epoch on 2 cores here."""
+    caches) at different times; without this wait the first exchange of the first epoch holds
+    it, and the first epoch's time with it."""
     if active():
         _barrier()
 
@@ -397,9 +396,9 @@ def _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, max_wind
     others' regions, numbers its distinct rows (cpu_kernel.number_rows), computes its gradients,
     packs them into its region (cpu_kernel.pack_rows: [gradient | key | key | uses]) and sends
     the part it filled to every other rank; every rank then applies the rows of all regions in
-    rank order (cpu_kernel.apply_rows), so all ranks compute the same bits. Sending the row
-    counts first, in an all-gather that travelled while the gradients were computed, cost a
-    second round trip: 0.2-0.3 ms a step here (bench/RESULTS.md)."""
+    rank order (cpu_kernel.apply_rows), so all ranks compute the same bits. The row count
+    travels in the region's first row: sent ahead on its own, it would cost a second round
+    trip every step."""
     vocab, dim = model.vocab_size, model.embed_size
     me, world_size = dist.get_rank(), dist.get_world_size()
     region = 1 + min(2 * vocab, max_windows * (context_ids.shape[1] + out_ids.shape[1]))
@@ -429,11 +428,9 @@ def _sync_window_step_tensors(model, context_ids, weight, out_ids, lr, stop_sign
     row into one buffer of rows [gradient | key | key | uses] (keys 0..V-1 for in_embed rows, V..2V-1
     for out_embed rows), plus a last row holding its loss and pairs, and all ranks all-gather the
     buffers, padded to the longest. The row counts and stop signals travel before, in a tiny
-    all-gather that runs while the buffer is filled. The host waits for the GPU twice a step: for
-    the number of distinct rows and for the row counts. It had waited 4 + world size times, and
-    one GPU's epoch took 1.18-1.51 s against 1.08-1.35 s now (alternated runs): the step is bound
-    by launching its ~45 kernels (bench/RESULTS.md). Returns (global loss sum and pairs, on the
-    device; agreed stop signal).
+    all-gather that runs while the buffer is filled. The host waits for the GPU only twice a
+    step: for the number of distinct rows and for the row counts; the step is bound by launching
+    its few dozen kernels. Returns (global loss sum and pairs, on the device; agreed stop signal).
     """
     vocab, dim = model.vocab_size, model.embed_size
     assert 2 * vocab < 2 ** 36, "row ids must survive the float32 packing"
@@ -732,8 +729,7 @@ class Averager:
     The changes travel as bfloat16: half the bytes of float32, and what the rounding leaves out
     (at most 1/256 of a change) is kept and sent with the rank's next changes (error feedback),
     so nothing a rank learns is lost, only delayed by one exchange; the epoch's last leftovers
-    are dropped. Between 2 Gloo ranks here, all-reducing 1.9M changes a rank (two 4,665 x 200
-    tables) took 4.6-7.3 ms of CPU in float32, 3.2-4.1 ms in bfloat16 (bench/bench_distributed.py).
+    are dropped. The all-reduce's CPU time drops with its bytes (bench/bench_distributed.py).
 
     A plain average of the ranks' parameters keeps 1/world-size of what each rank learnt: with
     2 ranks, every change made on half the text is halved. The row-wise mean gives a row that
@@ -775,8 +771,8 @@ class Averager:
     def _exchange(self, apply_received, send):
         """One pass over every parameter: move the consensus by the all-reduce just received, then
         put this rank's changes since it last sent into the buffer and rebase its parameters on the
-        consensus. On the CPU a compiled loop does it (cpu_kernel.exchange_rows): the 8 tensor
-        passes it replaced took 18 ms an exchange for two 21,000 x 200 tables, all memory traffic."""
+        consensus. On the CPU a compiled loop does it in one pass over the rows (cpu_kernel.exchange_rows),
+        where the tensor ops pass over whole tables a dozen times, all memory traffic."""
         for p, flat, flags in self._slices():
             rows = flags.stop - flags.start
             views = [t.view(rows, -1) for t in (p.data, self.sent_from[flat], self.consensus[flat],
@@ -850,7 +846,7 @@ def exchange_rows(values, sent_from, consensus, changes, unsent, flags, momentum
         consensus += step
     if send:
         progress = values - sent_from
-        flags.copy_((progress.amax(dim=1) != 0) | (progress.amin(dim=1) != 0))  # 9x faster than any()
+        flags.copy_((progress.amax(dim=1) != 0) | (progress.amin(dim=1) != 0))  # cheaper than any() over each row
         total = progress.add_(unsent.float())
         changes.copy_(total)
         unsent.copy_(total - changes.float())

@@ -20,7 +20,7 @@ import triton.language as tl
 
 CHUNK = 64  # embedding columns a program holds at a time: registers stay bounded whatever the dimension
 # Triton compiles a variant per 16-byte alignment of each pointer; a step's windows and lr are slices
-# at any offset, and a variant first met mid-run cost its compile (0.6 s) inside an epoch
+# at any offset, and a variant first met mid-run would cost its compile inside an epoch
 SLICED = ["context_ids", "weight", "out_ids", "lr"]
 
 
@@ -132,7 +132,7 @@ def window_step(in_weight, out_weight, context_ids, weight, out_ids, lr, cap):
 
 def _on(device):
     """Triton launches on the current CUDA device, whatever the tensors' device: make it theirs. Only
-    when it is another: switching there and back cost an eager step 7% (the trainer sets the run's GPU)."""
+    when it is another: switching there and back costs an eager step time (the trainer sets the run's GPU)."""
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)

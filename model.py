@@ -6,9 +6,8 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 # window_step: a row met more than this many times in one step (weighted by real pairs) moves by
 # its mean gradient times this, not by the sum of all its gradients. The sum, computed from one
-# stale vector, overshoots for the most frequent words and diverged at d=200, 10 negatives,
-# batch 8192 (so did a cap of 128); the mean for every row left WS353 at 0.03; 32 and 64 trained
-# as well as the plain sum where it did not diverge (bench/RESULTS.md).
+# stale vector, overshoots for the most frequent words and makes large batches diverge; the mean
+# for every row starves the rare words. docs/design.md tells how the cap was chosen.
 MAX_SUMMED_GRADIENTS = 32
 
 
@@ -60,8 +59,8 @@ class SGNS(nn.Module):
 
         def lent(name, *shape):
             return None if scratch is None else torch.from_numpy(scratch(name, shape))
-        # index_select gathers whole rows (as F.embedding does), where indexing the weight went
-        # element by element; with the fused loss below, a CPU step is 1.1-1.35x faster (bench/RESULTS.md)
+        # index_select gathers whole rows (as F.embedding does), where indexing the weight goes
+        # element by element
         inputs = torch.index_select(self.in_embed.weight, 0, context_ids.reshape(-1),
                                     out=lent("inputs", n_ctx, d)).view(*context_ids.shape, d)    # C x W2 x d
         outputs = torch.index_select(self.out_embed.weight, 0, out_ids.reshape(-1),
@@ -183,7 +182,7 @@ class CharWordEncoder(nn.Module):
         Either way padding never enters a word's vector: each word's LSTM stops at its own
         last character (and, backwards, starts there). `packed` (default: on CUDA only) runs
         one packed-sequence call, which cuDNN does well; on the CPU, one plain LSTM call per
-        word length is ~3x faster, mostly in the backward pass.
+        word length is faster, mostly in the backward pass.
         """
         if packed is None:
             packed = char_ids.is_cuda
@@ -223,7 +222,7 @@ class RNNSGNS(nn.Module):
     With `unique=True` (the default) a batch's distinct words are encoded once each and the
     vectors gathered back to their positions: a batch of 4096 pairs with 5 negatives names
     ~24,600 words but only a few thousand distinct ones. `unique=False` encodes every
-    position (the seed's method): same loss and gradients, much slower.
+    position (the original sgns_pytorch's method): same loss and gradients, much slower.
     """
 
     def __init__(self, words, embed_size, char_embed_size=32, hidden_size=128, num_layers=1, dropout=0.0,

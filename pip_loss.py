@@ -6,9 +6,9 @@ except the command line entry point at the bottom.
 
 Two losses are provided, and they mean different things:
 
-* ``pip_loss_sppmi(W, M)``: the seed project's monitor, mean over all V^2 entries of
+* ``pip_loss_sppmi(W, M)``: the original sgns_pytorch's monitor, mean over all V^2 entries of
   (W W^T - M)^2. It is dominated by the *scale* of W W^T, so it mostly tracks vector norms.
-  Kept under its old TensorBoard tag 'PIP loss' so numbers can be compared with the seed.
+  Kept under its old TensorBoard tag 'PIP loss' so numbers can be compared with the original sgns_pytorch's.
 * ``pip_loss_oracle(E, E_star)``: Yin & Shen (NeurIPS 2018), ||E E^T - E* E*^T||_F against the
   oracle embedding E* = U_d D_d^alpha of the signal matrix. Invariant to rotations of the
   embedding and meaningful across checkpoints; this one picks the best checkpoint.
@@ -142,9 +142,9 @@ def sppmi(token_ids, vocab_size, window, neg, sentence_starts=None):
 # Sparse times dense, compiled, on all cores
 #
 # Both products are bound by memory traffic: every stored value fetches a whole dense row.
-# Compiled loops over rows (numba, one range of rows a core) measured 1.75x faster than
-# scipy's product on threads for M @ Q, and 2.7x for the PIP cross term, which also reads
-# a float32 W as float32 (half the traffic) while doing its arithmetic in float64.
+# Compiled loops over rows (numba, one range of rows a core) run on every core, where scipy's
+# product runs on one, and the PIP cross term reads a float32 W as float32 (half the traffic)
+# while doing its arithmetic in float64.
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def _csr_times_dense(indptr, indices, data, dense, out, row_blocks):
@@ -226,7 +226,7 @@ def _canonical_csr(matrix):
 
 
 def pip_loss_sppmi(W, M):
-    """The seed's monitor: mean over all V^2 entries of (W W^T - M)^2, without any V x V array.
+    """The original sgns_pytorch's monitor: mean over all V^2 entries of (W W^T - M)^2, without any V x V array.
 
     ||W W^T||_F^2 = ||W^T W||_F^2 (a d x d Gram matrix), <W W^T, M> = sum(W * (M W)) (one
     sparse-times-dense product) and ||M||_F^2 is the sum of the squared stored values.

@@ -1,11 +1,11 @@
-"""The seed's experiments table on this machine: 1 process vs 2 processes (Gloo, one thread each),
-sync and async, d = 50 and 200, batch 1024, 8192 (the seed's) and 32768; time per epoch, words/s and
+"""The original sgns_pytorch's experiments table on this machine: 1 process vs 2 processes (Gloo, one thread each),
+sync and async, d = 50 and 200, batch 1024, 8192 (the original sgns_pytorch's) and 32768; time per epoch, words/s and
 lowest PIP loss.
 
     NLTK_DATA=../shared/nltk_data python bench/bench_distributed.py            # 3 x 27 runs, ~10 min on 2 idle cores
     python bench/bench_distributed.py --words 0                                 # the whole Gutenberg corpus
 
-Every run is `trainer.py` for 1 epoch. The seed's table uses the torch engine (batched steps; sync
+Every run is `trainer.py` for 1 epoch. The original sgns_pytorch's table uses the torch engine (batched steps; sync
 runs need it); async runs on the compiled CPU kernel (the default on a CPU) are compared with one
 kernel process. 2-process runs are two `trainer.py --multi-node` processes joined over
 tcp://127.0.0.1. To fit the
@@ -153,7 +153,7 @@ def main():
     p.add_argument("--pip-vocab", type=int, default=5_000, help="most frequent words the PIP loss is computed on")
     p.add_argument("--dims", type=int, nargs="+", default=[50, 200], help="embedding sizes")
     p.add_argument("--batches", type=int, nargs="+", default=[1024, 8192, 32768],
-                   help="global batch sizes (pairs): the seed's 1024 and 8192, and 32768, where sync passes 1.3x here")
+                   help="global batch sizes (pairs): the original sgns_pytorch's 1024 and 8192, and 32768, where sync passes 1.3x here")
     p.add_argument("--repeats", type=int, default=3, help="runs of each setting; the table keeps the fastest")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-dist-") as tmp:

@@ -12,8 +12,8 @@ start-up and the graph capture), then WS353, SimLex-999 and analogy accuracy of 
    (--no-cuda-graph), and the autograd path whose batches are built on the host
    (--optimizer sparse_adam), for what building batches on the GPU buys;
 2. the same with larger batches, to see where the GPU itself, not the launch rate, limits;
-3. the seed's setting: a corpus of about 1M tokens (Harry-Potter-sized; --seed-dataset),
-   d=200, batch 8192, as seconds per epoch beside the seed's 28.6 s on a GTX 1080.
+3. the original sgns_pytorch's setting: a corpus of about 1M tokens (Harry-Potter-sized; --seed-dataset),
+   d=200, batch 8192, as seconds per epoch beside the original sgns_pytorch's 28.6 s on a GTX 1080.
 """
 import argparse
 import subprocess
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 
-SEED_REPORTED_EPOCH_S = 28.6  # the seed's README: SGNS, d=200, batch 8192, one GTX 1080
+SEED_REPORTED_EPOCH_S = 28.6  # the original sgns_pytorch's README: SGNS, d=200, batch 8192, one GTX 1080
 
 
 def parse_args():
@@ -37,7 +37,7 @@ def parse_args():
     p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "corpora" / "gutenberg"),
                    help="the shared corpus (about 3M tokens)")
     p.add_argument("--seed-dataset", default=None,
-                   help="a corpus of about 1M tokens for the seed's setting (default: skip that setting)")
+                   help="a corpus of about 1M tokens for the original sgns_pytorch's setting (default: skip that setting)")
     p.add_argument("--eval-dir", default=str(ROOT.parent / "shared" / "eval"),
                    help="folder with wordsim353.tsv, simlex999.tsv and questions-words.txt")
     p.add_argument("--epochs", type=int, default=5, help="epochs of each full run")
@@ -117,7 +117,7 @@ def main():
                             f"{figures['simlex']:6.3f} {figures['analogy']:7.1%}")
                 print(rows[-1], flush=True)
                 if name.startswith("seed-setting"):
-                    rows.append(f"  seed's setting: {figures['epoch_s']:.2f} s/epoch here against the seed's "
+                    rows.append(f"  original sgns_pytorch's setting: {figures['epoch_s']:.2f} s/epoch here against the original sgns_pytorch's "
                                 f"{SEED_REPORTED_EPOCH_S} s on a GTX 1080 ({SEED_REPORTED_EPOCH_S / figures['epoch_s']:.0f}x)")
     print("\n" + header)
     print("\n".join(rows))

@@ -1,6 +1,6 @@
 """Benchmark for pip_loss.py: both losses and the oracle embedding at V=50,000, d=300 on an
 SPPMI-like sparse matrix (~20M non-zeros), SPPMI construction on the shared Gutenberg corpus
-against the seed's double-loop method, and the --select-dim run. One run prints everything.
+against the original sgns_pytorch's double-loop method, and the --select-dim run. One run prints everything.
 
 Usage: python bench/bench_pip_loss.py [--skip-corpus] [--skip-select-dim] [--reference]
 """
@@ -147,11 +147,11 @@ def bench_corpus(args):
     ours_small, ours_seconds, _ = measure(lambda: pip_loss.sppmi(ids, small, args.window, args.neg, starts))
     seed_small, seed_seconds, _ = measure(lambda: seed_sppmi_dense(ids, starts, small, args.window, args.neg))
     difference = np.abs(ours_small.toarray() - seed_small).max()
-    print(f"seed's double-loop method at V={small:,}: {seed_seconds:.1f} s; ours at V={small:,}: "
+    print(f"the original sgns_pytorch's double-loop method at V={small:,}: {seed_seconds:.1f} s; ours at V={small:,}: "
           f"{ours_seconds:.2f} s -> {seed_seconds / ours_seconds:.0f}x faster at equal size "
           f"(max |difference| {difference:.1e})")
     scaled = seed_seconds * (args.sppmi_vocab / small) ** 2
-    print(f"seed's method at V={args.sppmi_vocab:,} ESTIMATED by scaling its V={small:,} time by "
+    print(f"the original sgns_pytorch's method at V={args.sppmi_vocab:,} ESTIMATED by scaling its V={small:,} time by "
           f"V^2 ({(args.sppmi_vocab / small) ** 2:.0f}x): {scaled:.0f} s -> ours is {scaled / seconds:.0f}x faster "
           f"(not measured at full size: the scaling is the issue's convention)")
 
@@ -184,7 +184,7 @@ def main():
     parser.add_argument("--neg", type=float, default=5, help="SPPMI shift k (default 5)")
     parser.add_argument("--sppmi-vocab", type=int, default=10_000, help="vocabulary for the SPPMI timing (default 10000)")
     parser.add_argument("--seed-vocab", type=int, default=2_000,
-                        help="vocabulary at which the seed's method is timed (default 2000)")
+                        help="vocabulary at which the original sgns_pytorch's method is timed (default 2000)")
     parser.add_argument("--skip-matrix", action="store_true", help="skip the V=50,000 matrix part")
     parser.add_argument("--skip-corpus", action="store_true", help="skip the corpus SPPMI part")
     parser.add_argument("--skip-select-dim", action="store_true", help="skip the --select-dim run")

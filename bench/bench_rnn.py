@@ -4,7 +4,7 @@
 
 1. Speed. The same batches of the first epoch (trainer's subsampling, window and negatives)
    are trained with Adam twice from the same weights: once encoding each distinct word of a
-   batch once (RNNSGNS.unique=True, the default), once encoding every position (the seed's
+   batch once (RNNSGNS.unique=True, the default), once encoding every position (the original sgns_pytorch's
    method). A per-occurrence epoch takes hours on a CPU, so a few batches of each are timed
    and both are extrapolated to the epoch's batch count.
 2. Unseen words. The ten most frequent plurals whose singular is also in the vocabulary are

@@ -1,4 +1,4 @@
-"""A straightforward re-implementation of the seed project's SPPMI method, for timing only.
+"""A straightforward re-implementation of the original sgns_pytorch's SPPMI method, for timing only.
 
 The seed filled a dense V x V co-occurrence array with nested Python loops over every
 (center, context) pair of every sentence, then computed PMI densely over all V^2 cells.
@@ -9,7 +9,7 @@ import numpy as np
 
 
 def seed_sppmi_dense(token_ids, sentence_starts, vocab_size, window, neg):
-    """Dense V x V SPPMI array, computed the seed's way (Python loops, dense arithmetic)."""
+    """Dense V x V SPPMI array, computed the original sgns_pytorch's way (Python loops, dense arithmetic)."""
     counts = np.zeros((vocab_size, vocab_size), dtype=np.float64)
     ids = token_ids.tolist()
     bounds = list(sentence_starts) + [len(ids)]
