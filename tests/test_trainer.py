@@ -266,3 +266,45 @@ def test_cuda_graph_steps_equal_eager_steps(gpu_kernel):
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(captured.state_dict()[key], value, atol=1e-5, rtol=1e-4)
         assert not torch.equal(value, start[key])
+
+def scalar_points(run_dir, tag):
+    """How many points of a scalar tag the run's TensorBoard event files hold."""
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.summary import _clean_tag
+    count = 0
+    for events in Path(run_dir).glob("events.out.tfevents.*"):
+        raw, offset = events.read_bytes(), 0
+        while offset < len(raw):
+            (length,) = struct.unpack("<Q", raw[offset:offset + 8])
+            event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+            count += sum(v.tag == _clean_tag(tag) for v in event.summary.value)
+            offset += 12 + length + 4
+    return count
+
+
+@pytest.mark.parametrize("extra", [[], ["--engine", "torch"], ["--optimizer", "sparse_adam"]],
+                         ids=["kernel", "window", "autograd"])
+def test_batch_loss_comes_every_log_interval_steps_on_every_engine(tmp_path, corpus_file, extra):
+    """A step is the text of one --batch-size batch on every engine, the kernel included (it
+    trains many steps a call and reports each), so Batch loss comes at the same rate in words."""
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "2", "--pip-interval", "0", "--subsample-th", "0",
+                                  "--batch-size", "240", "--log-interval", "10", "--run-name", "b", *extra)) == 0
+    ckpt = torch.load(tmp_path / "runs" / "b" / "checkpoint.pt", weights_only=True)
+    assert ckpt["global_step"] == 2 * 120  # 4,800 tokens an epoch, 40 centers a step
+    assert scalar_points(tmp_path / "runs" / "b", "Batch loss") == 24
+
+
+def test_a_checkpoint_written_mid_epoch_by_an_earlier_version_restarts_its_epoch(tmp_path, corpus_file):
+    """Earlier versions kept a mid-epoch position in sentences or centers: such a run still
+    resumes, from the start of that epoch, and says so."""
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "1", "--pip-interval", "0",
+                                  "--run-name", "old")) == 0
+    path = tmp_path / "runs" / "old" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.update(epoch=0, position={"sentence": 300}, global_step=3, epoch_loss=1e9, epoch_pairs=1)
+    torch.save(ckpt, path)
+    with pytest.warns(UserWarning, match="starts again from its beginning"):
+        assert trainer.main(["--resume", str(path.parent), "--quiet"]) == 0
+    resumed = torch.load(path, weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["position"] == {}
+    assert resumed["history"]["Train loss"][-1][1] < 10  # the stale partial sums were dropped
