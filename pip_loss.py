@@ -261,6 +261,28 @@ def pip_loss_oracle(E, E_star):
     return math.sqrt(max(float(squared), 0.0))
 
 
+def _unit_rows(matrix):
+    """float64 copy with rows scaled to length 1; an all-zero row (a word without signal) stays zero.
+    A float32 input is read as is: one float64 array is written, not two."""
+    squared = np.einsum("ij,ij->i", matrix, matrix, dtype=np.float64)
+    return np.multiply(matrix, (1.0 / np.sqrt(np.where(squared > 0, squared, 1.0)))[:, np.newaxis])
+
+
+def pip_loss_normalized(E, E_star):
+    """Scale-free PIP loss: root mean square, over all V^2 word pairs, of the difference between
+    the cosine similarity of the two words in E and in the oracle E*.
+
+    Both embeddings' rows are scaled to unit length first, so the PIP matrices hold cosines, the
+    quantity similarity and analogy benchmarks read; a positive factor on any row of E, and any
+    rotation of E, leave the loss unchanged. The Frobenius norm is taken through d x d Gram
+    matrices as in ``pip_loss_oracle`` and divided by V.
+    """
+    E, F = _as_float_matrix(E), _as_float_matrix(E_star)
+    if E.shape[0] != F.shape[0]:
+        raise ValueError(f"E has {E.shape[0]} rows but E_star has {F.shape[0]}")
+    return pip_loss_oracle(_unit_rows(E), _unit_rows(F)) / E.shape[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Truncated SVD and the oracle embedding
 

@@ -88,12 +88,63 @@ def test_oracle_loss_is_zero_on_itself_and_rotation_invariant():
     assert pip_loss.pip_loss_oracle(E @ rotation, E) == pytest.approx(0.0, abs=1e-9 * np.sum(E * E))
 
 
+def dense_normalized_loss(E, F):
+    """RMS over all word pairs of (cosine in E - cosine in F); a zero row has cosine 0 with everything."""
+    def cosines(X):
+        norms = np.linalg.norm(X, axis=1)
+        unit = X / np.where(norms > 0, norms, 1.0)[:, None]
+        return unit @ unit.T
+    return float(np.sqrt(np.mean((cosines(E) - cosines(F)) ** 2)))
+
+
+@pytest.mark.parametrize("dims", [(20, 20), (20, 12)])
+def test_normalized_loss_matches_dense_reference(dims):
+    rng = np.random.default_rng(7)
+    E, F = rng.standard_normal((250, dims[0])), rng.standard_normal((250, dims[1]))
+    E[:, 0] += 2.0  # a common direction, as trained vectors have: cosines far from 0
+    F[11] = 0.0  # a word without signal in the oracle
+    assert pip_loss.pip_loss_normalized(E, F) == pytest.approx(dense_normalized_loss(E, F), rel=1e-9)
+    torch = pytest.importorskip("torch")
+    assert pip_loss.pip_loss_normalized(torch.from_numpy(E).float(), F) == pytest.approx(
+        dense_normalized_loss(E.astype(np.float32).astype(np.float64), F), rel=1e-6)
+
+
+def test_normalized_loss_ignores_scale_and_rotation():
+    rng = np.random.default_rng(8)
+    E, F = rng.standard_normal((300, 16)), rng.standard_normal((300, 16))
+    E[:, :2] += 1.5
+    reference = pip_loss.pip_loss_normalized(E, F)
+    assert reference > 0.1
+    rotation = np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    assert pip_loss.pip_loss_normalized(250.0 * E, F) == pytest.approx(reference, rel=1e-9)
+    assert pip_loss.pip_loss_normalized(E, 0.01 * F) == pytest.approx(reference, rel=1e-9)
+    assert pip_loss.pip_loss_normalized(E @ rotation, F) == pytest.approx(reference, rel=1e-9)
+    # each word may grow at its own rate (frequent words' vectors grow faster): cosines stay
+    row_scales = rng.uniform(0.1, 30.0, size=(300, 1))
+    assert pip_loss.pip_loss_normalized(row_scales * E, F) == pytest.approx(reference, rel=1e-9)
+    # where the unnormalized losses all change with the scale
+    assert pip_loss.pip_loss_oracle(2.0 * E, F) != pytest.approx(pip_loss.pip_loss_oracle(E, F), rel=1e-3)
+
+
+def test_normalized_loss_is_zero_at_the_oracle_and_grows_with_the_distance():
+    rng = np.random.default_rng(9)
+    F = rng.standard_normal((400, 10))
+    assert pip_loss.pip_loss_normalized(F, F) == 0.0
+    rotation = np.linalg.qr(rng.standard_normal((10, 10)))[0]
+    assert pip_loss.pip_loss_normalized(3.0 * F @ rotation, F) == pytest.approx(0.0, abs=1e-7)
+    noise = rng.standard_normal(F.shape)
+    losses = [pip_loss.pip_loss_normalized(F + level * noise, F) for level in (0.05, 0.2, 0.5, 1.0)]
+    assert all(a < b for a, b in zip(losses, losses[1:]))
+
+
 def test_losses_reject_mismatched_shapes():
     M, _ = random_sparse(30, 0.1, seed=6)
     with pytest.raises(ValueError):
         pip_loss.pip_loss_sppmi(np.zeros((31, 4)), M)
     with pytest.raises(ValueError):
         pip_loss.pip_loss_oracle(np.zeros((30, 4)), np.zeros((29, 4)))
+    with pytest.raises(ValueError):
+        pip_loss.pip_loss_normalized(np.ones((30, 4)), np.ones((29, 4)))
 
 
 # ---------------------------------------------------------------------------------------------
