@@ -31,7 +31,7 @@ TOKENS_PER_KERNEL_CALL = 200_000  # work between two looks at signals, progress 
 # Flags a resumed run may change; everything else comes from the saved run.
 RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads",
                        "device", "cuda_graph", "gpu_kernel", "log_interval", "save_interval", "pip_interval", "export",
-                       "quiet")
+                       "quiet", "early_stop")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -114,6 +114,9 @@ def get_parser():
                    help="epochs between checkpoints and TensorBoard projector snapshots")
     g.add_argument("--pip-interval", type=int, default=1, help="epochs between PIP loss evaluations (0: off)")
     g.add_argument("--pip-vocab", type=int, default=10_000, help="most frequent words the PIP loss is computed on")
+    g.add_argument("--early-stop", type=int, default=0, metavar="N",
+                   help="stop when 'PIP loss (normalized)' has not improved for N evaluations in a row (one "
+                        "every --pip-interval epochs); the run then ends as at its last epoch. 0: off")
     g.add_argument("--projector-words", type=int, default=10_000,
                    help="most frequent words sent to TensorBoard's projector")
     g.add_argument("--projector-interval", type=int, default=0,
@@ -160,9 +163,13 @@ def parse_args(argv=None):
                  "log_interval", "save_interval", "pip_vocab", "projector_words", "eval_interval"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("remove_th", "pip_interval", "projector_interval"):
+    for name in ("remove_th", "pip_interval", "projector_interval", "early_stop"):
         if getattr(args, name) < 0:
             parser.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.early_stop and not args.pip_interval:
+        parser.error("--early-stop watches the PIP loss: it needs --pip-interval above 0")
+    if args.early_stop and args.multi_node:
+        parser.error("--early-stop is not available with --multi-node (only rank 0 computes the PIP loss)")
     if args.lr is None:
         args.lr = 0.025 if args.optimizer == "sgd" else 0.001
     if not (args.lr > 0 and math.isfinite(args.lr)):
@@ -296,7 +303,7 @@ class UserError(Exception):
 # PIP loss monitor
 
 class PipMonitor:
-    """SPPMI matrix of the most frequent words (cached with the corpus) and both PIP losses."""
+    """SPPMI matrix of the most frequent words (cached with the corpus) and the three PIP losses."""
 
     def __init__(self, corpus, args, log=print):
         self.vocab = min(args.pip_vocab, len(corpus.words))
@@ -311,7 +318,18 @@ class PipMonitor:
     def losses(self, vectors):
         vectors = vectors[:self.vocab].numpy()  # float32: pip_loss computes in float64 from it
         return {"PIP loss": pip_loss.pip_loss_sppmi(vectors, self.sppmi),
-                "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle)}
+                "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle),
+                "PIP loss (normalized)": pip_loss.pip_loss_normalized(vectors, self.oracle)}
+
+
+def lowest_normalized_pip(history):
+    """(epoch, value, evaluations since) of the lowest 'PIP loss (normalized)' in a run's history,
+    None before its first evaluation. A later equal value is no improvement."""
+    points = history.get("PIP loss (normalized)")
+    if not points:
+        return None
+    best = min(range(len(points)), key=lambda i: points[i][1])
+    return int(points[best][0]), points[best][1], len(points) - 1 - best
 
 
 def _cached(path, compute, log):
@@ -682,7 +700,7 @@ def train(args):
     total_words = len(corpus) * args.epochs
     bar = tqdm(total=total_words, unit="word", unit_scale=True, disable=args.quiet, dynamic_ncols=True,
                initial=int(len(corpus) * (state["epoch"] + 0.0)), mininterval=0.5)
-    interrupted = None
+    interrupted = early_stop = None
     while state["epoch"] < args.epochs:
         epoch = state["epoch"]
         epoch_start = time.time()
@@ -772,16 +790,25 @@ def train(args):
 
         oracle = scalars.get("PIP loss (oracle)")
         if oracle is not None and (state["best_oracle_pip"] is None or oracle < state["best_oracle_pip"]):
-            state["best_oracle_pip"] = oracle
+            state["best_oracle_pip"] = oracle  # kept for the checkpoint's readers; best.pt follows the normalized loss
+        lowest = lowest_normalized_pip(state["history"]) if "PIP loss (normalized)" in scalars else None
+        if lowest and lowest[0] == epoch + 1:
             save_checkpoint(run_dir / "best.pt", model, optimizer, corpus, args, state)
-        last_epoch = epoch + 1 == args.epochs
+        if lowest and args.early_stop and lowest[2] >= args.early_stop:
+            early_stop = (f"early stop after epoch {epoch + 1} of {args.epochs}: PIP loss (normalized) has not "
+                          f"improved for {lowest[2]} evaluations (lowest {lowest[1]:.4g} at epoch {lowest[0]})")
+        last_epoch = epoch + 1 == args.epochs or early_stop is not None
         if (epoch + 1) % args.save_interval == 0 or last_epoch:
             save_checkpoint(ckpt_path, model, optimizer, corpus, args, state)
         if last_epoch or (args.projector_interval and (epoch + 1) % args.projector_interval == 0):
             n = min(args.projector_words, len(corpus.words))
             writer.add_embedding(model.embeddings()[:n].cpu(), metadata=corpus.words[:n], global_step=epoch + 1,
                                  tag="embeddings")
+        if early_stop:
+            break
     bar.close()
+    if early_stop:
+        print(early_stop)
 
     if interrupted is not None:
         save_checkpoint(ckpt_path, model, optimizer, corpus, args, state)
@@ -795,8 +822,9 @@ def train(args):
     writer.close()
     if distributed.is_main():
         write_pictures(args, run_dir, state["history"], corpus.words, model.embeddings().cpu().numpy())
-    if state["best_oracle_pip"] is not None:
-        print(f"lowest PIP loss (oracle): {state['best_oracle_pip']:.4g} (checkpoint {run_dir / 'best.pt'})")
+    lowest = lowest_normalized_pip(state["history"])
+    if lowest:
+        print(f"lowest PIP loss (normalized): {lowest[1]:.4g} at epoch {lowest[0]} (checkpoint {run_dir / 'best.pt'})")
     print(f"done: {run_dir}")
     return 0
 
