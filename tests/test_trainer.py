@@ -90,7 +90,7 @@ def test_normalized_pip_loss_is_logged_every_pip_interval_and_picks_best_pt(tmp_
     history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
     normalized = history["PIP loss (normalized)"]
     assert [epoch for epoch, _ in normalized] == [2, 4]
-    assert all(0.0 < value < 2.0 for _, value in normalized)  # an RMS of cosine differences
+    assert all(0.0 < value < 2.0 for _, value in normalized)  # 1 - a correlation
     best_epoch, best_value = min(normalized, key=lambda point: point[1])
     assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == best_epoch
     assert f"lowest PIP loss (normalized): {best_value:.4g} at epoch {best_epoch}" in capsys.readouterr().out
