@@ -116,7 +116,8 @@ def get_parser():
     g.add_argument("--pip-vocab", type=int, default=10_000, help="most frequent words the PIP loss is computed on")
     g.add_argument("--early-stop", type=int, default=0, metavar="N",
                    help="stop when 'PIP loss (normalized)' has not improved for N evaluations in a row (one "
-                        "every --pip-interval epochs); the run then ends as at its last epoch. 0 (the default) turns it off")
+                        "every --pip-interval epochs); the run then ends as at its last epoch. 0 (the default) "
+                        "turns it off")
     g.add_argument("--projector-words", type=int, default=10_000,
                    help="most frequent words sent to TensorBoard's projector")
     g.add_argument("--projector-interval", type=int, default=0,
