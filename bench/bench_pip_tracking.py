@@ -23,11 +23,13 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from scipy.stats import spearmanr
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,10 +113,11 @@ def record_initial_losses(into):
 # Runs and the table
 
 def run_setting(name, extra, args):
+    """Train one setting (unless its finished run is there and --rerun is not given); returns its
+    history, the epoch best.pt holds and the losses at initialisation, or None if the run failed."""
     run_dir = Path(args.log_dir) / name
     if not (run_dir / "checkpoint.pt").exists() or args.rerun:
         if run_dir.exists():
-            import shutil
             shutil.rmtree(run_dir)
         eval_flags = ["--eval-similarity", *(str(EVAL / f) for f in ("wordsim353.tsv", "simlex999.tsv",
                                                                      "men3000.tsv")),
@@ -129,7 +132,6 @@ def run_setting(name, extra, args):
         if code != 0:
             return None
         (run_dir / "initial.json").write_text(json.dumps(INITIAL))
-    import torch
     history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
     best_epoch = None
     if (run_dir / "best.pt").exists():
@@ -201,7 +203,6 @@ def print_table(rows, results):
 def plot_run(run_dir, path):
     """The README's picture: a run's normalized PIP loss beside its MEN rho and analogy accuracy."""
     import plots
-    import torch
     ckpt = torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)
     run = ckpt["args"]
     title = (f"{Path(str(run['dataset'])).name}, d={run['embed_size']}, {run['neg_sample_size']} negatives, "
