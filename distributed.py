@@ -275,6 +275,16 @@ def is_main():
     return not active() or dist.get_rank() == 0
 
 
+def rank_0_says(value):
+    """Rank 0's value (a string or None) on every rank: what only rank 0 computes (the PIP loss)
+    and all ranks must act on (an early stop)."""
+    if not active():
+        return value
+    message = [value]
+    dist.broadcast_object_list(message, src=0, device=_comm_device())
+    return message[0]
+
+
 class NullWriter:
     """TensorBoard writer of the ranks that do not log."""
 

@@ -1,20 +1,23 @@
-"""SPPMI signal matrix, the two PIP losses, and PIP-loss dimension selection.
+"""SPPMI signal matrix, the three PIP losses, and PIP-loss dimension selection.
 
 Everything here works on plain arrays (numpy, scipy.sparse, or CPU torch tensors for the
 embeddings), so the trainer can call it every epoch and nothing imports our other modules
 except the command line entry point at the bottom.
 
-Two losses are provided, and they mean different things:
+Three losses are provided, and they mean different things:
 
 * ``pip_loss_sppmi(W, M)``: the original sgns_pytorch's monitor, mean over all V^2 entries of
   (W W^T - M)^2. It is dominated by the *scale* of W W^T, so it mostly tracks vector norms.
   Kept under its old TensorBoard tag 'PIP loss' so numbers can be compared with the original sgns_pytorch's.
 * ``pip_loss_oracle(E, E_star)``: Yin & Shen (NeurIPS 2018), ||E E^T - E* E*^T||_F against the
   oracle embedding E* = U_d D_d^alpha of the signal matrix. Invariant to rotations of the
-  embedding and meaningful across checkpoints; this one picks the best checkpoint.
+  embedding, but not to its scale, which SGNS keeps growing: it can rise while the vectors improve.
+* ``pip_loss_normalized(E, E_star)``: 1 - Pearson's r between the cosine similarities of word
+  pairs in E and in E*, i.e. the PIP matrices of unit rows compared after standardising them.
+  Scale-free; it falls as the vectors improve, and the trainer keeps its best checkpoint.
 
-Neither loss forms a V x V dense matrix: ||A - B||_F^2 = ||A||^2 - 2<A, B> + ||B||^2 is
-evaluated with d x d Gram matrices and sparse-times-dense products.
+No loss forms a V x V dense matrix: ||A - B||_F^2 = ||A||^2 - 2<A, B> + ||B||^2 and the sums
+the normalized loss needs are evaluated with d x d Gram matrices and sparse-times-dense products.
 """
 import math
 import os
@@ -197,7 +200,7 @@ def spmm(matrix, dense):
 
 
 # ---------------------------------------------------------------------------------------------
-# The two PIP losses
+# The three PIP losses
 
 def _as_float_matrix(array):
     """A V x d float32 or float64 numpy array from numpy or torch input (detached, on the CPU)."""
@@ -259,6 +262,47 @@ def pip_loss_oracle(E, E_star):
     gram_e, gram_f, cross = E.T @ E, F.T @ F, E.T @ F
     squared = np.sum(gram_e * gram_e) - 2.0 * np.sum(cross * cross) + np.sum(gram_f * gram_f)
     return math.sqrt(max(float(squared), 0.0))
+
+
+def _unit_rows(matrix):
+    """float64 copy with rows scaled to length 1; an all-zero row (a word without signal) stays zero.
+    A float32 input is read as is: one float64 array is written, not two."""
+    squared = np.einsum("ij,ij->i", matrix, matrix, dtype=np.float64)
+    return np.multiply(matrix, (1.0 / np.sqrt(np.where(squared > 0, squared, 1.0)))[:, np.newaxis])
+
+
+def pip_loss_normalized(E, E_star):
+    """Scale-free PIP loss: 1 - r, with r Pearson's correlation, over all pairs of distinct words,
+    between their cosine similarity in E and in the oracle E*.
+
+    Equivalently, half the mean squared difference between the two PIP matrices of unit rows (the
+    cosine matrices) once each is standardised over its off-diagonal entries. 0 when E's cosines
+    are an increasing linear function of E*'s, about 1 for random vectors, at most 2. It does not
+    change under a rotation of E, a positive factor on any of its rows, or a common shift of all its
+    cosines (the narrow cone SGNS vectors share). With unit rows U and W, the sums over all V^2
+    pairs come from d x d Gram matrices: of the cosines ||U^T 1||^2, of their squares ||U^T U||_F^2,
+    of the products ||U^T W||_F^2; the diagonal terms (1, or 0 for a zero row) are taken out.
+    """
+    E, F = _as_float_matrix(E), _as_float_matrix(E_star)
+    if E.shape[0] != F.shape[0]:
+        raise ValueError(f"E has {E.shape[0]} rows but E_star has {F.shape[0]}")
+    if E.shape[0] < 3:
+        raise ValueError(f"the normalized PIP loss needs at least 3 words, got {E.shape[0]}")
+    U, W = _unit_rows(E), _unit_rows(F)
+    self_u, self_w = np.sum(U * U, axis=1), np.sum(W * W, axis=1)
+    n_pairs = U.shape[0] * (U.shape[0] - 1)
+
+    def off_diagonal_mean(total, diagonal):
+        return (float(total) - float(np.sum(diagonal))) / n_pairs
+
+    mean_u = off_diagonal_mean(np.sum(U.sum(axis=0) ** 2), self_u)
+    mean_w = off_diagonal_mean(np.sum(W.sum(axis=0) ** 2), self_w)
+    var_u = off_diagonal_mean(np.sum((U.T @ U) ** 2), self_u ** 2) - mean_u ** 2
+    var_w = off_diagonal_mean(np.sum((W.T @ W) ** 2), self_w ** 2) - mean_w ** 2
+    if min(var_u, var_w) <= 1e-12:  # all cosines equal: no structure to agree with
+        return 1.0
+    covariance = off_diagonal_mean(np.sum((U.T @ W) ** 2), self_u * self_w) - mean_u * mean_w
+    return min(max(1.0 - covariance / math.sqrt(var_u * var_w), 0.0), 2.0)
 
 
 # ---------------------------------------------------------------------------------------------

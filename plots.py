@@ -20,9 +20,10 @@ import numpy as np  # noqa: E402
 
 import fileio  # noqa: E402
 
-# Panels in this order when present; the two PIP losses get their own axes
-# because their scale differs from the training loss and from each other.
-CURVE_ORDER = ("Train loss", "PIP loss", "PIP loss (oracle)")
+# Panels in this order when present, the headline first: the normalized PIP loss
+# is the one that falls as the vectors improve. Each loss gets its own axes
+# because their scales differ.
+CURVE_ORDER = ("PIP loss (normalized)", "Train loss", "PIP loss", "PIP loss (oracle)")
 PROJECTION_METHODS = ("pca", "tsne")
 
 
@@ -42,10 +43,10 @@ def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]], p
                          tags: Sequence[str] = CURVE_ORDER) -> Path:
     """Plot the curves of ``history`` (tag -> list of ``(epoch, value)``), one panel per tag.
 
-    Only ``tags`` are drawn (by default 'Train loss', 'PIP loss' and
-    'PIP loss (oracle)', in that order), so the trainer's whole history, which
-    also logs epoch time and learning rate, can be passed as is. Tags absent
-    or without points are left out.
+    Only ``tags`` are drawn (by default those of ``CURVE_ORDER``, in that
+    order), so the trainer's whole history, which also logs epoch time and
+    learning rate, can be passed as is. Tags absent or without points are left
+    out.
     """
     tags = [tag for tag in tags if history.get(tag)]
     if not tags:
@@ -64,6 +65,32 @@ def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]], p
         # PIP losses often shrink by orders of magnitude over training.
         if tag.startswith("PIP") and positive and max(values) > 20 * min(values):
             axis.set_yscale("log")
+    figure.tight_layout()
+    return _save_atomically(figure, path)
+
+
+def plot_loss_and_scores(history: Mapping[str, Sequence[tuple[float, float]]], loss_tag: str,
+                         score_tags: Sequence[str], path, title: str | None = None) -> Path:
+    """One panel: the ``loss_tag`` curve on the left axis and the ``score_tags``
+    curves (benchmark scores) on a shared right axis, over the epochs of a run,
+    so one can see whether the loss falls as the scores rise."""
+    missing = [tag for tag in (loss_tag, *score_tags) if not history.get(tag)]
+    if missing:
+        raise PlotError("no points for: " + ", ".join(missing))
+    figure, loss_axis = plt.subplots(figsize=(6.4, 3.8))
+    score_axis = loss_axis.twinx()
+    lines = []
+    for axis, tag, color, style in [(loss_axis, loss_tag, "black", "-"),
+                                    *((score_axis, tag, f"C{i}", "--") for i, tag in enumerate(score_tags))]:
+        epochs, values = zip(*sorted((float(e), float(v)) for e, v in history[tag]))
+        lines += axis.plot(epochs, values, style, color=color, marker="o", markersize=3, label=tag)
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel(loss_tag)
+    score_axis.set_ylabel("benchmark score")
+    loss_axis.grid(True, alpha=0.3)
+    loss_axis.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    if title:
+        loss_axis.set_title(title, fontsize=10)
     figure.tight_layout()
     return _save_atomically(figure, path)
 

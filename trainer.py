@@ -28,7 +28,7 @@ RNN_BATCH_SIZE = 65536  # see --batch-size
 # Flags a resumed run may change; everything else comes from the saved run.
 RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads",
                        "device", "cuda_graph", "gpu_kernel", "log_interval", "save_interval", "pip_interval", "export",
-                       "quiet")
+                       "quiet", "early_stop")
 # Attributes resolve_options adds that describe this process, not the run: never saved.
 RUNTIME_ONLY = ("world",)
 
@@ -143,6 +143,10 @@ def add_output_flags(parser):
                    help="epochs between checkpoints and TensorBoard projector snapshots")
     g.add_argument("--pip-interval", type=int, default=1, help="epochs between PIP loss evaluations (0: off)")
     g.add_argument("--pip-vocab", type=int, default=10_000, help="most frequent words the PIP loss is computed on")
+    g.add_argument("--early-stop", type=int, default=0, metavar="N",
+                   help="stop when 'PIP loss (normalized)' has not improved for N evaluations in a row (one "
+                        "every --pip-interval epochs); the run then ends as at its last epoch. 0 (the default) "
+                        "turns it off")
     g.add_argument("--projector-words", type=int, default=10_000,
                    help="most frequent words sent to TensorBoard's projector")
     g.add_argument("--projector-interval", type=int, default=0,
@@ -230,13 +234,15 @@ def check_values(args):
                  "log_interval", "save_interval", "pip_vocab", "projector_words", "eval_interval"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("remove_th", "pip_interval", "projector_interval"):
+    for name in ("remove_th", "pip_interval", "projector_interval", "early_stop"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
     if not args.subsample_th >= 0:
         raise ValueError("--subsample-th must be 0 (off) or positive")
+    if args.early_stop and not args.pip_interval:
+        raise ValueError("--early-stop watches the PIP loss: it needs --pip-interval above 0")
     if args.model_name == "rnn":
         check_rnn_values(args)
     try:
@@ -450,7 +456,7 @@ class Progress:
 
 
 class PipMonitor:
-    """SPPMI matrix of the most frequent words (cached with the corpus) and both PIP losses."""
+    """SPPMI matrix of the most frequent words (cached with the corpus) and the three PIP losses."""
 
     def __init__(self, corpus, args, log=print):
         self.vocab = min(args.pip_vocab, len(corpus.words))
@@ -467,7 +473,18 @@ class PipMonitor:
     def losses(self, vectors):
         vectors = vectors[:self.vocab].numpy()  # float32: pip_loss computes in float64 from it
         return {"PIP loss": pip_loss.pip_loss_sppmi(vectors, self.sppmi),
-                "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle)}
+                "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle),
+                "PIP loss (normalized)": pip_loss.pip_loss_normalized(vectors, self.oracle)}
+
+
+def lowest_normalized_pip(history):
+    """(epoch, value, evaluations since) of the lowest 'PIP loss (normalized)' in a run's history,
+    None before its first evaluation. A later equal value is no improvement."""
+    points = history.get("PIP loss (normalized)")
+    if not points:
+        return None
+    best = min(range(len(points)), key=lambda i: points[i][1])
+    return int(points[best][0]), points[best][1], len(points) - 1 - best
 
 
 def epoch_scalars(args, epoch, state, epoch_time, epoch_words, model, corpus, pip_monitor):
@@ -566,12 +583,16 @@ def run_epochs(run, progress, signals):
         progress.collect()
         if stop:
             return stop
-        end_epoch(run, progress, epoch, time.time() - started)
+        early_stop = end_epoch(run, progress, epoch, time.time() - started)
+        if early_stop:
+            progress.write(early_stop)
+            break
     return 0
 
 
 def end_epoch(run, progress, epoch, epoch_time):
-    """Log the epoch's scalars, then write its checkpoints and projector snapshot."""
+    """Log the epoch's scalars, then write its checkpoints and projector snapshot; returns why the
+    run stops early (--early-stop), or None."""
     args, state = run.args, run.state
     # A NaN can reach the weights in an update after the last loss was computed: never
     # evaluate or checkpoint such weights.
@@ -585,19 +606,30 @@ def end_epoch(run, progress, epoch, epoch_time):
         state["history"].setdefault(tag, []).append([epoch + 1, float(value)])
     progress.write(f"epoch {epoch + 1}/{args.epochs}: " + ", ".join(f"{k.lower()} {v:.4g}" for k, v in scalars.items()))
     state.update(epoch=epoch + 1, position={}, epoch_loss=0.0, epoch_pairs=0)
-    last_epoch = epoch + 1 == args.epochs
     oracle = scalars.get("PIP loss (oracle)")
-    improved = oracle is not None and (state["best_oracle_pip"] is None or oracle < state["best_oracle_pip"])
-    if improved:
-        state["best_oracle_pip"] = oracle
+    if oracle is not None and (state["best_oracle_pip"] is None or oracle < state["best_oracle_pip"]):
+        state["best_oracle_pip"] = oracle  # kept for the checkpoint's readers; best.pt follows the normalized loss
+    lowest = lowest_normalized_pip(state["history"]) if "PIP loss (normalized)" in scalars else None
+    early_stop = distributed.rank_0_says(early_stop_reason(args, epoch, lowest))
+    last_epoch = epoch + 1 == args.epochs or early_stop is not None
     if (epoch + 1) % args.save_interval == 0 or last_epoch:
         run.save("checkpoint.pt")  # before best.pt: a resumable state whatever happens to best.pt
-    if improved:
+    if lowest and lowest[0] == epoch + 1:
         run.save("best.pt")
     if last_epoch or (args.projector_interval and (epoch + 1) % args.projector_interval == 0):
         n = min(args.projector_words, len(run.corpus.words))
         run.writer.add_embedding(run.vectors()[:n], metadata=run.corpus.words[:n], global_step=epoch + 1,
                                  tag="embeddings")
+    return early_stop
+
+
+def early_stop_reason(args, epoch, lowest):
+    """Why the run stops after this epoch under --early-stop N, or None: the normalized PIP loss
+    (lowest: lowest_normalized_pip) has not improved for N evaluations."""
+    if not (lowest and args.early_stop and lowest[2] >= args.early_stop):
+        return None
+    return (f"early stop after epoch {epoch + 1} of {args.epochs}: PIP loss (normalized) has not improved for "
+            f"{lowest[2]} evaluations (lowest {lowest[1]:.4g} at epoch {lowest[0]})")
 
 
 def stop_run(run, signum):
@@ -619,8 +651,9 @@ def finish_run(run):
     run.writer.close()
     if distributed.is_main():
         write_pictures(args, run.run_dir, state["history"], run.corpus.words, run.vectors().numpy())
-    if state["best_oracle_pip"] is not None:
-        print(f"lowest PIP loss (oracle): {state['best_oracle_pip']:.4g} (checkpoint {run.run_dir / 'best.pt'})")
+    lowest = lowest_normalized_pip(state["history"])
+    if lowest:
+        print(f"lowest PIP loss (normalized): {lowest[1]:.4g} at epoch {lowest[0]} (checkpoint {run.run_dir / 'best.pt'})")
     print(f"done: {run.run_dir}")
     return 0
 

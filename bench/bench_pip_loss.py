@@ -1,8 +1,9 @@
-"""Benchmark for pip_loss.py: both losses and the oracle embedding at V=50,000, d=300 on an
-SPPMI-like sparse matrix (~20M non-zeros), SPPMI construction on the shared Gutenberg corpus
-against the original sgns_pytorch's double-loop method, and the --select-dim run. One run prints everything.
+"""Benchmark for pip_loss.py: the normalized loss at V=10,000 and 50,000; the other two losses and
+the oracle embedding at V=50,000, d=300 on an SPPMI-like sparse matrix (~20M non-zeros), SPPMI
+construction on the shared Gutenberg corpus against the original sgns_pytorch's double-loop method, and the
+--select-dim run. One run prints everything.
 
-Usage: python bench/bench_pip_loss.py [--skip-corpus] [--skip-select-dim] [--reference]
+Usage: python bench/bench_pip_loss.py [--normalized-only] [--skip-corpus] [--skip-select-dim] [--reference]
 """
 import argparse
 import os
@@ -133,6 +134,27 @@ def bench_matrix(args):
               f"median {np.median(error):.2e}, max {error.max():.2e}")
 
 
+def bench_normalized(args):
+    """The trainer's per-evaluation cost of 'PIP loss (normalized)': it reads only the two V x d
+    embeddings, so random ones of the sizes the trainer meets time it, beside pip_loss_oracle on the
+    same arrays (the two alternate). Best and median of 5."""
+    print("== pip_loss_normalized and pip_loss_oracle (V x d float32 embedding, V x d oracle), 5 repeats ==")
+    rng = np.random.default_rng(2)
+    losses = {"normalized": pip_loss.pip_loss_normalized, "oracle": pip_loss.pip_loss_oracle}
+    for vocab in (10_000, 50_000):
+        for dim in (100, 300):
+            E = rng.standard_normal((vocab, dim)).astype(np.float32)
+            E_star = rng.standard_normal((vocab, dim))
+            times = {name: [] for name in losses}
+            for _ in range(5):
+                for name, loss in losses.items():
+                    started = time.perf_counter()
+                    loss(E, E_star)
+                    times[name].append(time.perf_counter() - started)
+            print(f"V={vocab:,}, d={dim}: " + "; ".join(
+                f"{name} best {min(t):.3f} s, median {np.median(t):.3f} s" for name, t in times.items()))
+
+
 def bench_corpus(args):
     import data
     from seed_sppmi import seed_sppmi_dense
@@ -185,12 +207,17 @@ def main():
     parser.add_argument("--sppmi-vocab", type=int, default=10_000, help="vocabulary for the SPPMI timing (default 10000)")
     parser.add_argument("--seed-vocab", type=int, default=2_000,
                         help="vocabulary at which the original sgns_pytorch's method is timed (default 2000)")
+    parser.add_argument("--normalized-only", action="store_true",
+                        help="only time pip_loss_normalized at V=10,000 and 50,000, d=100 and 300")
     parser.add_argument("--skip-matrix", action="store_true", help="skip the V=50,000 matrix part")
     parser.add_argument("--skip-corpus", action="store_true", help="skip the corpus SPPMI part")
     parser.add_argument("--skip-select-dim", action="store_true", help="skip the --select-dim run")
     args = parser.parse_args()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"machine: {os.cpu_count()} CPUs, load average at start {load:.1f}")
+    bench_normalized(args)
+    if args.normalized_only:
+        return
     if not args.skip_matrix:
         bench_matrix(args)
     if not args.skip_corpus:

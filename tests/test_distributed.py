@@ -466,6 +466,19 @@ def test_torchrun_launch_async_completes(tmp_path):
     assert result.stdout.count("a larger --sync-interval trains faster") == 1, result.stdout
 
 
+def _rank_0_says_worker(rank, world_size, out_dir):
+    said = [distributed.rank_0_says("stop after epoch 3" if rank == 0 else None),
+            distributed.rank_0_says(None if rank == 0 else "only rank 1 thinks so")]
+    (out_dir / f"said{rank}").write_text(json.dumps(said))
+
+
+def test_every_rank_acts_on_what_rank_0_decides(tmp_path):
+    """Only rank 0 computes the PIP loss, so its early-stop decision is every rank's."""
+    run_ranks(_rank_0_says_worker, tmp_path)
+    for rank in range(2):
+        assert json.loads((tmp_path / f"said{rank}").read_text()) == ["stop after epoch 3", None]
+
+
 def test_interval_hint_above_a_quarter_of_the_epoch():
     assert distributed.interval_hint(0.2, 50) is None
     message = distributed.interval_hint(0.4, 50)

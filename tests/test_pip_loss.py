@@ -88,12 +88,74 @@ def test_oracle_loss_is_zero_on_itself_and_rotation_invariant():
     assert pip_loss.pip_loss_oracle(E @ rotation, E) == pytest.approx(0.0, abs=1e-9 * np.sum(E * E))
 
 
+def dense_normalized_loss(E, F):
+    """1 - Pearson r over the pairs i != j of (cosine in E, cosine in F); a zero row has cosine 0."""
+    def cosines(X):
+        norms = np.linalg.norm(X, axis=1)
+        unit = X / np.where(norms > 0, norms, 1.0)[:, None]
+        return unit @ unit.T
+    off_diagonal = ~np.eye(len(E), dtype=bool)
+    return float(1.0 - np.corrcoef(cosines(E)[off_diagonal], cosines(F)[off_diagonal])[0, 1])
+
+
+@pytest.mark.parametrize("dims", [(20, 20), (20, 12)])
+def test_normalized_loss_matches_dense_reference(dims):
+    rng = np.random.default_rng(7)
+    E, F = rng.standard_normal((250, dims[0])), rng.standard_normal((250, dims[1]))
+    E[:, 0] += 2.0  # a common direction, as trained vectors have: cosines far from 0
+    F[:, :3] += 0.5 * E[:, :3]  # something to agree on
+    F[11] = 0.0  # a word without signal in the oracle
+    expected = dense_normalized_loss(E, F)
+    assert 0.2 < expected < 0.95
+    assert pip_loss.pip_loss_normalized(E, F) == pytest.approx(expected, rel=1e-9)
+    torch = pytest.importorskip("torch")
+    assert pip_loss.pip_loss_normalized(torch.from_numpy(E).float(), F) == pytest.approx(
+        dense_normalized_loss(E.astype(np.float32).astype(np.float64), F), rel=1e-6)
+
+
+def test_normalized_loss_ignores_scale_rotation_and_a_common_direction():
+    rng = np.random.default_rng(8)
+    F = rng.standard_normal((300, 16))
+    E = F @ rng.standard_normal((16, 16)) + rng.standard_normal((300, 16))
+    reference = pip_loss.pip_loss_normalized(E, F)
+    assert 0.1 < reference < 0.9
+    rotation = np.linalg.qr(rng.standard_normal((16, 16)))[0]
+    assert pip_loss.pip_loss_normalized(250.0 * E, F) == pytest.approx(reference, rel=1e-9)
+    assert pip_loss.pip_loss_normalized(E, 0.01 * F) == pytest.approx(reference, rel=1e-9)
+    assert pip_loss.pip_loss_normalized(E @ rotation, F) == pytest.approx(reference, rel=1e-9)
+    # each word may grow at its own rate (frequent words' vectors grow faster): cosines stay
+    row_scales = rng.uniform(0.1, 30.0, size=(300, 1))
+    assert pip_loss.pip_loss_normalized(row_scales * E, F) == pytest.approx(reference, rel=1e-9)
+    # where the unnormalized loss changes with the scale
+    assert pip_loss.pip_loss_oracle(2.0 * E, F) != pytest.approx(pip_loss.pip_loss_oracle(E, F), rel=1e-3)
+    # a cone: every cosine of F turns into a + b cosine (b > 0), which r does not see
+    cone = np.hstack([np.full((300, 1), 4.0), F / np.linalg.norm(F, axis=1, keepdims=True)])
+    assert pip_loss.pip_loss_normalized(cone, F) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_normalized_loss_is_zero_at_the_oracle_and_one_for_random_vectors():
+    rng = np.random.default_rng(9)
+    F = rng.standard_normal((400, 10))
+    assert pip_loss.pip_loss_normalized(F, F) == pytest.approx(0.0, abs=1e-12)
+    rotation = np.linalg.qr(rng.standard_normal((10, 10)))[0]
+    assert pip_loss.pip_loss_normalized(3.0 * F @ rotation, F) == pytest.approx(0.0, abs=1e-9)
+    noise = rng.standard_normal(F.shape)
+    losses = [pip_loss.pip_loss_normalized(F + level * noise, F) for level in (0.05, 0.2, 0.5, 1.0, 3.0)]
+    assert all(a < b for a, b in zip(losses, losses[1:]))
+    assert pip_loss.pip_loss_normalized(rng.standard_normal((400, 50)), F) == pytest.approx(1.0, abs=0.05)
+    assert pip_loss.pip_loss_normalized(np.ones((400, 10)), F) == 1.0  # all cosines equal: nothing to agree
+
+
 def test_losses_reject_mismatched_shapes():
     M, _ = random_sparse(30, 0.1, seed=6)
     with pytest.raises(ValueError):
         pip_loss.pip_loss_sppmi(np.zeros((31, 4)), M)
     with pytest.raises(ValueError):
         pip_loss.pip_loss_oracle(np.zeros((30, 4)), np.zeros((29, 4)))
+    with pytest.raises(ValueError):
+        pip_loss.pip_loss_normalized(np.ones((30, 4)), np.ones((29, 4)))
+    with pytest.raises(ValueError):
+        pip_loss.pip_loss_normalized(np.eye(2), np.eye(2))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,6 +74,18 @@ def test_training_curves_empty_history_is_an_error(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_loss_and_scores_plot(tmp_path):
+    history = {"PIP loss (normalized)": [(1, 0.7), (2, 0.5), (3, 0.4)],
+               "Similarity/men3000": [(1, 0.25), (2, 0.35), (3, 0.41)],
+               "Analogy accuracy": [(2, 0.07), (1, 0.03), (3, 0.09)], "Epoch time": [(1, 9.0)]}
+    path = plots.plot_loss_and_scores(history, "PIP loss (normalized)", ["Similarity/men3000", "Analogy accuracy"],
+                                      tmp_path / "tracking.png", title="a run")
+    assert_valid_nonblank_png(path)
+    with pytest.raises(plots.PlotError, match="Similarity/simlex999"):
+        plots.plot_loss_and_scores(history, "PIP loss (normalized)", ["Similarity/simlex999"], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_pca_projection_matches_reference():
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(12, 5)) * np.array([5.0, 3.0, 1.0, 0.5, 0.1])

@@ -60,7 +60,7 @@ def read_scalar_tags(run_dir):
 
 
 LOGGED_TAGS = ("Batch loss", "Train loss", "Epoch time", "Words per second", "Learning rate", "PIP loss",
-               "PIP loss (oracle)", "Similarity/pairs", "Analogy accuracy")
+               "PIP loss (oracle)", "PIP loss (normalized)", "Similarity/pairs", "Analogy accuracy")
 
 
 def test_one_epoch_run_logs_every_scalar_and_exports(tmp_path, corpus_file):
@@ -70,7 +70,7 @@ def test_one_epoch_run_logs_every_scalar_and_exports(tmp_path, corpus_file):
     assert code == 0
     run_dir = tmp_path / "runs" / "one"
     assert {"Batch loss", "Train loss", "Epoch time", "Words per second", "Learning rate", "PIP loss",
-            "PIP loss (oracle)"} <= read_scalar_tags(run_dir)
+            "PIP loss (oracle)", "PIP loss (normalized)"} <= read_scalar_tags(run_dir)
     assert (run_dir / "args.json").exists() and (run_dir / "checkpoint.pt").exists()
     assert (run_dir / "best.pt").exists()
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
@@ -82,6 +82,56 @@ def test_one_epoch_run_logs_every_scalar_and_exports(tmp_path, corpus_file):
     keyed = KeyedVectors.load_word2vec_format(str(export))
     assert keyed.index_to_key == ckpt["words"]
     np.testing.assert_allclose(keyed.vectors, ckpt["model"]["in_embed.weight"].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_normalized_pip_loss_is_logged_every_pip_interval_and_picks_best_pt(tmp_path, corpus_file, capsys):
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "4", "--pip-interval", "2",
+                                  "--run-name", "n")) == 0
+    run_dir = tmp_path / "runs" / "n"
+    history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
+    normalized = history["PIP loss (normalized)"]
+    assert [epoch for epoch, _ in normalized] == [2, 4]
+    assert all(0.0 < value < 2.0 for _, value in normalized)  # 1 - a correlation
+    best_epoch, best_value = min(normalized, key=lambda point: point[1])
+    assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == best_epoch
+    assert f"lowest PIP loss (normalized): {best_value:.4g} at epoch {best_epoch}" in capsys.readouterr().out
+
+
+def scripted_pip_losses(monkeypatch, values):
+    """PipMonitor.losses returns these 'PIP loss (normalized)' values, one per evaluation."""
+    remaining = list(values)
+    monkeypatch.setattr(trainer.PipMonitor, "losses", lambda monitor, vectors: {
+        "PIP loss (normalized)": remaining.pop(0)})
+
+
+@pytest.mark.parametrize("pip_interval,stopped_at", [("1", 4), ("2", 8)])
+def test_early_stop_ends_the_run_as_a_normal_end(tmp_path, corpus_file, monkeypatch, capsys, pip_interval,
+                                                 stopped_at):
+    # evaluations 3 and 4 do not improve on evaluation 2 (an equal value is no improvement)
+    scripted_pip_losses(monkeypatch, [0.5, 0.4, 0.45, 0.4, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1])
+    export = tmp_path / "v.txt"
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "20", "--pip-interval", pip_interval,
+                                  "--early-stop", "2", "--run-name", "s", "--export", str(export))) == 0
+    run_dir = tmp_path / "runs" / "s"
+    out = capsys.readouterr().out
+    assert (f"early stop after epoch {stopped_at} of 20: PIP loss (normalized) has not improved for 2 "
+            f"evaluations (lowest 0.4 at epoch {stopped_at // 2})") in out
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == stopped_at
+    assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == stopped_at // 2
+    assert export.exists() and (run_dir / "curves.png").exists()
+    assert "lowest PIP loss (normalized): 0.4" in out and out.rstrip().endswith(f"done: {run_dir}")
+
+
+def test_early_stop_off_by_default_and_user_mistakes(tmp_path, corpus_file, monkeypatch, capsys):
+    scripted_pip_losses(monkeypatch, [0.5, 0.6, 0.7, 0.8])
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "4", "--run-name", "d")) == 0
+    assert torch.load(tmp_path / "runs" / "d" / "checkpoint.pt", weights_only=True)["epoch"] == 4
+    assert "early stop" not in capsys.readouterr().out
+    for flags in (["--early-stop", "-1"], ["--early-stop", "2", "--pip-interval", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            trainer.parse_args(base_args(tmp_path, corpus_file, *flags))
+        assert exit_info.value.code == 2
+        assert "--early-stop" in capsys.readouterr().err
 
 
 def test_binary_export_round_trip(tmp_path, corpus_file):
