@@ -180,6 +180,8 @@ def session(world, dist_mode, settings=None):
         return
     silenced = finished = None
     try:
+        if world.backend == "nccl":  # NCCL's first collectives (the checks below) run on the current GPU
+            torch.cuda.set_device(torch.device(world.device))
         join_group(world.backend, world.init_method, world.rank, world.world_size, world.timeout)
         check_same_settings(settings or {})
         if world.backend == "gloo" and dist_mode == "sync":
