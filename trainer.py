@@ -96,7 +96,8 @@ def add_model_flags(parser):
     g.add_argument("--window-size", type=int, default=5,
                    help="max context words each side (shrunk at random per center)")
     g.add_argument("--neg-sample-size", type=int, default=5, help="negative samples per (center, context) pair")
-    g.add_argument("--ns-exponent", type=float, default=0.75, help="negatives are drawn from unigram^this")
+    g.add_argument("--ns-exponent", type=float, default=0.75, help="negatives are drawn from unigram^this, in [-1, 1] "
+                        "(1: by frequency, 0: uniform, below 0: rare words favoured)")
     g.add_argument("--subsample-th", type=float, default=1e-3, help="subsampling threshold t (0 turns it off)")
 
 
@@ -133,7 +134,7 @@ def add_optimisation_flags(parser):
                         "sparse_adam, adam, rnn, --multi-node --sync); auto picks kernel for sgns by SGD on the CPU, "
                         "--multi-node --async included (README: which engine runs on your hardware)")
     g.add_argument("--num-threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
-    g.add_argument("--seed", type=int, default=1, help="random seed (runs are reproducible with --num-threads 1)")
+    g.add_argument("--seed", type=int, default=1, help="random seed, 0 to 2**64-1 (runs are reproducible with --num-threads 1)")
     g.add_argument("--device", default="cpu", help="torch device for the torch engine: cpu, cuda, cuda:N")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help=f"on a GPU, replay every {data.STEPS_PER_DRAW} sgns SGD steps (one draw of windows) as one "
@@ -163,7 +164,8 @@ def add_output_flags(parser):
                    help="write the vectors in word2vec format at the end (binary if the path ends in .bin)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a stopped run from its checkpoint, with its saved arguments "
-                        "(--epochs given too changes the total)")
+                        "(--epochs given too changes the total; flags it cannot change are named in a warning "
+                        "and ignored)")
     g.add_argument("--load-model", default=None, metavar="CHECKPOINT",
                    help="start from the weights of a checkpoint trained on the same corpus")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

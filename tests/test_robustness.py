@@ -1207,3 +1207,12 @@ def test_ctrl_c_while_the_trainer_starts_exits_130_without_a_traceback(tmp_path,
     assert process.returncode == 130
     assert "Traceback" not in err and all(line.startswith("error: interrupted") for line in err.splitlines())
     assert new_run_folders(tmp_path) == []
+
+
+def test_sighup_is_left_ignored_under_nohup_and_handlers_come_back_after_training():
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does
+    before = signal.getsignal(signal.SIGINT)
+    with trainer.Signals() as signals:
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signals._handle
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
