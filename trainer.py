@@ -134,7 +134,8 @@ def add_optimisation_flags(parser):
                         "sparse_adam, adam, rnn, --multi-node --sync); auto picks kernel for sgns by SGD on the CPU, "
                         "--multi-node --async included (README: which engine runs on your hardware)")
     g.add_argument("--num-threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
-    g.add_argument("--seed", type=int, default=1, help="random seed, 0 to 2**64-1 (runs are reproducible with --num-threads 1)")
+    g.add_argument("--seed", type=int, default=1,
+                   help="random seed, 0 to 2**64-1 (runs are reproducible with --num-threads 1)")
     g.add_argument("--device", default="cpu", help="torch device for the torch engine: cpu, cuda, cuda:N")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help=f"on a GPU, replay every {data.STEPS_PER_DRAW} sgns SGD steps (one draw of windows) as one "
