@@ -352,8 +352,8 @@ def check_same_corpus(corpus_hash, vocab_size):
     everyone = _all_gather_equal(mine.to(_comm_device()))
     for rank, theirs in enumerate(everyone):
         if not torch.equal(theirs.cpu(), mine):
-            raise DistributedFailure(f"rank {rank} built another corpus than rank {dist.get_rank()}: every rank "
-                                     "needs the same corpus files and preprocessing options")
+            raise SettingsMismatch(f"rank {rank} built another corpus than rank {dist.get_rank()}: every rank "
+                                   "needs the same corpus files and preprocessing options")
 
 
 def broadcast_parameters(model):

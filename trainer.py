@@ -10,8 +10,9 @@ import time
 import warnings
 from pathlib import Path
 
-if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds): exit as Ctrl-C does, without a traceback
-    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds): nothing is written yet; exit at
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))  # once (an exception raised
+    # inside a half-imported library can end in another traceback)
 if "--multi-node" in sys.argv:  # c10d logs every failed connection with a C++ stack trace; we report it in
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # one line (read when torch loads: set it first)
 

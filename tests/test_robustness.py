@@ -1121,6 +1121,10 @@ def _settings_worker(rank, world_size, out_dir):
             outcomes.append("agreed")
         except distributed.SettingsMismatch as err:
             outcomes.append(str(err))
+    try:  # another corpus on one rank: a user mistake too (exit 2), not a failed peer
+        distributed.check_same_corpus("ab" * 16 if rank == 0 else "cd" * 16, 13)
+    except distributed.SettingsMismatch as err:
+        outcomes.append(str(err))
     (out_dir / f"rank{rank}.json").write_text(json.dumps(outcomes))
 
 
@@ -1130,9 +1134,11 @@ def test_ranks_with_different_settings_each_say_which_in_one_line(tmp_path):
     run_ranks(_settings_worker, tmp_path)
     rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert rank0 == ["rank 0: --embed-size is 100 here but 50 on rank 1; every rank needs the same settings",
-                     "rank 0: --epochs is 2 here but 3 on rank 1; every rank needs the same settings", "agreed"]
+                     "rank 0: --epochs is 2 here but 3 on rank 1; every rank needs the same settings", "agreed",
+                     "rank 1 built another corpus than rank 0: every rank needs the same corpus files and "
+                     "preprocessing options"]
     assert rank1[0] == "rank 1: --embed-size is 50 here but 100 on rank 0; every rank needs the same settings"
-    assert rank1[2] == "agreed"
+    assert rank1[2] == "agreed" and rank1[3].startswith("rank 0 built another corpus than rank 1")
 
 
 def test_sync_and_async_ranks_stop_before_training_in_one_line_each(tmp_path):
