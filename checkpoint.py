@@ -8,6 +8,7 @@ the history of every logged scalar). The trainer and evaluate.py read it through
 """
 import argparse
 import json
+import warnings
 from datetime import datetime
 from pathlib import Path
 
@@ -35,6 +36,18 @@ def make_run_dir(args):
     return run_dir
 
 
+def remove_unused_run_dir(run_dir):
+    """Remove a new run's folder that holds nothing but its args.json: a run that failed before
+    writing anything leaves no folder that --resume could only refuse. Best effort."""
+    run_dir = Path(run_dir)
+    try:
+        if [p.name for p in run_dir.iterdir()] == ["args.json"]:
+            (run_dir / "args.json").unlink()
+            run_dir.rmdir()
+    except OSError:
+        pass
+
+
 def saved_arguments(run_dir):
     """The arguments a run folder was started with (its args.json), as a dict."""
     args_file = Path(run_dir) / "args.json"
@@ -45,7 +58,8 @@ def saved_arguments(run_dir):
     except (OSError, ValueError) as err:
         raise CheckpointError(f"--resume {run_dir}: cannot read args.json ({err})") from err
     if not isinstance(saved, dict):
-        raise CheckpointError(f"--resume {run_dir}: args.json holds a {type(saved).__name__}, not the run's arguments")
+        kind = "null" if saved is None else f"a JSON {type(saved).__name__}"
+        raise CheckpointError(f"--resume {run_dir}: args.json holds {kind}, not an object of the run's arguments")
     return saved
 
 
@@ -62,7 +76,19 @@ def resume_arguments(parser, given, run_dir, overridable):
         raise CheckpointError(f"--resume {run_dir}: args.json: {message}")
     checked = vars(_parse_with(parser, _as_command_line(parser, merged, refuse), refuse))
     checked["resume"] = str(run_dir)
+    _warn_ignored(parser, given, checked, overridable, run_dir)
     return argparse.Namespace(**checked)
+
+
+def _warn_ignored(parser, given, saved, overridable, run_dir):
+    """One warning naming the flags given with --resume that it cannot change. Values equal to the
+    saved ones pass silently: a --multi-node run resumes with its launch command plus --resume."""
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    ignored = [f"{flags[k]} {given[k]} (the run's: {'none' if saved.get(k) is None else saved[k]})"
+               for k in sorted(given)
+               if given[k] is not None and k not in (*overridable, "resume") and given[k] != saved.get(k)]
+    if ignored:
+        warnings.warn(f"--resume {run_dir} continues with the run's saved settings; ignored: {', '.join(ignored)}")
 
 
 def _parse_with(parser, argv, on_error):
@@ -87,6 +113,8 @@ def _as_command_line(parser, values, refuse):
         if not action.option_strings or action.dest not in values or action.dest == "help":
             continue
         value, flag = values[action.dest], action.option_strings[0]
+        if action.type is None and action.nargs != 0 and not _strings(value):
+            refuse(f"{action.dest} = {value!r}: {flag} takes text")
         if action.nargs == 0:
             if value not in switch_values[action.dest]:
                 refuse(f"{action.dest} = {value!r} is not a value {flag} can give")
@@ -103,6 +131,11 @@ def _as_command_line(parser, values, refuse):
     return argv
 
 
+def _strings(value):
+    """Whether value is what a flag that takes text holds: a string, a list of them, or None."""
+    return value is None or isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
 def save(path, model, optimizer, corpus, args, state):
     """Everything a resume needs, written atomically; a failed write keeps the previous file."""
     import torch
@@ -114,9 +147,8 @@ def save(path, model, optimizer, corpus, args, state):
         fileio.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         reason = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
-        kept = "the previous checkpoint is intact" if Path(path).exists() else "no earlier checkpoint exists"
         raise OSError(f"cannot write checkpoint {path}: {reason} ({fileio.free_bytes(path) / 2**20:.1f} MiB free "
-                      f"on its disk); {kept}") from err
+                      "on its disk)") from err
 
 
 def bytes_needed(model, optimizer, corpus):

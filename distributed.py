@@ -12,10 +12,12 @@ engine a strategy (make_strategy):
   all-reduce every --sync-interval steps (Averager).
 """
 import contextlib
+import json
 import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,10 +39,18 @@ INIT_SCHEMES = ("tcp://", "file://", "env://")
 MIN_SYNC_STEPS, MIN_SYNC_PAIRS = 50, 50 * 4096
 # Share of an --async epoch spent at sync points above which rank 0 suggests a longer interval.
 EXCHANGE_HINT_SHARE = 0.25
+DIST_TIMEOUT_MAX = 7 * 24 * 3600  # seconds; a longer wait for a rank is a typo
+# Seconds past --dist-timeout after which a rank still joining gives up (join_group): the wait
+# init_process_group times itself ends within it.
+JOIN_GRACE_S = 1.0
 
 
 class DistributedFailure(Exception):
     """A rank died, could not connect or timed out; reported in one line, exit 1."""
+
+
+class SettingsMismatch(Exception):
+    """The ranks were started with different settings; reported in one line, exit 2."""
 
 
 @dataclass
@@ -96,8 +106,11 @@ def default_sync_interval(batch_size):
 def check_flags(args, cuda_devices):
     """The distributed flags' mistakes, as one-line messages (empty: none). cuda_devices: GPUs visible."""
     problems = []
-    if args.sync_interval <= 0 or not args.dist_timeout > 0:
-        problems.append("--sync-interval and --dist-timeout must be positive")
+    if args.sync_interval <= 0:
+        problems.append(f"--sync-interval must be positive, got {args.sync_interval}")
+    if not 0 < args.dist_timeout <= DIST_TIMEOUT_MAX:
+        problems.append(f"--dist-timeout must be a number of seconds in (0, {DIST_TIMEOUT_MAX}], "
+                        f"got {args.dist_timeout}")
     if not 0 <= args.block_momentum < 1:
         problems.append(f"--block-momentum {args.block_momentum}: must be in [0, 1)")
     if args.block_momentum and not (args.multi_node and args.dist_mode == "async"):
@@ -158,15 +171,19 @@ def resolve_world(args, environ, cuda_devices):
 
 
 @contextlib.contextmanager
-def session(world, dist_mode):
+def session(world, dist_mode, settings=None):
     """Join the process group of a --multi-node run (world; None: nothing to join) and always
-    leave it; distributed failures become one line. Ranks other than 0 print nothing."""
+    leave it; distributed failures become one line. Ranks other than 0 print nothing. settings:
+    what every rank must share (check_same_settings), compared before anything that depends on them."""
     if world is None:
         yield
         return
     silenced = finished = None
     try:
+        if world.backend == "nccl":  # NCCL's first collectives (the checks below) run on the current GPU
+            torch.cuda.set_device(torch.device(world.device))
         join_group(world.backend, world.init_method, world.rank, world.world_size, world.timeout)
+        check_same_settings(settings or {})
         if world.backend == "gloo" and dist_mode == "sync":
             idle_gloo_io_thread()
         if world.backend == "gloo":  # names the ranks that never showed up, instead of a bare timeout
@@ -191,12 +208,51 @@ def session(world, dist_mode):
 
 
 def join_group(backend, init_method, rank, world_size, timeout):
-    """dist.init_process_group, after importing torch._dynamo. torch.optim imports it on first
-    use, and imported while a group exists (torch 2.13) it keeps the group alive past
-    destroy_process_group: the group's Gloo threads then outlive the interpreter (see leave_together)."""
+    """dist.init_process_group, after importing torch._dynamo, within timeout seconds.
+
+    torch.optim imports torch._dynamo on first use, and imported while a group exists (torch 2.13)
+    it keeps the group alive past destroy_process_group: the group's Gloo threads then outlive
+    the interpreter (see leave_together). A rank other than 0 that finds nobody at a tcp://
+    address retries the connection after a random delay, up to twice the timeout: a deadline
+    thread ends the process (nothing is written before the group is joined) with one line.
+    """
     import torch._dynamo  # noqa: F401
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout))
+    deadline = threading.Timer(timeout + JOIN_GRACE_S, _give_up_joining, (rank, world_size, init_method, timeout))
+    deadline.daemon = True
+    deadline.start()
+    try:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout))
+    finally:
+        deadline.cancel()
+
+
+def _give_up_joining(rank, world_size, init_method, timeout):
+    print(f"error: rank {rank} of {world_size}: the other ranks did not all join at {init_method} within "
+          f"--dist-timeout {timeout:g} s (is every rank started, with the same --init-method?)", file=sys.stderr,
+          flush=True)
+    os._exit(1)
+
+
+def check_same_settings(settings):
+    """Every rank must run with the settings of every other: settings maps a name (the flag, as
+    the user knows it) to a JSON value. Raises SettingsMismatch on each rank that finds a
+    difference, naming the first; every rank finds it, so none waits for another."""
+    if not active():
+        return
+    mine = json.dumps(settings, sort_keys=True).encode()
+    device = _comm_device()
+    lengths = [int(n) for n in _all_gather_equal(torch.tensor([len(mine)], dtype=torch.int64, device=device))]
+    padded = torch.zeros(max(lengths), dtype=torch.uint8)
+    padded[:len(mine)] = torch.frombuffer(bytearray(mine), dtype=torch.uint8)
+    me, settings = dist.get_rank(), json.loads(mine)  # compared as the others' arrive: through JSON
+    for rank, (raw, length) in enumerate(zip(_all_gather_equal(padded.to(device)), lengths)):
+        theirs = json.loads(bytes(raw[:length].cpu().tolist()))
+        differing = [name for name in sorted(settings.keys() | theirs.keys()) if settings.get(name) != theirs.get(name)]
+        if differing:
+            name = differing[0]
+            raise SettingsMismatch(f"rank {me}: {name} is {settings.get(name)} here but {theirs.get(name)} on rank "
+                                   f"{rank}; every rank needs the same settings")
 
 
 def idle_gloo_io_thread():
@@ -306,8 +362,8 @@ def check_same_corpus(corpus_hash, vocab_size):
     everyone = _all_gather_equal(mine.to(_comm_device()))
     for rank, theirs in enumerate(everyone):
         if not torch.equal(theirs.cpu(), mine):
-            raise DistributedFailure(f"rank {rank} built another corpus than rank {dist.get_rank()}: every rank "
-                                     "needs the same corpus files and preprocessing options")
+            raise SettingsMismatch(f"rank {rank} built another corpus than rank {dist.get_rank()}: every rank "
+                                   "needs the same corpus files and preprocessing options")
 
 
 def broadcast_parameters(model):

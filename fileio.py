@@ -29,6 +29,17 @@ def atomic_write(path, write):
             tmp.unlink()
 
 
+def check_writable(path):
+    """Raise OSError now if atomic_write(path) could not create its temporary file."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb"):
+            pass
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def free_bytes(path):
     """Free bytes on the disk that holds path's folder (NaN where it cannot be asked)."""
     try:

@@ -295,11 +295,25 @@ def build_model(model_name, vocab_size, embed_size, sparse=True, words=None, arg
     if model_name == "rnn":
         if words is None or len(words) != vocab_size:
             raise ValueError("the rnn model needs the vocabulary's words (one per id)")
-        args = {**RNN_DEFAULTS, **{k: v for k, v in (args or {}).items() if v is not None}}
-        return RNNSGNS(words, embed_size, char_embed_size=args["char_embed_size"],
-                       hidden_size=args["hidden_size"], num_layers=args["num_layer"], dropout=args["dropout"],
-                       bidirectional=bool(args["bidirectional"]), mlp_size=args["mlp_size"])
+        return RNNSGNS(words, embed_size, **_rnn_sizes(args))
     raise ValueError(f"unknown model name {model_name!r}")
+
+
+def _rnn_sizes(args):
+    """RNNSGNS's keyword arguments from the run's flags (a dict; missing ones take the CLI defaults)."""
+    args = {**RNN_DEFAULTS, **{k: v for k, v in (args or {}).items() if v is not None}}
+    return dict(char_embed_size=args["char_embed_size"], hidden_size=args["hidden_size"],
+                num_layers=args["num_layer"], dropout=args["dropout"], bidirectional=bool(args["bidirectional"]),
+                mlp_size=args["mlp_size"])
+
+
+def parameter_count(model_name, words, embed_size, args=None):
+    """How many parameters build_model would make for this vocabulary, counted without allocating them."""
+    if model_name != "rnn":
+        return 2 * len(words) * embed_size
+    with torch.device("meta"):  # the two encoders' shapes only
+        encoder = CharWordEncoder(len(CharVocab(words)), embed_size, **_rnn_sizes(args))
+    return 2 * sum(p.numel() for p in encoder.parameters())
 
 
 def model_from_checkpoint(ckpt):

@@ -2,6 +2,7 @@
 import argparse
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -9,6 +10,9 @@ import time
 import warnings
 from pathlib import Path
 
+if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds): nothing is written yet; exit at
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))  # once (an exception raised
+    # inside a half-imported library can end in another traceback)
 if "--multi-node" in sys.argv:  # c10d logs every failed connection with a C++ stack trace; we report it in
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # one line (read when torch loads: set it first)
 
@@ -22,15 +26,23 @@ import distributed  # noqa: E402
 import engines  # noqa: E402
 import fileio  # noqa: E402
 import pip_loss  # noqa: E402
-from model import RNN_DEFAULTS, build_model  # noqa: E402
+from model import RNN_DEFAULTS, build_model, parameter_count  # noqa: E402
 
 RNN_BATCH_SIZE = 65536  # see --batch-size
 # Flags a resumed run may change; everything else comes from the saved run.
 RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads",
                        "device", "cuda_graph", "gpu_kernel", "log_interval", "save_interval", "pip_interval", "export",
                        "quiet", "early_stop")
-# Attributes resolve_options adds that describe this process, not the run: never saved.
-RUNTIME_ONLY = ("world",)
+# Attributes parse_args and resolve_options add that describe this process, not the run: never saved.
+RUNTIME_ONLY = ("world", "argv")
+# Options every rank of a --multi-node run must share: they decide the steps' shapes and order, and
+# what the ranks exchange and when (distributed.check_same_settings compares them).
+SHARED_BY_RANKS = ("model_name", "embed_size", "window_size", "neg_sample_size", "ns_exponent", "subsample_th",
+                   "remove_th", "remove_stopwords", "lemmatize", "epochs", "batch_size", "optimizer", "lr", "seed",
+                   "loop", "dist_mode", "sync_interval", "block_momentum", "char_embed_size", "hidden_size",
+                   "num_layer", "dropout", "bidirectional", "mlp_size")
+SEED_LIMIT = 2 ** 64  # torch.manual_seed takes seeds below this
+NS_EXPONENT_RANGE = (-1.0, 1.0)  # 1: negatives by frequency, 0: uniform, below 0: rare words favoured
 
 
 class UserError(Exception):
@@ -85,7 +97,8 @@ def add_model_flags(parser):
     g.add_argument("--window-size", type=int, default=5,
                    help="max context words each side (shrunk at random per center)")
     g.add_argument("--neg-sample-size", type=int, default=5, help="negative samples per (center, context) pair")
-    g.add_argument("--ns-exponent", type=float, default=0.75, help="negatives are drawn from unigram^this")
+    g.add_argument("--ns-exponent", type=float, default=0.75, help="negatives are drawn from unigram^this, in [-1, 1] "
+                        "(1: by frequency, 0: uniform, below 0: rare words favoured)")
     g.add_argument("--subsample-th", type=float, default=1e-3, help="subsampling threshold t (0 turns it off)")
 
 
@@ -122,7 +135,8 @@ def add_optimisation_flags(parser):
                         "sparse_adam, adam, rnn, --multi-node --sync); auto picks kernel for sgns by SGD on the CPU, "
                         "--multi-node --async included (README: which engine runs on your hardware)")
     g.add_argument("--num-threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
-    g.add_argument("--seed", type=int, default=1, help="random seed (runs are reproducible with --num-threads 1)")
+    g.add_argument("--seed", type=int, default=1,
+                   help="random seed, 0 to 2**64-1 (runs are reproducible with --num-threads 1)")
     g.add_argument("--device", default="cpu", help="torch device for the torch engine: cpu, cuda, cuda:N")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                    help=f"on a GPU, replay every {data.STEPS_PER_DRAW} sgns SGD steps (one draw of windows) as one "
@@ -156,7 +170,8 @@ def add_output_flags(parser):
                    help="write the vectors in word2vec format at the end (binary if the path ends in .bin)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a stopped run from its checkpoint, with its saved arguments "
-                        "(--epochs given too changes the total)")
+                        "(--epochs given too changes the total; flags it cannot change are named in a warning "
+                        "and ignored)")
     g.add_argument("--load-model", default=None, metavar="CHECKPOINT",
                    help="start from the weights of a checkpoint trained on the same corpus")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -183,16 +198,21 @@ def parse_args(argv=None):
     """The run's options, every default filled and every value checked (argparse's one-line
     error and exit 2 otherwise); a --resume run's come from its folder."""
     parser = get_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if args.resume:
         given = vars(parser.parse_args(argv, namespace=argparse.Namespace(**{k: None for k in vars(args)})))
         try:
             args = checkpoint.resume_arguments(get_parser(), given, args.resume, RESUMABLE_OVERRIDES)
-        except checkpoint.CheckpointError as err:
-            parser.error(str(err))
+        except checkpoint.CheckpointError as err:  # the file's content, not the command line: no usage
+            parser.exit(2, f"{parser.prog}: error: {err}\n")
+    args.argv = argv
     try:
         resolve_options(args)
     except ValueError as err:
+        if args.resume:
+            parser.exit(2, f"{parser.prog}: error: {err} (in {Path(args.resume) / 'args.json'}, or given with "
+                           "--resume)\n")
         parser.error(str(err))
     return args
 
@@ -230,6 +250,18 @@ def resolve_options(args):
 
 def check_values(args):
     """Every flag's value alone (ValueError: one line)."""
+    check_counts(args)
+    check_numbers(args)
+    if args.model_name == "rnn":
+        check_rnn_values(args)
+    check_device(args.device)
+    if args.run_name is not None and (Path(args.run_name).name != args.run_name or args.run_name in ("", ".", "..")):
+        raise ValueError(f"--run-name {args.run_name}: give a folder name, without / or .. (the folder goes into "
+                         "--log-dir)")
+
+
+def check_counts(args):
+    """The integer flags: sizes and counts positive, intervals and thresholds 0 or more, the seed in torch's range."""
     for name in ("embed_size", "window_size", "neg_sample_size", "epochs", "batch_size", "num_threads",
                  "log_interval", "save_interval", "pip_vocab", "projector_words", "eval_interval"):
         if getattr(args, name) <= 0:
@@ -237,20 +269,26 @@ def check_values(args):
     for name in ("remove_th", "pip_interval", "projector_interval", "early_stop"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.pip_vocab < 2:
+        raise ValueError(f"--pip-vocab must be 2 or more (the PIP loss compares words in pairs), got {args.pip_vocab}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in 0..2**64-1, got {args.seed}")
+
+
+def check_numbers(args):
+    """The float flags: each finite and in its range (NaN fails every comparison; the distributed
+    ones are distributed.check_flags')."""
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise ValueError(f"--lr must be a positive number, got {args.lr}")
-    if not args.subsample_th >= 0:
-        raise ValueError("--subsample-th must be 0 (off) or positive")
+    if not (args.subsample_th >= 0 and math.isfinite(args.subsample_th)):
+        raise ValueError(f"--subsample-th must be 0 (off) or a positive number, got {args.subsample_th}")
+    low, high = NS_EXPONENT_RANGE
+    if not low <= args.ns_exponent <= high:
+        raise ValueError(f"--ns-exponent must be in [{low:g}, {high:g}], got {args.ns_exponent}")
+    if not 0 <= args.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.early_stop and not args.pip_interval:
         raise ValueError("--early-stop watches the PIP loss: it needs --pip-interval above 0")
-    if args.model_name == "rnn":
-        check_rnn_values(args)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise ValueError(f"--device {args.device}: not a torch device; use cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: no CUDA device is available")
 
 
 def check_rnn_values(args):
@@ -259,10 +297,24 @@ def check_rnn_values(args):
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.mlp_size is not None and args.mlp_size <= 0:
         raise ValueError(f"--mlp-size must be positive, got {args.mlp_size}")
-    if not 0 <= args.dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.optimizer == "sparse_adam":
         raise ValueError("--optimizer sparse_adam is for sgns's embedding tables; use adam (or sgd) for rnn")
+
+
+def check_device(name):
+    """--device names a device this trainer runs on, and one that is there."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a torch device; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: sgns trains on cpu or cuda (cuda:N)")
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not visible:
+            raise ValueError(f"--device {name}: no CUDA device is available")
+        if device.index is not None and device.index >= visible:
+            raise ValueError(f"--device {name}: {visible} CUDA device(s) visible, cuda:0 to cuda:{visible - 1}")
 
 
 def run_device(args):
@@ -358,13 +410,83 @@ def set_threads(num_threads):
     torch.set_num_threads(num_threads)
 
 
-def check_export_path(args):
-    """Find out now, not after hours of training, that the vectors cannot be written there."""
-    if args.export and distributed.is_main():
+def check_output_paths(args):
+    """Find out now, not after hours of training, that the vectors cannot be written where asked."""
+    if not distributed.is_main():
+        return
+    if args.export:
         if Path(args.export).is_dir():
             raise UserError(f"--export {args.export} is a folder; give a file name")
-        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
-        fileio.remove_stale_temp_files(Path(args.export).parent)  # an earlier export killed mid-write
+        check_writable("--export", args.export, Path(args.export))
+    if args.export_projector:
+        folder = Path(args.export_projector)
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"--export-projector {folder} is a file; give a folder")
+        check_writable("--export-projector", folder, folder / "vectors.tsv")
+
+
+def check_writable(flag, shown, path):
+    """Create path's folder and the temporary file atomic_write will fill there; a failure names
+    the user's path (shown), not the hidden file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fileio.remove_stale_temp_files(path.parent)  # an earlier export killed mid-write
+        fileio.check_writable(path)
+    except OSError as err:
+        raise OSError(f"cannot write {flag} {shown}: {err.strerror or err}") from err
+
+
+def check_memory(args, words):
+    """Refuse, before allocating, a run whose model and step buffers alone exceed the memory
+    available: an allocation that size fails with a traceback, or swaps the machine to a halt."""
+    device = torch.device(run_device(args))
+    parts = memory_lower_bound(args, words)
+    need, available = sum(parts.values()), available_memory(device)
+    if available is not None and need > available:
+        biggest = max(parts, key=parts.get)
+        raise UserError(f"this run needs at least {_size(need)} of {device.type} memory, {_size(parts[biggest])} "
+                        f"of it for {biggest}, and {_size(available)} is available")
+
+
+def _size(n_bytes):
+    return f"{n_bytes / 2**30:,.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def memory_lower_bound(args, words):
+    """Bytes the run cannot do without, by what takes them: the model with its optimizer's state
+    (and the rnn model's V x d vectors), and on the torch loops one step's whole windows."""
+    vocab, dim = len(words), args.embed_size
+    copies = 1 + {"adam": 3, "sparse_adam": 2}.get(args.optimizer, 0)  # weights, moments, Adam's dense gradient
+    model_bytes = 4 * parameter_count(args.model_name, words, dim, vars(args)) * copies
+    if args.model_name == "rnn":
+        model_bytes += 4 * vocab * dim
+    parts = {f"the model (--embed-size {dim}, {vocab:,} words)": model_bytes}
+    if args.loop != "kernel":
+        world_size = args.world.world_size if args.world else 1
+        slots = engines.centers_per_step(args.batch_size, args.window_size, world_size) * 2 * args.window_size
+        if args.loop == "window":  # a draw's windows (int64 ids, float32 weights) and a step's gathered rows
+            step_bytes = data.STEPS_PER_DRAW * slots * 12 + slots * 4 * dim
+        else:  # window_pairs' int64 positions and their masks
+            step_bytes = slots * 12
+        parts[f"a step's windows (--window-size {args.window_size}, --batch-size {args.batch_size})"] = step_bytes
+    return parts
+
+
+def available_memory(device):
+    """Bytes free for the run on device: a GPU's free memory, or the host's MemAvailable; None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def check_room_for_checkpoints(run_dir, model, optimizer, corpus, files):
@@ -380,12 +502,24 @@ def check_room_for_checkpoints(run_dir, model, optimizer, corpus, files):
 # Watching a run: signals, per-step accounting, per-epoch scalars
 
 class Signals:
-    """Turns SIGINT/SIGTERM into a number the loops read between steps (never mid-update)."""
+    """While training: turns SIGINT, SIGTERM and SIGHUP (a closed terminal) into a number the
+    loops read between steps (never mid-update); the handlers before it come back on leaving."""
+    HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self):
         self.received = None
-        signal.signal(signal.SIGINT, self._handle)
-        signal.signal(signal.SIGTERM, self._handle)
+        self.before = {}
+
+    def __enter__(self):
+        for signum in self.HANDLED:
+            if signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN:
+                continue  # started under nohup: a closed terminal must not stop the run
+            self.before[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
     def _handle(self, signum, frame):
         if self.received is not None:  # second Ctrl-C: the user really wants out
@@ -487,7 +621,7 @@ def lowest_normalized_pip(history):
     return int(points[best][0]), points[best][1], len(points) - 1 - best
 
 
-def epoch_scalars(args, epoch, state, epoch_time, epoch_words, model, corpus, pip_monitor):
+def epoch_scalars(args, epoch, state, epoch_time, epoch_words, model, corpus, pip_monitor, evaluation):
     """The scalars logged at the end of an epoch: loss, time, speed, learning rate, PIP losses
     (every --pip-interval epochs) and the evaluation files' scores (every --eval-interval)."""
     scalars = {"Train loss": state["epoch_loss"] / max(1, state["epoch_pairs"]), "Epoch time": epoch_time,
@@ -495,21 +629,49 @@ def epoch_scalars(args, epoch, state, epoch_time, epoch_words, model, corpus, pi
                "Learning rate": engines.lr_at(args, (epoch + 1) / args.epochs)}
     if pip_monitor and (epoch + 1) % args.pip_interval == 0:
         scalars.update(pip_monitor.losses(model.embeddings().cpu()))
-    if (args.eval_similarity or args.eval_analogy) and (epoch + 1) % args.eval_interval == 0:
-        scalars.update(evaluation_scalars(args, corpus.words, model.embeddings().cpu().numpy()))
+    if evaluation and (epoch + 1) % args.eval_interval == 0:
+        scalars.update(evaluation.scalars(corpus.words, model.embeddings().cpu().numpy()))
     return scalars
 
 
-def evaluation_scalars(args, words, vectors):
-    """Similarity rho per pair file and analogy accuracy, as TensorBoard scalars."""
+class EvaluationFiles:
+    """--eval-similarity and --eval-analogy, read once before training (a bad file stops the run
+    before its first epoch, not after it) and scored every --eval-interval epochs."""
+
+    def __init__(self, args):
+        import evaluate
+        self.pairs = {path: read_evaluation_file("--eval-similarity", path, evaluate.load_pairs, len, "word pairs")
+                      for path in args.eval_similarity}
+        self.analogies = None
+        if args.eval_analogy:
+            self.analogies = read_evaluation_file("--eval-analogy", args.eval_analogy, evaluate.load_analogies,
+                                                  lambda sections: sum(len(q) for _, q in sections), "questions")
+
+    def scalars(self, words, vectors):
+        """Similarity rho per pair file and analogy accuracy, as TensorBoard scalars."""
+        import evaluate
+        scalars = {f"Similarity/{Path(path).stem}": evaluate.similarity(words, vectors, pairs)["spearman"]
+                   for path, pairs in self.pairs.items()}
+        if self.analogies is not None:
+            scalars["Analogy accuracy"] = evaluate.analogy(words, vectors, self.analogies)["accuracy"]
+        return scalars
+
+
+def read_evaluation_file(flag, path, load, count, what):
+    """load(path), refused in one line naming the flag when the file is missing, not UTF-8,
+    malformed, or holds nothing to score (count: its items)."""
     import evaluate
-    scalars = {}
-    for path in args.eval_similarity:
-        pairs = evaluate.load_pairs(path)
-        scalars[f"Similarity/{Path(path).stem}"] = evaluate.similarity(words, vectors, pairs)["spearman"]
-    if args.eval_analogy:
-        scalars["Analogy accuracy"] = evaluate.analogy(words, vectors, args.eval_analogy)["accuracy"]
-    return scalars
+    try:
+        parsed = load(path)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{flag} {path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8")
+    except evaluate.EvaluationInputError as err:
+        raise UserError(f"{flag} {err}")
+    except OSError as err:
+        raise UserError(f"{flag} {path}: {err.strerror or err}")
+    if not count(parsed):
+        raise UserError(f"{flag} {path}: no {what} in it")
+    return parsed
 
 
 def make_writer(run_dir):
@@ -525,16 +687,21 @@ def make_writer(run_dir):
 class Run:
     """What a run's epochs share: its options, folder, corpus, model and engine, and where it logs."""
 
-    def __init__(self, args):
-        self.args = args
-        self.run_dir = open_run_dir(args)
+    def __init__(self, args, run_dir):
+        self.args, self.run_dir = args, run_dir
         torch.manual_seed(args.seed)
         set_threads(args.num_threads)
         print(f"run directory: {self.run_dir}")
-        check_export_path(args)
+        check_output_paths(args)
+        self.evaluation = None  # only rank 0 evaluates
+        if distributed.is_main() and (args.eval_similarity or args.eval_analogy):
+            self.evaluation = EvaluationFiles(args)
         self.corpus = load_corpus(args)
+        check_memory(args, self.corpus.words)
         self.model, self.optimizer = make_model(args, self.corpus)
         self.state = start_state(args, self.run_dir, self.model, self.optimizer, self.corpus)
+        distributed.check_same_settings({"the epoch and step it starts at (--resume)":
+                                         [self.state["epoch"], self.state["global_step"]]})
         device = torch.device(run_device(args))
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # CUDA graphs, Triton and NCCL work on the current device
@@ -550,27 +717,46 @@ class Run:
         self.writer = make_writer(self.run_dir)
 
     def save(self, name):
-        if distributed.is_main():
+        """Write checkpoint `name`; a failed write says what is left to resume from."""
+        if not distributed.is_main():
+            return
+        try:
             checkpoint.save(self.run_dir / name, self.model, self.optimizer, self.corpus, saved_args(self.args),
                             self.state)
+        except OSError as err:
+            raise OSError(f"{err}; {self.what_is_left(name)}") from err
+
+    def what_is_left(self, failed):
+        resumable = self.run_dir / "checkpoint.pt"
+        if not resumable.exists():
+            return f"there is no checkpoint to resume from: start the run again once {self.run_dir} can be written"
+        kept = f"the previous {failed} is intact, " if failed == resumable.name else f"{resumable} is intact, "
+        return f"{kept}resume with: {resume_command(self.args, self.run_dir)}"
 
     def vectors(self):
         return self.model.embeddings().cpu()
 
 
 def train(args):
-    """Train a run from its options: set up, run the epochs, write what the run ends with."""
-    run = Run(args)
-    signals = Signals()
-    progress = Progress(args, run.state, run.writer, len(run.corpus))
-    distributed.start_together()
+    """Train a run from its options: set up, run the epochs, write what the run ends with. A new
+    run that fails before writing anything but its args.json leaves no folder behind."""
+    run_dir = open_run_dir(args)
     try:
-        stopped_by = run_epochs(run, progress, signals)
-    finally:
-        progress.close()
-    if stopped_by:
-        return stop_run(run, stopped_by)
-    return finish_run(run)
+        run = Run(args, run_dir)
+        with Signals() as signals:
+            progress = Progress(args, run.state, run.writer, len(run.corpus))
+            distributed.start_together()
+            try:
+                stopped_by = run_epochs(run, progress, signals)
+            finally:
+                progress.close()
+            if stopped_by:
+                return stop_run(run, stopped_by)
+        return finish_run(run)
+    except BaseException:
+        if not args.resume and distributed.is_main():
+            checkpoint.remove_unused_run_dir(run_dir)
+        raise
 
 
 def run_epochs(run, progress, signals):
@@ -600,7 +786,7 @@ def end_epoch(run, progress, epoch, epoch_time):
         raise FloatingPointError(f"the weights became NaN or infinite in epoch {epoch + 1}, "
                                  f"by step {state['global_step']}")
     scalars = epoch_scalars(args, epoch, state, epoch_time, progress.epoch_words, run.model, run.corpus,
-                            run.pip_monitor)
+                            run.pip_monitor, run.evaluation)
     for tag, value in scalars.items():
         run.writer.add_scalar(tag, value, epoch + 1)
         state["history"].setdefault(tag, []).append([epoch + 1, float(value)])
@@ -638,15 +824,41 @@ def stop_run(run, signum):
     run.writer.close()
     state = run.state
     print(f"stopped by signal {signum} at epoch {state['epoch'] + 1}, step {state['global_step']}; "
-          f"checkpoint written. Resume with: python trainer.py --resume {run.run_dir}")
+          f"checkpoint written. Resume with: {resume_command(run.args, run.run_dir)}")
     return 128 + signum
+
+
+def resume_command(args, run_dir):
+    """The command that continues a run. A --multi-node run needs all its ranks back: each rank's
+    own launch command (under torchrun, torchrun's) with --resume RUN_DIR added."""
+    if not args.world:
+        return f"python trainer.py --resume {run_dir}"
+    argv = [*without_flag(args.argv, "--resume"), "--resume", str(run_dir)]
+    if args.world.init_method == "env://" and args.rank is None:
+        return f"the same torchrun command with --resume added: torchrun ... trainer.py {shlex.join(argv)}"
+    return (f"every rank's launch command with --resume added; rank {args.world.rank}'s: "
+            f"python trainer.py {shlex.join(argv)}")
+
+
+def without_flag(argv, flag):
+    """argv without `flag VALUE` (or flag=VALUE)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == flag:
+            skip = True
+        elif not word.startswith(flag + "="):
+            kept.append(word)
+    return kept
 
 
 def finish_run(run):
     """The end of a run: export, pictures, the closing lines."""
     args, state = run.args, run.state
     if args.export and distributed.is_main():
-        export_vectors(args.export, run.corpus.words, run.vectors().numpy())
+        write_output("--export", args.export, run.run_dir,
+                     lambda: export_vectors(args.export, run.corpus.words, run.vectors().numpy()))
         print(f"vectors written to {args.export}")
     run.writer.close()
     if distributed.is_main():
@@ -683,8 +895,18 @@ def write_pictures(args, run_dir, history, words, vectors):
             picture = plots.plot_projection(chosen, vectors[[index[w] for w in chosen]], run_dir / "projection.png")
             print(f"projection: {picture}")
     if args.export_projector:
-        evaluate.export_projector(words, vectors, args.export_projector)
+        write_output("--export-projector", args.export_projector, run_dir,
+                     lambda: evaluate.export_projector(words, vectors, args.export_projector))
         print(f"projector files written to {args.export_projector}")
+
+
+def write_output(flag, path, run_dir, write):
+    """write(); a failure (a full disk) names the user's path, and where the vectors still are."""
+    try:
+        write()
+    except OSError as err:
+        raise OSError(f"cannot write {flag} {path}: {err.strerror or err} ({fileio.free_bytes(path) / 2**20:.1f} "
+                      f"MiB free on its disk); the vectors are in {Path(run_dir) / 'checkpoint.pt'}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,16 +927,22 @@ def install_cli_reporting():
     threading.excepthook = sys.unraisablehook = _one_line_background_error
 
 
+def rank_settings(args):
+    """What every rank of a --multi-node run must share, by the flag a user would change."""
+    labels = {"dist_mode": "--sync/--async", "loop": "the training loop (--engine, --device)"}
+    return {labels.get(name, "--" + name.replace("_", "-")): getattr(args, name) for name in SHARED_BY_RANKS}
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    warnings.simplefilter("default")
     try:
-        with distributed.session(args.world, args.dist_mode):  # joins and always leaves a --multi-node group
+        args = parse_args(argv)
+        warnings.simplefilter("default")
+        with distributed.session(args.world, args.dist_mode, rank_settings(args)):  # joins and leaves a group
             return train(args)
     except distributed.DistributedFailure as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except (data.DatasetError, checkpoint.CheckpointError, UserError) as err:
+    except (data.DatasetError, checkpoint.CheckpointError, UserError, distributed.SettingsMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
@@ -723,11 +951,12 @@ def main(argv=None):
     except OSError as err:  # unwritable folder, full disk: atomic writes left earlier files intact
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # before the handlers were installed, or a second Ctrl-C
-        print("error: interrupted; the last checkpoint written is intact", file=sys.stderr)
+    except KeyboardInterrupt:  # during start-up or the closing writes, or a second Ctrl-C
+        print("error: interrupted; any checkpoint already written is intact", file=sys.stderr)
         return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on main reports Ctrl-C in one line
     install_cli_reporting()
     sys.exit(main())

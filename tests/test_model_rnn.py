@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import trainer
-from model import PAD_CHAR, UNKNOWN_CHAR, CharVocab, RNNSGNS, build_model, model_from_checkpoint
+from model import PAD_CHAR, UNKNOWN_CHAR, CharVocab, RNNSGNS, build_model, model_from_checkpoint, parameter_count
 from reference import reference_loss
 from test_trainer import stop_after
 
@@ -240,3 +240,11 @@ def test_interrupted_and_resumed_rnn_run_equals_uninterrupted(tmp_path, monkeypa
                                                           weights_only=True)).embeddings()
                          for name in ("straight", "stopped"))
     assert torch.allclose(straight, resumed, atol=1e-6)
+
+
+@pytest.mark.parametrize("sizes", [{}, {"hidden_size": 8, "num_layer": 2, "bidirectional": True, "mlp_size": 5}])
+def test_parameter_count_is_the_built_models_without_building_it(sizes):
+    words = ["cat", "dogs", "o'clock", "zebra"]
+    for name in ("sgns", "rnn"):
+        built = build_model(name, len(words), 12, words=words, args=sizes)
+        assert parameter_count(name, words, 12, sizes) == sum(p.numel() for p in built.parameters())

@@ -53,8 +53,8 @@ def corpus_file(tmp_path):
 
 @pytest.fixture(autouse=True)
 def restore_signal_handlers():
-    """trainer.main installs SIGINT/SIGTERM handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    """trainer.main installs signal handlers; give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
@@ -138,6 +138,7 @@ import engines
 import trainer
 
 engines.CENTERS_PER_KERNEL_CALL = int(os.environ["KERNEL_CENTERS"])
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal, even where the tests run under nohup
 marker = os.environ.get("MARKER")
 pause_at_step = int(os.environ.get("PAUSE_AT_STEP", 0))
 stall_save = int(os.environ.get("STALL_SAVE", 0))
@@ -560,7 +561,8 @@ def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint
     assert ckpt["epoch"] == 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+                         ids=["SIGINT", "SIGTERM", "SIGHUP"])
 def test_signal_mid_epoch_checkpoints_prints_resume_command_and_resume_finishes(tmp_path, capsys, corpus_file,
                                                                                  signum):
     argv = base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "r")
@@ -574,6 +576,8 @@ def test_signal_mid_epoch_checkpoints_prints_resume_command_and_resume_finishes(
     ckpt = load_ckpt(run_dir / "checkpoint.pt")
     assert ckpt["epoch"] == 0 and ckpt["global_step"] == 5
     assert ckpt["position"] == {"step": 5}  # a mid-epoch checkpoint: 5 of the epoch's 16 steps
+    if signum == signal.SIGHUP:  # a closed terminal (issue 25): the same stop; its resume is SIGTERM's
+        return
 
     if signum == signal.SIGINT:  # the printed command, as the user would type it
         result = run_cli(tmp_path, "--resume", run_dir, "--quiet")
@@ -594,6 +598,7 @@ def test_ctrl_c_before_training_is_exit_130_without_traceback(tmp_path, capsys, 
     code, _, err = run_main(capsys, base_args(tmp_path, corpus_file))
     assert code == 130
     assert_one_line_error(err, "interrupted")
+    assert list((tmp_path / "runs").iterdir()) == []  # the new run's folder, holding only args.json, is gone
 
 
 # ---------------------------------------------------------------------------------------------
@@ -669,7 +674,8 @@ def test_disk_full_at_the_checkpoint_write_is_exit_1_and_keeps_the_previous(tmp_
     code, out, err = run_main(capsys, ["--resume", str(run_dir), "--epochs", "2", "--quiet"])
     monkeypatch.setattr(torch, "save", real_save)
     assert code == 1
-    assert_one_line_error(err, "cannot write checkpoint", str(run_dir / "checkpoint.pt"), "previous checkpoint")
+    assert_one_line_error(err, "cannot write checkpoint", str(run_dir / "checkpoint.pt"),
+                          "the previous checkpoint.pt is intact", f"resume with: python trainer.py --resume {run_dir}")
     assert "epoch 2/2" in out  # it got as far as the write
     assert (run_dir / "checkpoint.pt").read_bytes() == before
     assert not list(run_dir.glob(".*.tmp*"))
@@ -824,3 +830,395 @@ def test_stale_temp_files_in_the_cache_are_removed_by_the_next_run(tmp_path, cap
     finally:
         writing.kill()
         writing.wait()
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 25: the trainer's cases
+
+def new_run_folders(tmp_path):
+    runs = tmp_path / "runs"
+    return sorted(p.name for p in runs.iterdir()) if runs.exists() else []
+
+
+def test_empty_checkpoint_to_resume_or_load_is_one_line_exit_2(tmp_path, capsys, trained_run):
+    """#2: an empty checkpoint.pt (a write that never began) is refused, and nothing changes on disk."""
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained_run, run_dir)
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    before = snapshot(run_dir)
+    code, _, err = run_main(capsys, ["--resume", str(run_dir), "--quiet"])
+    assert code == 2
+    assert_one_line_error(err, str(run_dir / "checkpoint.pt"), "the file is empty")
+    assert snapshot(run_dir) == before
+
+    corpus = json.loads((trained_run / "args.json").read_text())["dataset"]
+    code, out, err = run_main(capsys, base_args(tmp_path, corpus, "--load-model", str(run_dir / "checkpoint.pt")))
+    assert code == 2
+    assert_one_line_error(err, str(run_dir / "checkpoint.pt"), "the file is empty")
+    assert "epoch 1/" not in out and new_run_folders(tmp_path) == []  # the new run's folder did not stay
+
+
+EDITED_ARGS = {
+    "list": (lambda args: list(args.items()), "holds a JSON list"),
+    "null": (lambda args: None, "holds null"),
+    "epochs-abc": (lambda args: {**args, "epochs": "abc"}, "--epochs: invalid int value: 'abc'"),
+    "lr-nan": (lambda args: {**args, "lr": "nan"}, "--lr must be a positive number, got nan"),
+    "dataset-123": (lambda args: {**args, "dataset": 123}, "dataset = 123: --dataset takes text"),
+    "threads-many": (lambda args: {**args, "num_threads": "many"}, "--num-threads: invalid int value: 'many'"),
+    "engine-warp": (lambda args: {**args, "engine": "warp"}, "--engine: invalid choice: 'warp'"),
+}
+
+
+@pytest.mark.parametrize("edit", list(EDITED_ARGS))
+def test_edited_args_json_is_one_line_exit_2_before_training(tmp_path, capsys, trained_run, edit):
+    """#3: the saved arguments are checked as a command line is, before anything is read or trained."""
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained_run, run_dir)
+    change, needle = EDITED_ARGS[edit]
+    (run_dir / "args.json").write_text(json.dumps(change(json.loads((run_dir / "args.json").read_text()))))
+    before = snapshot(run_dir)
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(["--resume", str(run_dir), "--epochs", "2", "--quiet"] if edit != "epochs-abc" else
+                     ["--resume", str(run_dir), "--quiet"])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert_one_line_error(err, needle, "args.json", prefix=f"{trainer.get_parser().prog}: error:")  # no usage
+    assert "run directory" not in out and snapshot(run_dir) == before
+
+
+def test_flags_given_with_resume_that_it_cannot_change_are_named_in_a_warning(tmp_path, capsys, trained_run):
+    """--resume keeps the run's settings: --lr or --load-model given with it are ignored, and said so;
+    the values the run was started with (a --multi-node launch command) pass silently."""
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained_run, run_dir)
+    saved = json.loads((run_dir / "args.json").read_text())
+    with pytest.warns(UserWarning, match=r"ignored: --embed-size 50 \(the run's: 16\), --load-model x.pt "
+                                         r"\(the run's: none\), --lr 0.5 \(the run's: 0.025\)$"):
+        args = trainer.parse_args(["--resume", str(run_dir), "--lr", "0.5", "--embed-size", "50", "--load-model",
+                                   "x.pt", "--epochs", "2"])
+    assert (args.lr, args.embed_size, args.load_model, args.epochs) == (0.025, 16, None, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        launch = base_args(trained_run.parent.parent, saved["dataset"], "--epochs", "1", "--run-name", "r")
+        trainer.parse_args([*launch, "--resume", str(run_dir), "--epochs", "2"])
+
+
+@pytest.mark.parametrize("damage", ["missing", "malformed", "latin-1", "analogy-malformed"])
+def test_evaluation_files_are_read_before_training(tmp_path, capsys, corpus_file, damage):
+    """#4: a missing, malformed or non-UTF-8 evaluation file stops the run before its corpus is read."""
+    eval_file = tmp_path / "pairs.tsv"
+    flag = "--eval-analogy" if damage.startswith("analogy") else "--eval-similarity"
+    if damage == "malformed":
+        eval_file.write_text("cat\tdog\t3\ncat\tdog\n")
+        needles = [f"{eval_file}:2", "expected 'word1<TAB>word2<TAB>score'"]
+    elif damage == "latin-1":
+        eval_file.write_bytes("caf\u00e9\tdog\t3\n".encode("latin-1"))
+        needles = [str(eval_file), "not UTF-8"]
+    elif damage == "analogy-malformed":
+        eval_file.write_text(": family\nboy girl brother\n")
+        needles = [f"{eval_file}:2", "expected 4 words"]
+    else:
+        needles = [str(eval_file), "No such file"]
+    code, out, err = run_main(capsys, base_args(tmp_path, corpus_file, flag, str(eval_file)))
+    assert code == 2
+    assert_one_line_error(err, flag, *needles)
+    assert "corpus:" not in out and new_run_folders(tmp_path) == []
+
+
+def test_evaluation_files_are_parsed_once_and_scored_every_epoch(tmp_path, capsys, monkeypatch, corpus_file):
+    import evaluate
+    pairs, analogies = tmp_path / "pairs.tsv", tmp_path / "analogies.txt"
+    pairs.write_text("cat\tdog\t9\ncat\tcar\t1\nbus\ttrain\t8\nmouse\tplane\t2\n")
+    analogies.write_text(": animals\ncat dog car bus\n")
+    reads = []
+
+    def counted(load):
+        return lambda path: reads.append(path) or load(path)
+    for name in ("load_pairs", "load_analogies"):
+        monkeypatch.setattr(evaluate, name, counted(getattr(evaluate, name)))
+    code, _, err = run_main(capsys, base_args(tmp_path, corpus_file, "--epochs", "2", "--run-name", "r",
+                                              "--eval-similarity", str(pairs), "--eval-analogy", str(analogies)))
+    assert code == 0, err
+    assert reads == [str(pairs), str(analogies)]
+    history = load_ckpt(tmp_path / "runs" / "r" / "checkpoint.pt")["history"]
+    assert [e for e, _ in history["Similarity/pairs"]] == [1, 2] and len(history["Analogy accuracy"]) == 2
+
+
+@pytest.mark.parametrize("flag", ["--export", "--export-projector"])
+def test_unwritable_export_is_an_error_before_training_naming_the_path(tmp_path, capsys, corpus_file, flag):
+    """#5: /proc takes no new files, even from root."""
+    target = "/proc/sgns-vectors.txt" if flag == "--export" else "/proc/sgns-projector"
+    code, out, err = run_main(capsys, base_args(tmp_path, corpus_file, flag, target))
+    assert code == 1
+    line = assert_one_line_error(err, f"cannot write {flag} {target}:")
+    assert ".tmp" not in line and "corpus:" not in out and new_run_folders(tmp_path) == []
+
+
+def test_export_into_a_read_only_folder_or_a_full_disk_names_the_path(tmp_path, capsys, monkeypatch, corpus_file,
+                                                                      tmpfs):
+    """#5: a read-only folder is found before training; a disk that fills up during training, at
+    the export, is named with the user's path, and the vectors stay in the checkpoint."""
+    export = tmpfs / "out" / "vectors.txt"
+    export.parent.mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True, timeout=20)
+    code, out, err = run_main(capsys, base_args(tmp_path, corpus_file, "--export", str(export)))
+    assert code == 1
+    assert ".tmp" not in assert_one_line_error(err, f"cannot write --export {export}: Read-only file system")
+    assert "corpus:" not in out and new_run_folders(tmp_path) == []
+
+    subprocess.run(["mount", "-o", "remount,rw", str(tmpfs)], check=True, timeout=20)
+    real_finish = trainer.finish_run
+
+    def finish_on_a_full_disk(run):
+        fill_disk(tmpfs / "filler")
+        return real_finish(run)
+    monkeypatch.setattr(trainer, "finish_run", finish_on_a_full_disk)
+    code, out, err = run_main(capsys, base_args(tmp_path, corpus_file, "--epochs", "1", "--run-name", "r",
+                                                "--export", str(export)))
+    assert code == 1
+    checkpoint_file = tmp_path / "runs" / "r" / "checkpoint.pt"
+    line = assert_one_line_error(err, f"cannot write --export {export}: No space left on device",
+                                 f"the vectors are in {checkpoint_file}")
+    assert ".tmp" not in line and load_ckpt(checkpoint_file)["epoch"] == 1
+    assert sorted(p.name for p in export.parent.iterdir()) == []  # nothing half-written
+
+
+def fill_disk(filler):
+    """Write zeros into filler until the disk is full, to the last byte."""
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("failing", ["best.pt", "first checkpoint.pt"])
+def test_a_failed_checkpoint_write_says_what_is_left_to_resume_from(tmp_path, capsys, monkeypatch, corpus_file,
+                                                                     failing):
+    """#6: checkpoint.pt is written before best.pt, so a failed best.pt leaves a resumable run; and
+    a message never claims an earlier checkpoint that does not exist."""
+    real_save = torch.save
+    name = failing.split()[-1]
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        if Path(f).name.startswith(f".{name}.tmp"):
+            Path(f).write_bytes(b"PK\x03\x04 half a zip")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return real_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    code, out, err = run_main(capsys, base_args(tmp_path, corpus_file, "--epochs", "1", "--run-name", "r",
+                                                "--pip-interval", "1"))
+    monkeypatch.setattr(torch, "save", real_save)
+    run_dir = tmp_path / "runs" / "r"
+    assert code == 1 and "epoch 1/1" in out
+    line = assert_one_line_error(err, f"cannot write checkpoint {run_dir / name}")
+    assert "previous" not in line and not list(run_dir.glob(".*.tmp*")) and not (run_dir / "best.pt").exists()
+    if name == "checkpoint.pt":
+        assert "there is no checkpoint to resume from" in line and not (run_dir / "checkpoint.pt").exists()
+        return
+    assert f"{run_dir / 'checkpoint.pt'} is intact, resume with: python trainer.py --resume {run_dir}" in line
+    assert load_ckpt(run_dir / "checkpoint.pt")["epoch"] == 1
+    code, out, err = run_main(capsys, ["--resume", str(run_dir), "--epochs", "2", "--quiet"])
+    assert code == 0 and "epoch 2/2" in out, err
+
+
+def test_disk_full_at_best_pt_keeps_a_resumable_checkpoint(tmp_path, capsys, monkeypatch, corpus_file, tmpfs):
+    """#6 on a real full disk (a tmpfs): space that runs out after checkpoint.pt fails best.pt alone."""
+    real_save = checkpoint.save
+
+    def save_then_fill(path, *args):
+        real_save(path, *args)
+        if Path(path).name == "checkpoint.pt":
+            fill_disk(tmpfs / "filler")
+    monkeypatch.setattr(checkpoint, "save", save_then_fill)
+    argv = base_args(tmp_path, corpus_file, "--epochs", "1", "--run-name", "r", "--pip-interval", "1")
+    argv[argv.index("--log-dir") + 1] = str(tmpfs)
+    code, out, err = run_main(capsys, argv)
+    run_dir = tmpfs / "r"
+    assert code == 1 and "epoch 1/1" in out
+    assert_one_line_error(err, f"cannot write checkpoint {run_dir / 'best.pt'}",
+                          f"{run_dir / 'checkpoint.pt'} is intact, resume with")
+    assert not (run_dir / "best.pt").exists() and not list(run_dir.glob(".*.tmp*"))
+    assert load_ckpt(run_dir / "checkpoint.pt")["epoch"] == 1
+    (tmpfs / "filler").unlink()  # room again for the TensorBoard writer's next flush
+
+
+BAD_VALUES = [
+    (["--pip-vocab", "1"], "--pip-vocab must be 2 or more"),
+    (["--device", "foo"], "--device foo: not a torch device"),
+    (["--device", "mps"], "--device mps: sgns trains on cpu or cuda"),
+    (["--seed", "-1"], "--seed must be in 0..2**64-1"),
+    (["--seed", "99999999999999999999"], "--seed must be in 0..2**64-1"),
+    (["--subsample-th", "nan"], "--subsample-th must be 0 (off) or a positive number, got nan"),
+    (["--subsample-th", "inf"], "--subsample-th must be 0 (off) or a positive number, got inf"),
+    (["--ns-exponent", "nan"], "--ns-exponent must be in [-1, 1], got nan"),
+    (["--ns-exponent", "inf"], "--ns-exponent must be in [-1, 1], got inf"),
+    (["--ns-exponent", "1000"], "--ns-exponent must be in [-1, 1], got 1000"),
+    (["--lr", "inf"], "--lr must be a positive number"),
+    (["--dropout", "nan"], "--dropout must be in [0, 1)"),
+    (["--multi-node", "--init-method", "tcp://127.0.0.1:1", "--rank", "0", "--world-size", "2", "--async",
+      "--block-momentum", "nan"], "--block-momentum nan: must be in [0, 1)"),
+    (["--multi-node", "--init-method", "tcp://127.0.0.1:1", "--rank", "0", "--world-size", "2",
+      "--dist-timeout", "inf"], "--dist-timeout must be a number of seconds in (0, 604800], got inf"),
+    (["--run-name", "../../x"], "--run-name ../../x: give a folder name"),
+]
+
+
+@pytest.mark.parametrize("flags,needle", BAD_VALUES, ids=[" ".join(f[-2:]) for f, _ in BAD_VALUES])
+def test_flag_values_that_gave_tracebacks_are_refused_before_anything_is_written(tmp_path, capsys, monkeypatch,
+                                                                                 corpus_file, flags, needle):
+    """#7, #8 and --run-name: each value alone is refused in argparse's one line, exit 2."""
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        trainer.main(base_args(tmp_path, corpus_file, *flags))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and needle in err.strip().splitlines()[-1]
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path.parent / "x").exists()  # where --run-name ../../x pointed
+
+
+@pytest.mark.parametrize("flags,needle", [(["--embed-size", str(10 ** 5)], "for the model (--embed-size 100000"),
+                                          (["--window-size", str(10 ** 4), "--engine", "torch"],
+                                           "for a step's windows (--window-size 10000")],
+                         ids=["embed-size", "window-size"])
+def test_sizes_beyond_memory_are_refused_before_allocating(tmp_path, capsys, monkeypatch, corpus_file, flags, needle):
+    """#7: the model's tables and a step's windows are weighed against the memory available first.
+    Here 1 MiB is available, so that a regression allocates megabytes, not the machine's memory."""
+    monkeypatch.setattr(trainer, "available_memory", lambda device: 2 ** 20)
+    code, out, err = run_main(capsys, base_args(tmp_path, corpus_file, *flags))
+    assert code == 2
+    assert_one_line_error(err, "this run needs at least", needle, "1.0 MiB is available")
+    assert "corpus:" in out and "epoch 1/" not in out and new_run_folders(tmp_path) == []
+
+
+def test_memory_lower_bound_counts_tables_optimizer_state_and_window_buffers():
+    args = Namespace(model_name="sgns", embed_size=10, optimizer="sparse_adam", loop="window", world=None,
+                     batch_size=60, window_size=5)
+    parts = trainer.memory_lower_bound(args, ["a", "b", "c"])
+    per_step = engines.centers_per_step(60, 5)  # 10 centers of 10 slots each
+    assert list(parts.values()) == [4 * 2 * 3 * 10 * 3, data.STEPS_PER_DRAW * per_step * 10 * 12 + per_step * 10 * 40]
+    args.loop = "kernel"
+    assert len(trainer.memory_lower_bound(args, ["a", "b", "c"])) == 1  # the kernel holds no windows
+    # the issue's cases: far beyond any machine's memory
+    huge = Namespace(model_name="sgns", embed_size=10 ** 8, optimizer="sgd", loop="window", world=None,
+                     batch_size=4096, window_size=10 ** 9)
+    model_bytes, window_bytes = trainer.memory_lower_bound(huge, [str(i) for i in range(13)]).values()
+    assert model_bytes == 2 * 13 * 10 ** 8 * 4 and window_bytes > 2 ** 40
+    assert trainer.available_memory(torch.device("cpu")) < 2 ** 40
+
+
+def _settings_worker(rank, world_size, out_dir):
+    import distributed
+    outcomes = []
+    for settings in ({"--embed-size": 100 if rank == 0 else 50, "--epochs": 2},
+                     {"--embed-size": 100, "--epochs": 2 + rank},
+                     {"--embed-size": 100, "--epochs": 2}):
+        try:
+            distributed.check_same_settings(settings)
+            outcomes.append("agreed")
+        except distributed.SettingsMismatch as err:
+            outcomes.append(str(err))
+    try:  # another corpus on one rank: a user mistake too (exit 2), not a failed peer
+        distributed.check_same_corpus("ab" * 16 if rank == 0 else "cd" * 16, 13)
+    except distributed.SettingsMismatch as err:
+        outcomes.append(str(err))
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(outcomes))
+
+
+def test_ranks_with_different_settings_each_say_which_in_one_line(tmp_path):
+    """#9: every rank finds the difference (so none waits for the other), and names the setting."""
+    from test_distributed import run_ranks
+    run_ranks(_settings_worker, tmp_path)
+    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert rank0 == ["rank 0: --embed-size is 100 here but 50 on rank 1; every rank needs the same settings",
+                     "rank 0: --epochs is 2 here but 3 on rank 1; every rank needs the same settings", "agreed",
+                     "rank 1 built another corpus than rank 0: every rank needs the same corpus files and "
+                     "preprocessing options"]
+    assert rank1[0] == "rank 1: --embed-size is 50 here but 100 on rank 0; every rank needs the same settings"
+    assert rank1[2] == "agreed" and rank1[3].startswith("rank 0 built another corpus than rank 1")
+
+
+def test_sync_and_async_ranks_stop_before_training_in_one_line_each(tmp_path):
+    """#9 through the command line: --sync against --async used to hang for the whole --dist-timeout."""
+    from test_distributed import clean_env, free_port, trainer_cmd
+    corpus_file = write_small_corpus(tmp_path / "small.txt")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    started = time.time()
+    procs = [subprocess.Popen(trainer_cmd(tmp_path, corpus_file, "--multi-node", "--init-method", init, "--rank",
+                                          str(r), "--world-size", "2", "--dist-timeout", "60", mode),
+                              env=clean_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r, mode in enumerate(["--sync", "--async"])]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert time.time() - started < 60  # not the timeout
+    assert [p.returncode for p in procs] == [2, 2], outputs
+    assert_one_line_error(outputs[0][1], "rank 0: --sync/--async is sync here but async on rank 1")
+    assert_one_line_error(outputs[1][1], "rank 1: --sync/--async is async here but sync on rank 0")
+    assert "run directory" not in outputs[0][0] and not (tmp_path / "runs").exists()
+
+
+LONE_RANK = r"""
+import sys, time
+import torch._dynamo  # what join_group imports first, loaded before the clock starts
+import distributed
+print(time.time(), flush=True)
+distributed.join_group("gloo", sys.argv[1], 1, 2, float(sys.argv[2]))
+"""
+
+
+def test_a_lone_rank_1_gives_up_joining_within_the_timeout(tmp_path):
+    """#10: rank 1 alone used to retry its connection for up to twice --dist-timeout."""
+    from test_distributed import clean_env, free_port
+    script = tmp_path / "lone.py"
+    script.write_text(LONE_RANK)
+    timeout = 4
+    result = subprocess.run([sys.executable, str(script), f"tcp://127.0.0.1:{free_port()}", str(timeout)],
+                            env=dict(clean_env(), TORCH_CPP_LOG_LEVEL="FATAL"), cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    waited = time.time() - float(result.stdout.split()[0])
+    assert result.returncode == 1, result.stderr
+    assert_one_line_error(result.stderr, "rank 1 of 2", f"within --dist-timeout {timeout} s")
+    assert waited < timeout + 3  # the grace, and the process's exit
+
+
+def test_resume_hint_of_a_multi_node_run_is_its_launch_command_with_resume():
+    """A --multi-node run resumes only with all its ranks: the hint is each rank's own command."""
+    world = distributed_world(rank=0, init_method="tcp://10.0.0.1:23456")
+    argv = ["--multi-node", "--init-method", "tcp://10.0.0.1:23456", "--rank", "0", "--world-size", "2",
+            "--resume", "old/run", "--epochs", "3"]
+    hint = trainer.resume_command(Namespace(world=world, argv=argv, rank=0), Path("runs/r"))
+    assert hint == ("every rank's launch command with --resume added; rank 0's: python trainer.py --multi-node "
+                    "--init-method tcp://10.0.0.1:23456 --rank 0 --world-size 2 --epochs 3 --resume runs/r")
+    torchrun = trainer.resume_command(Namespace(world=distributed_world(rank=0, init_method="env://"),
+                                                argv=["--multi-node", "--async"], rank=None), Path("runs/r"))
+    assert torchrun == ("the same torchrun command with --resume added: torchrun ... trainer.py --multi-node --async "
+                        "--resume runs/r")
+    assert trainer.resume_command(Namespace(world=None), Path("runs/r")) == "python trainer.py --resume runs/r"
+
+
+def distributed_world(rank, init_method):
+    import distributed
+    return distributed.World(rank, 2, rank, "gloo", init_method, 30.0, "cpu")
+
+
+def test_ctrl_c_while_the_trainer_starts_exits_130_without_a_traceback(tmp_path, corpus_file):
+    """Ctrl-C during the imports (seconds before main runs) is a quiet exit 130."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "trainer.py"), *base_args(tmp_path, corpus_file)],
+                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in err and all(line.startswith("error: interrupted") for line in err.splitlines())
+    assert new_run_folders(tmp_path) == []
+
+
+def test_sighup_is_left_ignored_under_nohup_and_handlers_come_back_after_training():
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does
+    before = signal.getsignal(signal.SIGINT)
+    with trainer.Signals() as signals:
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signals._handle
+    assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
