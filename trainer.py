@@ -606,9 +606,11 @@ class PipMonitor:
 
     def losses(self, vectors):
         vectors = vectors[:self.vocab].numpy()  # float32: pip_loss computes in float64 from it
-        return {"PIP loss": pip_loss.pip_loss_sppmi(vectors, self.sppmi),
-                "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle),
-                "PIP loss (normalized)": pip_loss.pip_loss_normalized(vectors, self.oracle)}
+        losses = {"PIP loss": pip_loss.pip_loss_sppmi(vectors, self.sppmi),
+                  "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle)}
+        if self.vocab >= 3:  # a correlation over word pairs needs more than one pair
+            losses["PIP loss (normalized)"] = pip_loss.pip_loss_normalized(vectors, self.oracle)
+        return losses
 
 
 def lowest_normalized_pip(history):
