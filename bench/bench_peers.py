@@ -7,7 +7,7 @@ Builds the peers with ../shared/peers/build.sh (word2vec C; pWord2Vec with plain
 OpenBLAS sgemm), then trains every tool on the same tokens: our corpus cache is written out as
 one sentence a line, which the peers and gensim read (a newline ends a sentence for all of
 them), while our trainer reads the corpus folder through that very cache. Skip-gram with
-negative sampling, window 5, sample 1e-3, min count 5, linear learning rate from 0.025.
+negative sampling, window 5, sample 1e-3, min count 5, linear learning rate from --lr (0.025).
 
 For each tool and setting (d:negatives) it prints the wall time of the whole process, from
 start to exit (our corpus cache built beforehand, PIP loss off), corpus words/s (corpus tokens
@@ -33,7 +33,6 @@ from bench_speed import quality, run_child  # noqa: E402
 SHARED = ROOT.parent / "shared"
 TOOLS = ("ours", "pword2vec-blas", "pword2vec", "word2vec", "gensim")
 DIMS = (50, 100, 200, 300)
-ALPHA = 0.025
 
 GENSIM_CHILD = """
 import json, sys, time
@@ -74,17 +73,17 @@ def tool_command(tool, args, dim, neg, corpus_txt, out, tmp):
     if tool == "ours":
         return [sys.executable, str(ROOT / "trainer.py"), "--dataset", args.dataset, "--cache-dir", args.cache_dir,
                 "--embed-size", str(dim), "--neg-sample-size", str(neg), "--epochs", str(args.epochs),
-                "--window-size", "5", "--subsample-th", "1e-3", "--remove-th", "5", "--lr", str(ALPHA),
+                "--window-size", "5", "--subsample-th", "1e-3", "--remove-th", "5", "--lr", str(args.lr),
                 "--num-threads", str(args.threads), "--seed", str(args.seed), "--pip-interval", "0", "--quiet",
                 "--log-dir", str(tmp / "runs"), "--export", str(out)]
     if tool == "gensim":
-        return [sys.executable, "-c", GENSIM_CHILD.format(corpus=str(corpus_txt), dim=dim, neg=neg, alpha=ALPHA,
+        return [sys.executable, "-c", GENSIM_CHILD.format(corpus=str(corpus_txt), dim=dim, neg=neg, alpha=args.lr,
                                                           threads=args.threads, epochs=args.epochs,
                                                           seed=args.seed, out=str(out))]
     binary = {"pword2vec-blas": "pWord2Vec_blas", "pword2vec": "pWord2Vec", "word2vec": "word2vec"}[tool]
     common = ["-train", str(corpus_txt), "-output", str(out), "-size", str(dim), "-window", "5",
               "-negative", str(neg), "-sample", "1e-3", "-threads", str(args.threads), "-iter", str(args.epochs),
-              "-min-count", "5", "-binary", "0", "-alpha", str(ALPHA)]
+              "-min-count", "5", "-binary", "0", "-alpha", str(args.lr)]
     if tool == "word2vec":
         return [str(Path(args.peers_dir) / binary), *common, "-cbow", "0", "-hs", "0"]
     return [str(Path(args.peers_dir) / binary), *common, "-batch-size", "11"]
@@ -132,7 +131,7 @@ def print_ratios(results):
 
 
 def compare(args, dim, neg, corpus_txt, n_tokens, tmp):
-    print(f"\nd={dim}, {neg} negatives, window 5, min count 5, sample 1e-3, {args.epochs} epochs, "
+    print(f"\nd={dim}, {neg} negatives, window 5, min count 5, sample 1e-3, lr {args.lr}, {args.epochs} epochs, "
           f"{args.threads} threads, {n_tokens:,} corpus tokens")
     print(f"{'tool':16}{'wall s':>8}{'words/s':>11}{'RSS MiB':>9}{'WS353':>8}{'SimLex':>8}{'MEN':>8}"
           f"{'RW':>8}{'analogy':>9}")
@@ -165,6 +164,7 @@ def get_parser():
     parser.add_argument("--threads", type=int, default=2, help="threads for every tool")
     parser.add_argument("--epochs", type=int, default=5, help="passes over the corpus")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each tool per setting, the tools alternating")
+    parser.add_argument("--lr", type=float, default=0.025, help="starting learning rate of every tool")
     parser.add_argument("--seed", type=int, default=1, help="seed for ours and gensim (the peers have none)")
     parser.add_argument("--peers-dir", default="/tmp/sgns-peers", help="where build.sh puts the peers")
     parser.add_argument("--rebuild", action="store_true", help="build the peers even when they are there")

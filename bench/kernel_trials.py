@@ -333,7 +333,7 @@ def variant_inputs(corpus, name):
     return switches, uniform_share, keep_prob, table
 
 
-def train_vectors(corpus, dim, negative, seed, threads, variant, epochs=5, window=5):
+def train_vectors(corpus, dim, negative, seed, threads, variant, epochs=5, window=5, lr=0.025):
     """The trainer's kernel run (trainer.kernel_epoch's calls and seeds) with a variant's loop; the input vectors."""
     torch.manual_seed(seed)
     model = build_model("sgns", len(corpus.words), dim)
@@ -351,8 +351,8 @@ def train_vectors(corpus, dim, negative, seed, threads, variant, epochs=5, windo
             rng = data.epoch_rng(seed, epoch, sentence)
             kept_ids, kept_starts = data.subsample(corpus.token_ids[bounds[sentence]:bounds[end]],
                                                    starts[sentence:end] - bounds[sentence], keep_prob, rng)
-            lr_first = lr_at((epoch + bounds[sentence] / len(corpus)) / epochs)
-            lr_last = lr_at((epoch + bounds[end] / len(corpus)) / epochs)
+            lr_first = lr_at((epoch + bounds[sentence] / len(corpus)) / epochs, lr)
+            lr_last = lr_at((epoch + bounds[end] / len(corpus)) / epochs, lr)
             call_seed = int(rng.integers(1, 2**63))
             if len(kept_ids):
                 kept_bounds = np.append(kept_starts, len(kept_ids)).astype(np.int64)
@@ -371,8 +371,9 @@ def run_quality(args):
         for variant in args.variants:
             for seed in args.seeds:
                 start = time.time()
-                vectors = train_vectors(corpus, dim, negative, seed, args.threads, variant)
+                vectors = train_vectors(corpus, dim, negative, seed, args.threads, variant, lr=args.lr)
                 row = {"variant": variant, "dim": dim, "negative": negative, "seed": seed, "threads": args.threads,
+                       "lr": args.lr,
                        "train_s": round(time.time() - start, 1), **quality(corpus.words, vectors)}
                 print(json.dumps(row), flush=True)
 
@@ -581,6 +582,7 @@ def get_parser():
     trials.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["baseline"])
     trials.add_argument("--settings", nargs="+", type=parse_setting, default=[(100, 5), (200, 10)], metavar="D[:K]")
     trials.add_argument("--seeds", nargs="+", type=int, default=[1])
+    trials.add_argument("--lr", type=float, default=0.025, help="starting learning rate")
     speed = commands.add_parser("speed", help="CPU time of the per-pair loop against window-batched updates")
     speed.add_argument("--dims", nargs="+", type=int, default=[50, 100, 200, 300])
     speed.add_argument("--rounds", type=int, default=5, help="timed passes of each loop (one more warms up)")
