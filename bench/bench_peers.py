@@ -15,6 +15,10 @@ x epochs / wall), peak RSS, WordSim353 / SimLex / MEN / Rare Words Spearman rho,
 accuracy (3CosAdd, 30,000 most frequent words), and our ratio to each. With --repeats N the
 tools run in turn N times (forward, then backward order, and so on), and the summary gives the
 median wall time with its range.
+
+word2vec C at the shared commit never clears its end-of-file flag between epochs, so the thread
+that reads to the end of the file (with 2 threads, the second half of the corpus) trains one
+epoch, not --epochs: its time and vectors are those of less training than the others get.
 """
 import argparse
 import os

@@ -33,7 +33,7 @@ LAUNCHER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1
 
 
 def run_child(cmd, env=None):
-    """Run a command (in environment env, default ours); return (wall seconds, peak RSS in MiB, stdout)."""
+    """Run a command (in environment env, default ours); return (wall s, peak RSS in MiB, stdout)."""
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True, env=env)
     if proc.returncode != 0:

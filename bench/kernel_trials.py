@@ -1,7 +1,9 @@
-"""Trial harness for issue 24: what makes pWord2Vec's vectors better, and is its batched window update faster?
+"""Trial harness for issue 24: what makes pWord2Vec's vectors better, and where our run spends its time.
 
     python bench/kernel_trials.py quality --variants baseline hogbatch --settings 100:5 200:10 --seeds 1 2 3
     python bench/kernel_trials.py speed --dims 50 100 200 300 --rounds 5
+    python bench/kernel_trials.py --threads 2 phases --dim 200 --negative 10
+    python bench/kernel_trials.py export
 
 `quality` trains on the shared corpus as `trainer.py --engine kernel` does (same initialisation,
 subsampling, learning-rate schedule, chunks and seeds; the `baseline` variant gives the trainer's
@@ -10,6 +12,9 @@ WS353 / SimLex / MEN / Rare Words rho and analogy accuracy, one JSON line per ru
 
 `speed` times, in one process and alternating, the per-pair loop against window-batched updates
 (numba loops, and numba's BLAS sgemm) on the same subsampled slice of the corpus, one thread.
+
+`phases` runs trainer.py and prints the wall and CPU time at each landmark from process start to
+exit; `export` times writing the vectors (gensim's writer, format_fixed, the projector snapshot).
 
 This is a bench-only copy of cpu_kernel.train_chunks with switches; the trainer never imports it.
 """
@@ -597,7 +602,10 @@ def get_parser():
 
 
 if __name__ == "__main__":
-    args = get_parser().parse_args()
+    parser = get_parser()
+    args = parser.parse_args()
+    if args.command == "speed" and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.command == "quality":
         run_quality(args)
     elif args.command == "speed":
