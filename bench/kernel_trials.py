@@ -205,6 +205,17 @@ def _draw_negatives(state, word, negative, accept, alias, uniform_share, keep_ce
     return state, n_out
 
 
+@njit(inline="always")
+def _contexts(kept_ids, lo, hi, pos, reach, in_ids):
+    """in_ids[:n] <- the words at most reach from pos within the sentence [lo, hi), pos excluded; returns n."""
+    n_in = 0
+    for ctx_pos in range(max(lo, pos - reach), min(hi, pos + reach + 1)):
+        if ctx_pos != pos:
+            in_ids[n_in] = np.int64(kept_ids[ctx_pos])
+            n_in += 1
+    return n_in
+
+
 @njit(parallel=True, fastmath=True, nogil=True, cache=True, error_model="numpy")
 def trial_chunks(in_w, out_w, kept_ids, bounds, chunk_sentences, window, negative, accept, alias,
                  lr_first, lr_last, seed, switches, uniform_share, table):
@@ -231,11 +242,7 @@ def trial_chunks(in_w, out_w, kept_ids, bounds, chunk_sentences, window, negativ
                 out_ids[0] = word
                 state, n_out = _draw_negatives(state, word, negative, accept, alias, uniform_share,
                                                switches[KEEP_CENTER], switches[DEDUPE], out_ids)
-                n_in = 0
-                for ctx_pos in range(max(lo, pos - reach), min(hi, pos + reach + 1)):
-                    if ctx_pos != pos:
-                        in_ids[n_in] = np.int64(kept_ids[ctx_pos])
-                        n_in += 1
+                n_in = _contexts(kept_ids, lo, hi, pos, reach, in_ids)
                 if switches[HOGBATCH]:
                     _window_step(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, corr, in_delta, table)
                     continue
@@ -245,7 +252,6 @@ def trial_chunks(in_w, out_w, kept_ids, bounds, chunk_sentences, window, negativ
                         _pair_step(in_w, out_w, word, out_ids, n_out, lr, work, table)
                     else:
                         _pair_step(in_w, out_w, in_ids[j], out_ids, n_out, lr, work, table)
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,13 +314,11 @@ def blas_epoch(in_w, out_w, kept_ids, bounds, window, negative, accept, alias, l
             word = np.int64(kept_ids[pos])
             out_ids[0] = word
             state, n_out = _draw_negatives(state, word, negative, accept, alias, 0.0, 0, 0, out_ids)
-            n_in = 0
-            for ctx_pos in range(max(lo, pos - reach), min(hi, pos + reach + 1)):
-                if ctx_pos != pos:
-                    in_ids[n_in] = np.int64(kept_ids[ctx_pos])
-                    n_in += 1
+            n_in = _contexts(kept_ids, lo, hi, pos, reach, in_ids)
             if n_in:
                 _window_blas(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, buffers)
+
+
 
 def lr_at(progress, lr=0.025):
     """trainer.lr_at: linear decay to 0.01% of lr."""
@@ -371,6 +375,7 @@ def train_vectors(corpus, dim, negative, seed, threads, variant, epochs=5, windo
 
 
 def run_quality(args):
+    """Train and score every (setting, variant, seed); one JSON line each."""
     corpus = data.load_corpus(args.dataset, cache_dir=args.cache_dir)
     for dim, negative in args.settings:
         for variant in args.variants:
@@ -378,8 +383,7 @@ def run_quality(args):
                 start = time.time()
                 vectors = train_vectors(corpus, dim, negative, seed, args.threads, variant, lr=args.lr)
                 row = {"variant": variant, "dim": dim, "negative": negative, "seed": seed, "threads": args.threads,
-                       "lr": args.lr,
-                       "train_s": round(time.time() - start, 1), **quality(corpus.words, vectors)}
+                       "lr": args.lr, "train_s": round(time.time() - start, 1), **quality(corpus.words, vectors)}
                 print(json.dumps(row), flush=True)
 
 
@@ -441,7 +445,6 @@ def run_speed(args):
         for name, values in times.items():
             print(f"  {name:38}min {min(values):6.2f}  median {np.median(values):6.2f}  "
                   f"({base / np.median(values):.2f}x the trainer's kernel)", flush=True)
-
 
 
 # ---------------------------------------------------------------------------------------------
