@@ -32,10 +32,10 @@ LAUNCHER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
 
 
-def run_child(cmd):
-    """Run a command; return (wall seconds, peak RSS in MiB, stdout)."""
+def run_child(cmd, env=None):
+    """Run a command (in environment env, default ours); return (wall s, peak RSS in MiB, stdout)."""
     start = time.time()
-    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed with exit code {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return time.time() - start, int(proc.stderr.strip().splitlines()[-1]) / 1024, proc.stdout
@@ -62,9 +62,10 @@ print(json.dumps({{"train_seconds": seconds, "tokens": int(len(corpus.token_ids)
 
 
 def quality(words, vectors):
-    """WS353, SimLex and MEN Spearman rho and Google analogy accuracy of the vectors."""
+    """WS353, SimLex, MEN and Rare Words Spearman rho and Google analogy accuracy of the vectors."""
     row = {}
-    for name, file in (("WS353", "wordsim353.tsv"), ("SimLex", "simlex999.tsv"), ("MEN", "men3000.tsv")):
+    for name, file in (("WS353", "wordsim353.tsv"), ("SimLex", "simlex999.tsv"), ("MEN", "men3000.tsv"),
+                       ("RW", "rw_stanford.tsv")):
         row[name] = evaluate.similarity(words, vectors, evaluate.load_pairs(EVAL / file))["spearman"]
     row["analogy"] = evaluate.analogy(words, vectors, EVAL / "questions-words.txt")["accuracy"]
     return row

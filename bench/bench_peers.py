@@ -1,0 +1,187 @@
+"""Speed, memory and quality of our trainer against the C/C++ peers and gensim, one tool after another.
+
+    python bench/bench_peers.py [--settings 100:5 200:10] [--tools ours pword2vec-blas ...]
+                                [--threads 2] [--repeats 1] [--epochs 5]
+
+Builds the peers with ../shared/peers/build.sh (word2vec C; pWord2Vec with plain loops and with
+OpenBLAS sgemm), then trains every tool on the same tokens: our corpus cache is written out as
+one sentence a line, which the peers and gensim read (a newline ends a sentence for all of
+them), while our trainer reads the corpus folder through that very cache. Skip-gram with
+negative sampling, window 5, sample 1e-3, min count 5, linear learning rate from --lr (0.025).
+
+For each tool and setting (d:negatives) it prints the wall time of the whole process, from
+start to exit (our corpus cache built beforehand, PIP loss off), corpus words/s (corpus tokens
+x epochs / wall), peak RSS, WordSim353 / SimLex / MEN / Rare Words Spearman rho, Google analogy
+accuracy (3CosAdd, 30,000 most frequent words), and our ratio to each. With --repeats N the
+tools run in turn N times (forward, then backward order, and so on), and the summary gives the
+median wall time with its range.
+
+word2vec C at the shared commit never clears its end-of-file flag between epochs, so the thread
+that reads to the end of the file (with 2 threads, the second half of the corpus) trains one
+epoch, not --epochs: its time and vectors are those of less training than the others get.
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+import evaluate  # noqa: E402
+from bench_speed import quality, run_child  # noqa: E402
+
+SHARED = ROOT.parent / "shared"
+TOOLS = ("ours", "pword2vec-blas", "pword2vec", "word2vec", "gensim")
+DIMS = (50, 100, 200, 300)
+
+GENSIM_CHILD = """
+import json, sys, time
+from gensim.models import Word2Vec
+with open({corpus!r}) as f:
+    sentences = [line.split() for line in f]
+model = Word2Vec(sg=1, vector_size={dim}, window=5, min_count=5, sample=1e-3, negative={neg}, alpha={alpha},
+                 workers={threads}, epochs={epochs}, seed={seed})
+model.build_vocab(sentences)
+start = time.time()
+model.train(sentences, total_examples=len(sentences), epochs={epochs})
+seconds = time.time() - start
+model.wv.save_word2vec_format({out!r})
+print(json.dumps({{"train_seconds": seconds}}))
+"""
+
+
+def parse_setting(text):
+    """'D' or 'D:K' -> (d, negatives); K defaults to 5 up to d=100, else 10."""
+    dim, _, neg = text.partition(":")
+    if not dim.isdigit() or int(dim) not in DIMS or (neg and not neg.isdigit()):
+        raise argparse.ArgumentTypeError(f"setting {text!r}: want D or D:K with D in {DIMS}")
+    return int(dim), int(neg) if neg else (5 if int(dim) <= 100 else 10)
+
+
+def write_corpus_text(corpus, path):
+    """Our tokens, one sentence a line, space-separated: what the peers and gensim read."""
+    bounds = list(corpus.sentence_starts) + [len(corpus.token_ids)]
+    words = corpus.words
+    with open(path, "w") as out:
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            out.write(" ".join(words[i] for i in corpus.token_ids[lo:hi]))
+            out.write("\n")
+
+
+def tool_command(tool, args, dim, neg, corpus_txt, out, tmp):
+    """The command line that trains `tool` and writes word2vec-format vectors to out."""
+    if tool == "ours":
+        return [sys.executable, str(ROOT / "trainer.py"), "--dataset", args.dataset, "--cache-dir", args.cache_dir,
+                "--embed-size", str(dim), "--neg-sample-size", str(neg), "--epochs", str(args.epochs),
+                "--window-size", "5", "--subsample-th", "1e-3", "--remove-th", "5", "--lr", str(args.lr),
+                "--num-threads", str(args.threads), "--seed", str(args.seed), "--pip-interval", "0", "--quiet",
+                "--log-dir", str(tmp / "runs"), "--export", str(out)]
+    if tool == "gensim":
+        return [sys.executable, "-c", GENSIM_CHILD.format(corpus=str(corpus_txt), dim=dim, neg=neg, alpha=args.lr,
+                                                          threads=args.threads, epochs=args.epochs,
+                                                          seed=args.seed, out=str(out))]
+    binary = {"pword2vec-blas": "pWord2Vec_blas", "pword2vec": "pWord2Vec", "word2vec": "word2vec"}[tool]
+    common = ["-train", str(corpus_txt), "-output", str(out), "-size", str(dim), "-window", "5",
+              "-negative", str(neg), "-sample", "1e-3", "-threads", str(args.threads), "-iter", str(args.epochs),
+              "-min-count", "5", "-binary", "0", "-alpha", str(args.lr)]
+    if tool == "word2vec":
+        return [str(Path(args.peers_dir) / binary), *common, "-cbow", "0", "-hs", "0"]
+    return [str(Path(args.peers_dir) / binary), *common, "-batch-size", "11"]
+
+
+def run_tool(tool, args, dim, neg, corpus_txt, n_tokens, tmp):
+    """Train once; returns the row of figures."""
+    out = tmp / f"{tool}-{dim}.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    wall, rss, _ = run_child(tool_command(tool, args, dim, neg, corpus_txt, out, tmp), env=env)
+    row = {"wall": wall, "words/s": n_tokens * args.epochs / wall, "rss": rss,
+           **quality(*evaluate.load_vectors(out))}
+    out.unlink()
+    return row
+
+
+def print_runs(tool, rows):
+    for row in rows:
+        print(f"{tool:16}{row['wall']:8.1f}{row['words/s']:11,.0f}{row['rss']:9.0f}{row['WS353']:8.3f}"
+              f"{row['SimLex']:8.3f}{row['MEN']:8.3f}{row['RW']:8.3f}{100 * row['analogy']:8.1f}%", flush=True)
+
+
+def summary(rows):
+    """Median wall time (and words/s) with its range, mean of the quality figures."""
+    walls = [row["wall"] for row in rows]
+    mean = {key: statistics.fmean(row[key] for row in rows) for key in ("WS353", "SimLex", "MEN", "RW", "analogy")}
+    return {"wall": statistics.median(walls), "low": min(walls), "high": max(walls),
+            "rss": max(row["rss"] for row in rows), **mean}
+
+
+def print_ratios(results):
+    ours = summary(results["ours"])
+    ours_mean3 = (ours["WS353"] + ours["SimLex"] + ours["MEN"]) / 3
+    for tool, rows in results.items():
+        if tool == "ours":
+            continue
+        peer = summary(rows)
+        mean3 = (peer["WS353"] + peer["SimLex"] + peer["MEN"]) / 3
+        print(f"ours vs {tool}: speed {peer['wall'] / ours['wall']:.2f}x (median walls {ours['wall']:.1f} s "
+              f"[{ours['low']:.1f}-{ours['high']:.1f}] vs {peer['wall']:.1f} s "
+              f"[{peer['low']:.1f}-{peer['high']:.1f}]), "
+              f"peak RSS {ours['rss']:.0f} vs {peer['rss']:.0f} MiB; mean rho WS353/SimLex/MEN "
+              f"{ours_mean3 - mean3:+.3f}, RW {ours['RW'] - peer['RW']:+.3f}, "
+              f"analogy {100 * (ours['analogy'] - peer['analogy']):+.1f} points")
+
+
+def compare(args, dim, neg, corpus_txt, n_tokens, tmp):
+    print(f"\nd={dim}, {neg} negatives, window 5, min count 5, sample 1e-3, lr {args.lr}, {args.epochs} epochs, "
+          f"{args.threads} threads, {n_tokens:,} corpus tokens")
+    print(f"{'tool':16}{'wall s':>8}{'words/s':>11}{'RSS MiB':>9}{'WS353':>8}{'SimLex':>8}{'MEN':>8}"
+          f"{'RW':>8}{'analogy':>9}")
+    results = {tool: [] for tool in args.tools}
+    for repeat in range(args.repeats):
+        order = args.tools if repeat % 2 == 0 else args.tools[::-1]
+        for tool in order:
+            row = run_tool(tool, args, dim, neg, corpus_txt, n_tokens, tmp)
+            results[tool].append(row)
+            print_runs(tool, [row])
+    if "ours" in results:
+        print_ratios(results)
+
+
+def build_peers(args):
+    needed = {"pword2vec-blas": "pWord2Vec_blas", "pword2vec": "pWord2Vec", "word2vec": "word2vec"}
+    if any(not (Path(args.peers_dir) / needed[t]).exists() for t in args.tools if t in needed) or args.rebuild:
+        subprocess.run(["bash", str(SHARED / "peers" / "build.sh"), args.peers_dir], check=True,
+                       stdout=subprocess.DEVNULL)
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default=str(SHARED / "corpora" / "gutenberg"), help="corpus to train on")
+    parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"), help="our corpus cache folder")
+    parser.add_argument("--settings", nargs="+", type=parse_setting, default=[(100, 5), (200, 10)],
+                        metavar="D[:K]", help=f"dimension D in {DIMS} and negatives K (default 5 up to d=100, "
+                                              "else 10); default: 100:5 200:10")
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS), help="tools to run, in this order")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every tool")
+    parser.add_argument("--epochs", type=int, default=5, help="passes over the corpus")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each tool per setting, the tools alternating")
+    parser.add_argument("--lr", type=float, default=0.025, help="starting learning rate of every tool")
+    parser.add_argument("--seed", type=int, default=1, help="seed for ours and gensim (the peers have none)")
+    parser.add_argument("--peers-dir", default="/tmp/sgns-peers", help="where build.sh puts the peers")
+    parser.add_argument("--rebuild", action="store_true", help="build the peers even when they are there")
+    return parser
+
+
+if __name__ == "__main__":
+    args = get_parser().parse_args()
+    build_peers(args)
+    corpus = data.load_corpus(args.dataset, cache_dir=args.cache_dir)  # built before any clock starts
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpus_txt = tmp / "corpus.txt"
+        write_corpus_text(corpus, corpus_txt)
+        for dim, neg in args.settings:
+            compare(args, dim, neg, corpus_txt, len(corpus), tmp)
