@@ -216,6 +216,17 @@ def _to_wire(bits, bf16):
 
 
 @njit(inline="always")
+def _mean_change(row, ranks, t):
+    """A summed change over the ranks that made it: x / ranks, as a multiplication where 1 / ranks is exact (the same bits)."""
+    if ranks == 1:
+        return row[t]
+    whole = np.int64(ranks)
+    if whole & (whole - 1) == 0:
+        return row[t] * (np.float32(1.0) / ranks)
+    return row[t] / ranks
+
+
+@njit(inline="always")
 def _apply_row(consensus, momentum, block_momentum, state, r, received, received_counts, q, bf16, bits, row):
     """Move the consensus row r by its received mean change (slot q; -1: none) through the block momentum."""
     width = consensus.shape[1]
@@ -228,21 +239,37 @@ def _apply_row(consensus, momentum, block_momentum, state, r, received, received
     else:
         for t in range(width):
             row[t] = np.float32(0.0)
+    if block_momentum == 0:
+        for t in range(width):
+            consensus[r, t] += _mean_change(row, ranks, t)
+        return
     moving = False
     for t in range(width):
-        step = row[t] / ranks
-        if block_momentum != 0:
-            step = momentum[r, t] * block_momentum + step
-            momentum[r, t] = step
-            moving |= step != 0
+        step = momentum[r, t] * block_momentum + _mean_change(row, ranks, t)
+        momentum[r, t] = step
+        moving |= step != 0
         consensus[r, t] += step
-    if block_momentum != 0:
-        state[r] = (state[r] | ALIVE) if moving else (state[r] & ~np.uint8(ALIVE))
+    state[r] = (state[r] | ALIVE) if moving else (state[r] & ~np.uint8(ALIVE))
+
+
+@njit(inline="always")
+def _rebase_row(values, sent_from, consensus, unsent, state, r, bits, row):
+    """Rebase a row this rank did not change (values == sent_from): consensus plus what rounding left of it."""
+    width = values.shape[1]
+    if state[r] & PENDING:
+        for t in range(width):
+            bits[t] = np.uint32(unsent[r, t]) << np.uint32(16)
+    else:
+        for t in range(width):
+            row[t] = np.float32(0.0)
+    for t in range(width):
+        values[r, t] = consensus[r, t] + (np.float32(0.0) + row[t])
+        sent_from[r, t] = values[r, t]
 
 
 @njit(inline="always")
 def _send_row(values, sent_from, consensus, unsent, state, r, changes, change_counts, s, flush, bf16, bits, row):
-    """Put into slot s (-1: none) this rank's change of row r, and rebase the row on the consensus."""
+    """Put into slot s this rank's change of row r, and rebase the row on the consensus."""
     width = values.shape[1]
     changed = False
     for t in range(width):
@@ -252,8 +279,6 @@ def _send_row(values, sent_from, consensus, unsent, state, r, changes, change_co
         row[t] = progress + row[t]  # all this rank learnt that the consensus has not heard of
         values[r, t] = consensus[r, t] + row[t]
         sent_from[r, t] = values[r, t]
-    if s < 0:
-        return
     change_counts[s] = _to_wire(np.uint32(0x3F800000), bf16) if changed else 0  # 1.0 or 0.0
     if not (changed or flush):  # what rounding left of an unchanged row waits for its next change
         for t in range(width):
@@ -271,29 +296,36 @@ def _send_row(values, sent_from, consensus, unsent, state, r, changes, change_co
     state[r] = (state[r] | PENDING) if left else (state[r] & ~np.uint8(PENDING))
 
 
+_ROWS_PER_TASK = 64  # rows a thread takes at a time; one scratch row each
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def exchange_rows(values, sent_from, consensus, unsent, momentum, block_momentum, rows, received, received_counts,
                   recv_slots, changes, change_counts, send_slots, state, apply, send, flush):
     """distributed.exchange_rows (the reference, for GPUs) in one pass over the listed rows instead of
     a dozen over the tables, the rows shared among the kernel's threads; the same float32
-    operations in the same order and the same rounding, so the same bits. unsent holds bfloat16
-    bits; received, received_counts, changes and change_counts the wire's bits. In place (the
-    dense exchange) the received and the changes arrays may be the same: a row is read before
-    it is written."""
+    operations in the same order and the same rounding, so the same bits. A row without a send
+    slot is one this rank did not change: only its consensus and what rounding left are read.
+    unsent holds bfloat16 bits; received, received_counts, changes and change_counts the wire's
+    bits. In place (the dense exchange) the received and the changes arrays may be the same: a
+    row is read before it is written."""
     bf16 = changes.itemsize == 2
-    for j in prange(len(rows)):
-        r = rows[j]
+    for task in prange((len(rows) + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
         bits = np.empty(values.shape[1], dtype=np.uint32)  # a float32 row and its bits: numba views arrays, not scalars
         row = bits.view(np.float32)
-        if apply and (recv_slots[j] >= 0 or state[r] & ALIVE):
-            _apply_row(consensus, momentum, block_momentum, state, r, received, received_counts, recv_slots[j], bf16,
-                       bits, row)
-        if send:
-            _send_row(values, sent_from, consensus, unsent, state, r, changes, change_counts, send_slots[j], flush,
-                      bf16, bits, row)
-        else:  # the epoch's end: every rank takes the consensus itself, the same bits everywhere
-            for t in range(values.shape[1]):
-                values[r, t] = consensus[r, t]
+        for j in range(task * _ROWS_PER_TASK, min(len(rows), (task + 1) * _ROWS_PER_TASK)):
+            r = rows[j]
+            if apply and (recv_slots[j] >= 0 or (state[r] & ALIVE) != 0):
+                _apply_row(consensus, momentum, block_momentum, state, r, received, received_counts, recv_slots[j],
+                           bf16, bits, row)
+            if not send:  # the epoch's end: every rank takes the consensus itself, the same bits everywhere
+                for t in range(values.shape[1]):
+                    values[r, t] = consensus[r, t]
+            elif send_slots[j] < 0:
+                _rebase_row(values, sent_from, consensus, unsent, state, r, bits, row)
+            else:
+                _send_row(values, sent_from, consensus, unsent, state, r, changes, change_counts, send_slots[j],
+                          flush, bf16, bits, row)
 
 
 @njit(nogil=True, cache=True)
@@ -340,11 +372,13 @@ def scatter_rows(union, mine, staged, staged_counts, changes, change_counts):
         for k in range(8):
             if (union[b] >> k) & 1:
                 if p < len(mine) and mine[p] == 8 * b + k:
-                    changes[j, :] = staged[p, :]
+                    for t in range(changes.shape[1]):
+                        changes[j, t] = staged[p, t]
                     change_counts[j] = staged_counts[p]
                     p += 1
                 else:
-                    changes[j, :] = 0
+                    for t in range(changes.shape[1]):
+                        changes[j, t] = 0
                     change_counts[j] = 0
                 j += 1
 

@@ -687,8 +687,8 @@ def exchange_pass_inputs(wire, block_momentum, in_place, g):
     values[1, 2] = sent_from[1, 2] + 1e-3
     unsent = (torch.randn(n_rows, width, generator=g) * 1e-5).bfloat16()
     unsent[::2] = 0.0  # rows with nothing left from an earlier exchange
-    state = torch.zeros(n_rows, dtype=torch.uint8)
-    state[::5] = cpu_kernel.ALIVE
+    state = torch.where((unsent != 0).any(dim=1), cpu_kernel.PENDING, 0).to(torch.uint8)  # as the passes keep it
+    state[::5] |= cpu_kernel.ALIVE
     if in_place:
         rows = recv_slots = send_slots = torch.arange(n_rows)
     else:
