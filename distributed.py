@@ -742,10 +742,16 @@ def interval_hint(share, interval):
 
 class ExchangeStats:
     """What an epoch's exchanges cost this rank: their count, the bytes it put into their
-    all-reduces (flags and changes), the rows they carried and the seconds spent at sync points."""
+    all-reduces (flags and changes), the rows they carried, the seconds spent at sync and send
+    points, and how many of those it waited for the other ranks (the rest: its own passes)."""
 
     def __init__(self):
-        self.exchanges, self.bytes, self.rows, self.seconds = 0, 0, 0, 0.0
+        self.exchanges, self.bytes, self.rows, self.seconds, self.waited = 0, 0, 0, 0.0, 0.0
+
+    def wait(self, work):
+        began = time.perf_counter()
+        work.wait()
+        self.waited += time.perf_counter() - began
 
 
 def choose_exchange(dense_bytes, sparse_bytes):
@@ -878,7 +884,7 @@ class Averager:
         none stops as if terminated."""
         if self.work is None:
             return False, 0
-        self.work.wait()
+        self.stats.wait(self.work)
         self.work = None
         stop = self.in_flight[-1] > 0
         return True, (self.sent or int(signal.SIGTERM)) if stop else 0
@@ -951,7 +957,7 @@ class Averager:
         """Wait for the union of the staged rows, lay this rank's staged rows out among the union's
         (zeros elsewhere) and start their all-reduce. At an epoch's first exchange the union decides
         between sparse and dense; dense, the union is every row."""
-        self.agreement.wait()
+        self.stats.wait(self.agreement)
         self.agreement = None
         unions = [u.numpy() for u in self.flags[self.turn].split([t.n_bytes for t in self.tables])]
         self.turn = 1 - self.turn

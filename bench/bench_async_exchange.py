@@ -21,6 +21,7 @@ and waits); bytes per word a rank trains; peak RSS of each process. "ideal" is r
 bytes (bfloat16): what the changed rows alone weigh.
 """
 import argparse
+import json
 import os
 import resource
 import socket
@@ -65,31 +66,54 @@ def engine_args(dim):
                               gpu_kernel=True, cuda_graph=True, embed_size=dim)
 
 
-def _run(rank, world_size, init, dataset, cache_dir, remove_th, dim, words, exchange, results):
-    """One epoch of one process (world_size 1) or of one --async rank; its figures into results[rank]."""
+def _strategy(mode, rank, world_size, init, batch_size):
+    """The distribution of a run: one process, or --async ranks (mode dense/sparse), or --sync ranks."""
+    if world_size == 1:
+        return distributed.OneProcess()
+    distributed.join_group("gloo", init, rank, world_size, timeout=600)
+    world = distributed.World(rank, world_size, rank, "gloo", init, 600, "cpu")
+    if mode == "sync":
+        distributed.idle_gloo_io_thread()  # as the trainer's --sync runs
+        return distributed.SyncRanks(world)
+    return distributed.AsyncRanks(world, distributed.default_sync_interval(batch_size), 0.0, mode)
+
+
+def count_step_rows():
+    """Count the distinct rows of each window step (what a --sync step sends): [rows, steps]."""
+    counted, number = [0, 0], cpu_kernel.TouchedRows.number
+
+    def counting(self, *windows):
+        n = number(self, *windows)
+        counted[0] += n
+        counted[1] += 1
+        return n
+    cpu_kernel.TouchedRows.number = counting
+    return counted
+
+
+def _run(rank, world_size, init, dataset, cache_dir, remove_th, dim, words, mode, loop, results):
+    """One epoch of one process (world_size 1) or of one rank (mode: dense/sparse async, or sync), on
+    the compiled kernel or the torch engine's window steps (loop); its figures into results[rank]."""
     cpu_kernel.set_threads(1)
     torch.set_num_threads(1)
     corpus = prefix(data.load_corpus(str(dataset), cache_dir=str(cache_dir), min_count=remove_th), words)
     args = engine_args(dim)
     torch.manual_seed(args.seed)
     model = SGNS(len(corpus.words), dim)
-    strategy = distributed.OneProcess()
-    if world_size > 1:
-        distributed.join_group("gloo", init, rank, world_size, timeout=600)
-        world = distributed.World(rank, world_size, rank, "gloo", init, 600, "cpu")
-        strategy = distributed.AsyncRanks(world, distributed.default_sync_interval(args.batch_size), 0.0, exchange)
+    strategy = _strategy(mode, rank, world_size, init, args.batch_size)
+    step_rows = count_step_rows()
     try:
-        engine = engines.Engine(args, model, None, corpus, strategy, "kernel", "cpu")
+        engine = engines.Engine(args, model, None, corpus, strategy, loop, "cpu")
         distributed.start_together()
-        began = time.perf_counter()
+        began, cpu_began = time.perf_counter(), time.process_time()
         engine.run_epoch(0, 0, lambda *a: None, lambda: 0)
-        seconds = time.perf_counter() - began
-        figures = {"seconds": seconds, "words": len(corpus), "vocab": len(corpus.words),
-                   "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-        if world_size > 1:
+        figures = {"seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
+                   "words": len(corpus), "vocab": len(corpus.words), "step_rows": step_rows[0],
+                   "steps": step_rows[1], "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+        if isinstance(strategy, distributed.AsyncRanks):
             stats = strategy.averager.stats
             figures.update(mode=strategy.averager.mode, exchanges=stats.exchanges, bytes=stats.bytes,
-                           rows=stats.rows, exchange_s=stats.seconds)
+                           rows=stats.rows, exchange_s=stats.seconds, waited_s=stats.waited)
         results[rank] = figures
     finally:
         if world_size > 1:
@@ -98,63 +122,74 @@ def _run(rank, world_size, init, dataset, cache_dir, remove_th, dim, words, exch
             del finished
 
 
-def run(dataset, cache_dir, remove_th, dim, words, procs, exchange):
+def run(dataset, cache_dir, remove_th, dim, words, procs, mode, loop):
     """Figures of every process of one run (fresh processes)."""
     with mp.Manager() as manager:
         results = manager.dict()
         mp.start_processes(_run, args=(procs, f"tcp://127.0.0.1:{free_port()}", dataset, cache_dir, remove_th, dim,
-                                       words, exchange, results), nprocs=procs, start_method="spawn")
+                                       words, mode, loop, results), nprocs=procs, start_method="spawn")
         return [dict(results[r]) for r in range(procs)]
 
 
-def describe(name, figures, one_process, dim):
-    """A table row: the run's words/s, its ratio to one process, and the exchange's figures."""
-    first = figures[0]
-    words_per_s = first["words"] / max(f["seconds"] for f in figures)
-    ratio = words_per_s / (one_process["words"] / one_process["seconds"])
-    rss = " / ".join(f"{f['rss_gb']:.2f}" for f in figures)
-    if "exchanges" not in first:
-        return f"| {name} | 1 | - | {words_per_s:,.0f} | 1.00x | - | - | - | - | - | {rss} |"
-    n = max(first["exchanges"], 1)
-    per_exchange, rows = first["bytes"] / n, first["rows"] / n
-    ideal = rows * dim * 2
-    per_word = first["bytes"] / (first["words"] / len(figures))
-    return (f"| {name} | 2 | {first['mode']} | {words_per_s:,.0f} | {ratio:.2f}x | {per_exchange / 1e6:,.2f} MB "
-            f"({per_exchange / ideal:.2f}x ideal) | {rows:,.0f} | {per_word:,.0f} | "
-            f"{first['exchange_s'] / n * 1e3:.1f} ms ({first['exchange_s'] / first['seconds']:.0%}) | {n} | {rss} |")
+def speed(figures):
+    """Corpus words per second of a run: its words over its slowest process's epoch."""
+    return figures[0]["words"] / max(f["seconds"] for f in figures)
+
+
+def describe(name, figures, reference, dim):
+    """A table row: the run's words/s, its ratio to its one-process reference, and the exchange's figures."""
+    first, rss = figures[0], " / ".join(f"{f['rss_gb']:.2f}" for f in figures)
+    ratio = f"{speed(figures) / speed(reference):.2f}x"
+    words_per_rank = first["words"] / len(figures)
+    if first.get("exchanges"):
+        n = first["exchanges"]
+        per_exchange, rows = first["bytes"] / n, first["rows"] / n
+        sent = (f"{per_exchange / 1e6:,.2f} MB ({per_exchange / (rows * dim * 2):.2f}x ideal) | {rows:,.0f} | "
+                f"{first['bytes'] / words_per_rank:,.0f} | {(first['exchange_s'] - first['waited_s']) / n * 1e3:.1f} "
+                f"+ {first['waited_s'] / n * 1e3:.1f} ms ({first['exchange_s'] / first['seconds']:.0%}) | {n}")
+    elif len(figures) > 1:  # sync: each step sends its rows, (d + 3) float32 each, to the other rank
+        rows = first["step_rows"] / max(first["steps"], 1)
+        sent = f"{rows * (dim + 3) * 4 / 1e6:,.3f} MB | {rows:,.0f} | {rows * (dim + 3) * 4 * first['steps'] / words_per_rank:,.0f} | - | {first['steps']} steps"
+    else:
+        sent = "- | - | - | - | -"
+    return f"| {name} | {len(figures)} | {speed(figures):,.0f} | {ratio} | {sent} | {rss} |"
 
 
 def bench_setting(label, args):
+    """Every run of one setting, in rounds; prints its table and returns the fastest of each run."""
     dataset, remove_th, dim = SETTINGS[label]
     dataset = dataset or args.zipf
     corpus = data.load_corpus(str(dataset), cache_dir=str(args.cache_dir), min_count=remove_th)  # built once, here
-    dense_words = args.dense_words if label == "1M" else 0
+    short = args.dense_words if label == "1M" else 0
     print(f"\n### V = {len(corpus.words):,} ({dataset.name}, --remove-th {remove_th}), d={dim}: "
-          f"{len(corpus):,} words" + (f"; the dense run trains the first {dense_words:,}" if dense_words else ""),
+          f"{len(corpus):,} words" + (f"; the dense and torch-engine runs train the first {short:,}" if short else ""),
           flush=True)
     del corpus
-    runs = {"1 process": (1, "auto", 0), "dense": (2, "dense", dense_words), "sparse": (2, "sparse", 0)}
-    best, ratios = {}, {name: [] for name in runs}
+    runs = {"1 process": (1, "-", "kernel", 0), "async dense": (2, "dense", "kernel", short),
+            "async sparse": (2, "sparse", "kernel", 0)}
+    references = {"async dense": "1 process", "async sparse": "1 process"}
+    if args.with_sync:
+        runs.update({"1 process, torch engine": (1, "-", "window", short), "sync": (2, "sync", "window", short)})
+        references["sync"] = "1 process, torch engine"
+    best, ratios = {}, {name: [] for name in references}
     for repeat in range(args.repeats):
-        for name, (procs, exchange, words) in runs.items():
-            figures = run(dataset, args.cache_dir, remove_th, dim, words, procs, exchange)
-            speed = figures[0]["words"] / max(f["seconds"] for f in figures)
-            print(f"  round {repeat + 1}, {name}: {speed:,.0f} words/s", flush=True)
-            if name == "1 process":
-                one = figures[0]
-            else:
-                ratios[name].append(speed / (one["words"] / one["seconds"]))
-            if name not in best or speed > best[name][0]:
-                best[name] = (speed, figures)
-    print("\n| setting | processes | exchange | words/s | vs 1 process | bytes per exchange (a rank) | rows per "
-          "exchange | bytes per trained word | time per exchange (share of the epoch) | exchanges | peak RSS "
-          "per process (GB) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    one_best = best["1 process"][1][0]
+        this_round = {}
+        for name, (procs, mode, loop, words) in runs.items():  # each reference runs before the runs it is for
+            figures = this_round[name] = run(dataset, args.cache_dir, remove_th, dim, words, procs, mode, loop)
+            print(f"  round {repeat + 1}, {name}: {speed(figures):,.0f} words/s", flush=True)
+            if name in references:
+                ratios[name].append(speed(figures) / speed(this_round[references[name]]))
+            if name not in best or speed(figures) > speed(best[name]):
+                best[name] = figures
+    print("\n| run | processes | words/s | vs 1 process | bytes per exchange (a rank) | rows per exchange | bytes per "
+          "trained word | time per exchange: passes + waits (share of the epoch) | exchanges | peak RSS per "
+          "process (GB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in runs:
-        print(describe(f"V={label}, d={dim}", best[name][1], one_best, dim))
-    print("ratios to one process, every round (fastest 1-process epoch): "
-          + "; ".join(f"{name} {', '.join(f'{r:.2f}x' for r in rs)}" for name, rs in ratios.items() if rs))
+        print(describe(f"V={label}, d={dim}, {name}", best[name], best[references.get(name, name)], dim))
+    print("ratios to one process, every round (same round): "
+          + "; ".join(f"{name} {', '.join(f'{r:.2f}x' for r in rs)}" for name, rs in ratios.items()))
+    return {"dataset": str(dataset), "remove_th": remove_th, "dim": dim, "runs": best}
 
 
 def main():
@@ -163,19 +198,27 @@ def main():
     p.add_argument("--zipf", type=Path, default=None,
                    help="the synthetic corpus of bench/zipf_corpus.py for the V = 1M setting (without it: skipped)")
     p.add_argument("--settings", nargs="+", default=["21k", "60k", "1M"], choices=list(SETTINGS))
-    p.add_argument("--repeats", type=int, default=2, help="rounds of the three runs of each setting")
+    p.add_argument("--repeats", type=int, default=2, help="rounds of the runs of each setting")
     p.add_argument("--dense-words", type=int, default=3_000_000,
-                   help="words the dense run trains at V = 1M (its exchanges move the whole tables)")
+                   help="words the dense and torch-engine runs train at V = 1M (a dense exchange moves the whole "
+                        "tables)")
+    p.add_argument("--with-sync", action="store_true",
+                   help="also one process on the torch engine and 2 --sync ranks (for bench/model_machines.py)")
+    p.add_argument("--json", type=Path, default=None, help="write every run's figures there (bench/model_machines.py)")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache", help="corpus cache of the trainer")
     args = p.parse_args()
-    load = os.getloadavg()[0]
-    print(f"{os.cpu_count()} CPU cores, load average {load:.2f} at the start; one thread a process, 1 epoch a run")
+    began = time.time()
+    print(f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at the start; one thread a process, "
+          "1 epoch a run")
+    measured = {}
     for label in args.settings:
         if label == "1M" and args.zipf is None:
             print("\nV = 1M skipped: give --zipf (bench/zipf_corpus.py writes it)")
             continue
-        bench_setting(label, args)
-    print(f"\nload average {os.getloadavg()[0]:.2f} at the end")
+        measured[label] = bench_setting(label, args)
+    print(f"\nload average {os.getloadavg()[0]:.2f} at the end; {time.time() - began:,.0f} s in all")
+    if args.json:
+        args.json.write_text(json.dumps(measured, indent=1))
 
 
 if __name__ == "__main__":
