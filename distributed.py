@@ -743,10 +743,21 @@ def interval_hint(share, interval):
 class ExchangeStats:
     """What an epoch's exchanges cost this rank: their count, the bytes it put into their
     all-reduces (flags and changes), the rows they carried, the seconds spent at sync and send
-    points, and how many of those it waited for the other ranks (the rest: its own passes)."""
+    points, how many of those it waited for the other ranks, and the CPU seconds of its own
+    passes there (the training thread's: Gloo's threads not included)."""
 
     def __init__(self):
-        self.exchanges, self.bytes, self.rows, self.seconds, self.waited = 0, 0, 0, 0.0, 0.0
+        self.exchanges, self.bytes, self.rows = 0, 0, 0
+        self.seconds = self.waited = self.cpu = 0.0
+
+    @contextlib.contextmanager
+    def timed(self):
+        began, began_cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - began
+            self.cpu += time.thread_time() - began_cpu
 
     def wait(self, work):
         began = time.perf_counter()
@@ -838,45 +849,42 @@ class Averager:
     def sync_point(self, stop_signal):
         """Apply the previous exchange and start the next (sparse: stage it for send_point);
         returns the stop signal agreed at the previous one."""
-        began = time.perf_counter()
-        received, agreed = self._receive()
-        self.stop_to_send = stop_signal
-        if self.mode == "dense":
-            self._dense_pass(received, send=True)
-        else:
-            if self.agreement is not None:  # a loop that skipped the send point
-                self._send_staged()
-            self._stage(received)
-            if self.mode == "auto":  # the epoch's first exchange: the union decides, so wait for it now
-                self._send_staged()
-        self.stats.seconds += time.perf_counter() - began
+        with self.stats.timed():
+            received, agreed = self._receive()
+            self.stop_to_send = stop_signal
+            if self.mode == "dense":
+                self._dense_pass(received, send=True)
+            else:
+                if self.agreement is not None:  # a loop that skipped the send point
+                    self._send_staged()
+                self._stage(received)
+                if self.mode == "auto":  # the epoch's first exchange: the union decides, so wait for it now
+                    self._send_staged()
         return agreed
 
     def send_point(self):
         """Sparse: once the union of the staged exchange is agreed, start the all-reduce of its rows."""
         if self.agreement is not None:
-            began = time.perf_counter()
-            self._send_staged()
-            self.stats.seconds += time.perf_counter() - began
+            with self.stats.timed():
+                self._send_staged()
 
     def finish(self):
         """Blocking: apply what is pending, exchange the rest, and set every rank to the same consensus."""
-        began = time.perf_counter()
-        if self.agreement is not None:
-            self._send_staged()
-        received, _ = self._receive()
-        self.stop_to_send = 0
-        if self.mode == "dense":
-            self._dense_pass(received, send=True, flush=True)
-        else:
-            self._stage(received, flush=True)
-            self._send_staged()
-        self._receive()
-        if self.mode == "dense":
-            self._dense_pass(True, send=False)
-        else:
-            self._sparse_pass(True, send=False)
-        self.stats.seconds += time.perf_counter() - began
+        with self.stats.timed():
+            if self.agreement is not None:
+                self._send_staged()
+            received, _ = self._receive()
+            self.stop_to_send = 0
+            if self.mode == "dense":
+                self._dense_pass(received, send=True, flush=True)
+            else:
+                self._stage(received, flush=True)
+                self._send_staged()
+            self._receive()
+            if self.mode == "dense":
+                self._dense_pass(True, send=False)
+            else:
+                self._sparse_pass(True, send=False)
 
     def _receive(self):
         """Wait for the all-reduce in flight: (whether there was one, the stop it agreed on, or 0).

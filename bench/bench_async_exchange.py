@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import sys
 import time
 from pathlib import Path
@@ -38,16 +37,11 @@ import cpu_kernel  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
 import engines  # noqa: E402
+from bench_distributed import free_port  # noqa: E402
 from model import SGNS  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "corpora" / "gutenberg"
 SETTINGS = {"21k": (SHARED, 5, 200), "60k": (SHARED, 1, 200), "1M": (None, 1, 100)}  # dataset, --remove-th, d
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prefix(corpus, words):
@@ -105,15 +99,16 @@ def _run(rank, world_size, init, dataset, cache_dir, remove_th, dim, words, mode
     try:
         engine = engines.Engine(args, model, None, corpus, strategy, loop, "cpu")
         distributed.start_together()
-        began, cpu_began = time.perf_counter(), time.process_time()
+        began, cpu_began, thread_began = time.perf_counter(), time.process_time(), time.thread_time()
         engine.run_epoch(0, 0, lambda *a: None, lambda: 0)
         figures = {"seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
+                   "thread_cpu_seconds": time.thread_time() - thread_began,
                    "words": len(corpus), "vocab": len(corpus.words), "step_rows": step_rows[0],
                    "steps": step_rows[1], "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
         if isinstance(strategy, distributed.AsyncRanks):
             stats = strategy.averager.stats
             figures.update(mode=strategy.averager.mode, exchanges=stats.exchanges, bytes=stats.bytes,
-                           rows=stats.rows, exchange_s=stats.seconds, waited_s=stats.waited)
+                           rows=stats.rows, exchange_s=stats.seconds, waited_s=stats.waited, exchange_cpu_s=stats.cpu)
         results[rank] = figures
     finally:
         if world_size > 1:
