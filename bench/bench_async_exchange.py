@@ -1,8 +1,9 @@
 """--async's dense and sparse exchanges side by side, against one process: words/s, bytes, exchange time, peak RSS.
 
-    python bench/zipf_corpus.py /tmp/zipf-1m.txt                                  # once: 60M words, V = 1.0M (~2 min)
-    NLTK_DATA=../shared/nltk_data python bench/bench_async_exchange.py --zipf /tmp/zipf-1m.txt   # ~25 min on 2 idle cores
-    python bench/bench_async_exchange.py --settings 60k --repeats 3                # one setting only
+    python bench/zipf_corpus.py /tmp/zipf-1m.txt                # once: 60M words, V = 1.0M (6 min, then 3 to tokenise)
+    python bench/bench_async_exchange.py --zipf /tmp/zipf-1m.txt --with-sync --repeats 1 --json parts.json  # 22 min
+    python bench/bench_async_exchange.py --settings 60k 21k --repeats 2           # the shared corpus only: 4 min
+    python bench/model_machines.py parts.json                                    # the model of N machines
 
 Settings: the shared Gutenberg corpus at V = 21k (--remove-th 5) and V = 60k (--remove-th 1), d=200,
 and a synthetic Zipf corpus (bench/zipf_corpus.py) at V = 1M, d=100; the trainer's defaults
@@ -12,7 +13,8 @@ Each setting trains one epoch three ways: one process, and 2 --async ranks (Gloo
 (the trainer's engine for these runs), each run in fresh processes so that peak RSS is its own.
 At V = 1M a dense exchange moves 400 MB, so the dense run trains only the first --dense-words
 words of the corpus (same vocabulary and tables). Rounds alternate the three runs; each run's
-fastest epoch is kept and the spread of the ratios is printed.
+fastest epoch is kept and the spread of the ratios is printed. Run times above: on this 2-core
+box, loaded by other jobs; CPU seconds are recorded too (--json), which the model uses.
 
 Per run: epoch seconds and words/s (corpus words over the epoch's time, the closing exchange
 included), and for the ranks, per exchange: bytes a rank puts into the all-reduces (the flags

@@ -20,8 +20,11 @@ second table keeps each rank's share of an interval at the 2-rank default (--bat
 --sync, N ranks: a step of the global batch, each rank's share at the torch engine's speed
 (a fixed cost of FIXED_STEP_S a step, the rest split), then each rank sends its rows ((d + 3)
 float32 each) to each other rank over its link, one latency; all ranks apply all rows.
-The 2-rank measurements on this box share 2 cores between the ranks and Gloo's threads, so the
-check row compares the model with loopback figures (memory-copy speed, no spare core).
+Speeds and passes are taken in CPU seconds (a core of one's own, whatever else ran on this shared
+box). The check compares the model of this box (2 ranks on 2 cores: training, passes and Gloo's
+CPU one after another on each core) with the 2-rank measurement, per CPU second of its busier
+rank (what it reaches on two cores of its own) and by the clock (which also pays for the box's
+other load, the hypervisor's steal included).
 """
 import argparse
 import json
@@ -72,17 +75,25 @@ class Parts:
         self.corpus = data.load_corpus(setting["dataset"], cache_dir=setting["cache_dir"],
                                        min_count=setting["remove_th"])
         self.vocab, self.kept = len(self.corpus.words), kept_share(self.corpus)
-        self.kernel_speed = _speed(runs["1 process"])
+        self.runs = runs
+        self.kernel_speed = _cpu_speed(runs["1 process"])
         self.sparse = runs["async sparse"][0]
         exchanges = self.sparse["exchanges"]
-        self.pass_s = (self.sparse["exchange_s"] - self.sparse["waited_s"]) / exchanges
+        self.pass_s = self.sparse["exchange_cpu_s"] / exchanges
+        self.gloo_s = (self.sparse["cpu_seconds"] - self.sparse["thread_cpu_seconds"]) / exchanges
         self.interval_centers = STEPS_PER_EXCHANGE * BATCH // (WINDOW + 1)
         self.union_scale = self.sparse["rows"] / exchanges / expected_rows(self.corpus, self.interval_centers)
-        self.torch_speed = _speed(runs["1 process, torch engine"]) if "sync" in runs else None
+        self.torch_speed = _cpu_speed(runs["1 process, torch engine"]) if "sync" in runs else None
         if self.torch_speed:
             sync = runs["sync"][0]
             self.step_centers = BATCH // (WINDOW + 1)
             self.step_scale = sync["step_rows"] / sync["steps"] / expected_rows(self.corpus, self.step_centers / 2)
+
+    def this_box(self):
+        """2 --async ranks here, each on a core of its own shared with its Gloo threads: the
+        interval is its training, its passes and its share of the all-reduces' CPU, one after another."""
+        words = self.interval_centers / self.kept
+        return words / (words / 2 / self.kernel_speed + self.pass_s + self.gloo_s)
 
     def async_words_per_s(self, n_machines, gbit, interval_centers):
         union = self.union_scale * expected_rows(self.corpus, interval_centers)
@@ -104,6 +115,11 @@ def _speed(figures):
     return figures[0]["words"] / max(f["seconds"] for f in figures)
 
 
+def _cpu_speed(figures):
+    """Words per CPU second of one process: its speed on a core of its own, whatever else ran."""
+    return figures[0]["words"] / figures[0]["cpu_seconds"]
+
+
 def table(title, rows_of):
     print(f"\n{title}\n")
     print("| setting | link (Gbit/s) | " + " | ".join(f"{n} machines" for n in MACHINES) + " |")
@@ -123,10 +139,18 @@ def main():
     for label, setting in settings.items():
         parts[label] = Parts({**setting, "cache_dir": str(args.cache_dir)})
         part = parts[label]
-        print(f"V={label} (V = {part.vocab:,}), d={part.dim}: kernel {part.kernel_speed:,.0f} words/s a rank, "
-              f"passes {part.pass_s * 1e3:.1f} ms an exchange, union measured / expected {part.union_scale:.2f}"
-              + (f", torch engine {part.torch_speed:,.0f} words/s, step rows measured / expected "
-                 f"{part.step_scale:.2f}" if part.torch_speed else ""))
+        print(f"V={label} (V = {part.vocab:,}), d={part.dim}: kernel {part.kernel_speed:,.0f} words per CPU second; "
+              f"an exchange: passes {part.pass_s * 1e3:.1f} ms, Gloo {part.gloo_s * 1e3:.1f} ms of CPU, "
+              f"{part.sparse['rows'] / part.sparse['exchanges']:,.0f} rows (measured / expected "
+              f"{part.union_scale:.2f})" + (f"; torch engine {part.torch_speed:,.0f} words per CPU second, "
+                                             f"step rows measured / expected {part.step_scale:.2f}"
+                                             if part.torch_speed else ""))
+        sparse, one = part.runs["async sparse"], part.runs["1 process"]
+        by_cpu = sparse[0]["words"] / max(f["cpu_seconds"] for f in sparse)
+        print(f"  check, 2 async ranks on this box: model {part.this_box():,.0f} words/s "
+              f"({part.this_box() / part.kernel_speed:.2f}x one process); measured per CPU second of the busier "
+              f"rank {by_cpu:,.0f} ({by_cpu / part.kernel_speed:.2f}x), by the clock {_speed(sparse):,.0f} "
+              f"({_speed(sparse) / _speed(one):.2f}x)")
     rows = lambda fn: [(f"V={label}, d={p.dim}", gbit, [fn(p, n, gbit) for n in MACHINES])  # noqa: E731
                        for label, p in parts.items() for gbit in LINKS_GBIT]
     table("--async, default interval (every 34,133 centers of the corpus): predicted words/s",
