@@ -636,6 +636,8 @@ def test_sync_runs_put_only_the_gloo_io_thread_under_sched_idle(tmp_path):
       "--block-momentum", "1"], "must be in [0, 1)"),
     (["--multi-node", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2", "--block-momentum", "0.5"],
      "--block-momentum goes with --multi-node --async"),
+    (["--multi-node", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2", "--async-exchange", "dense"],
+     "--async-exchange goes with --multi-node --async"),
 ])
 def test_bad_distributed_flags_are_one_line_exit_2(flags, message, monkeypatch, capsys):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
