@@ -91,7 +91,7 @@ def _step_state(base_seed, step):
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True, error_model="numpy")
 def train_steps(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step, base_seed, lr_bounds, window,
-                negative, accept, alias, loss_out, pairs_out):
+                negative, accept, alias, loss_out, pairs_out, in_marks, out_marks, mark):
     """Train the steps whose centers are kept_ids[step_bounds[s]:step_bounds[s + 1]], s = 0..n-1.
 
     sentence_bounds: where every sentence of kept_ids starts, with len(kept_ids) appended; a
@@ -99,7 +99,9 @@ def train_steps(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step,
     epoch's step first_step + s: its random draws (window sizes, negatives) come from
     _step_state(base_seed, first_step + s), and its learning rate falls linearly from
     lr_bounds[s] to lr_bounds[s + 1]. The threads share the steps out between them.
-    Per-step loss sums and pair counts go to loss_out, pairs_out.
+    Per-step loss sums and pair counts go to loss_out, pairs_out. With mark, every row a step
+    writes gets a 1 in in_marks / out_marks (--async's sparse exchange sends those rows; threads
+    racing on a byte all write the same value).
     """
     dim = in_w.shape[1]
     vocab = np.uint64(accept.shape[0])
@@ -129,12 +131,22 @@ def train_steps(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step,
                 if neg != word:  # as word2vec: a negative equal to the target is skipped
                     neg_ids[n_neg] = neg
                     n_neg += 1
+            trained = pairs
             for ctx_pos in range(max(sent_lo, pos - reach), min(sent_hi, pos + reach + 1)):
                 if ctx_pos != pos:
                     loss += sgd_pair(in_w, out_w, np.int64(kept_ids[ctx_pos]), word, neg_ids, n_neg, lr, work)
                     pairs += 1
+                    if mark:
+                        in_marks[kept_ids[ctx_pos]] = 1
+            if mark and pairs > trained:
+                out_marks[word] = 1
+                for k in range(n_neg):
+                    out_marks[neg_ids[k]] = 1
         loss_out[s] = loss
         pairs_out[s] = pairs
+
+
+_NO_MARKS = np.zeros(0, dtype=np.uint8)
 
 
 def set_threads(num_threads):
@@ -145,18 +157,22 @@ def set_threads(num_threads):
 
 
 def train(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step, base_seed, lr_bounds, window, negative,
-          sampler):
+          sampler, marks=None):
     """train_steps on the numba threads set by set_threads; returns per-step (loss sums, pair counts).
+    marks: (in_marks, out_marks), a byte per row of each table, where the call marks the rows it
+    writes (None: it marks none).
 
     A step's loss is NaN where the weights became NaN: numba checks float divisions as Python
     does, and a NaN weight trips that check (the callers stop the run, naming epoch and step).
     """
     n_steps = len(step_bounds) - 1
     loss_out, pairs_out = np.zeros(n_steps), np.zeros(n_steps, dtype=np.int64)
+    in_marks, out_marks = marks if marks is not None else (_NO_MARKS, _NO_MARKS)
     try:
         train_steps(in_w, out_w, kept_ids, sentence_bounds, np.asarray(step_bounds, dtype=np.int64),
                     np.int64(first_step), np.uint64(base_seed), np.asarray(lr_bounds, dtype=np.float64), window,
-                    negative, sampler.accept, sampler.alias, loss_out, pairs_out)
+                    negative, sampler.accept, sampler.alias, loss_out, pairs_out, in_marks, out_marks,
+                    marks is not None)
     except (ZeroDivisionError, SystemError) as err:
         if not isinstance(err, ZeroDivisionError) and not isinstance(err.__cause__, ZeroDivisionError):
             raise
@@ -172,59 +188,224 @@ def warm_up(in_w, out_w, sampler, window, negative):
           window, negative, sampler)
 
 
+# ---------------------------------------------------------------------------------------------
+# --async's exchange (distributed.Averager): the row passes, the plan of the rows an exchange
+# visits, and the layout of this rank's rows among the rows all ranks agreed to send. The wire
+# arrays hold the bits of the wire's floats: uint16 for bfloat16, uint32 for float32.
+
+PENDING, ALIVE = 1, 2  # an exchange's row state bits: rounding left part of the row unsent; its momentum is not 0
+_STATE_BITS = np.uint64(0x0101010101010101)  # one bit of each of 8 state bytes read as one uint64
+
+
 @njit(inline="always")
 def _bf16_bits(bits):
     """The bfloat16 nearest (ties to even) a float32 given by its bits, as its 16 bits: torch's rounding."""
     return (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
 
 
-@njit(parallel=True, nogil=True, cache=True)
-def exchange_rows(values, sent_from, consensus, changes, unsent, flags, momentum, block_momentum, apply_received,
-                  send):
-    """distributed.exchange_rows (the reference, for GPUs) in one pass over the rows instead of
-    a dozen over the tables, the rows shared among the kernel's threads; the same float32
-    operations in the same order and the same rounding to bfloat16, so the same bits. changes,
-    unsent and flags hold bfloat16 bits (uint16)."""
+@njit(inline="always")
+def _from_wire(value, bf16):
+    """A wire value as the bits of its float32."""
+    return np.uint32(value) << np.uint32(16) if bf16 else np.uint32(value)
+
+
+@njit(inline="always")
+def _to_wire(bits, bf16):
+    """A float32 (its bits) rounded for the wire, as the wire value's bits."""
+    return _bf16_bits(bits) if bf16 else bits
+
+
+@njit(inline="always")
+def _mean_change(row, ranks, t):
+    """A summed change over the ranks that made it: x / ranks, as a multiplication where 1 / ranks is exact (the same bits)."""
+    if ranks == 1:
+        return row[t]
+    whole = np.int64(ranks)
+    if whole & (whole - 1) == 0:
+        return row[t] * (np.float32(1.0) / ranks)
+    return row[t] / ranks
+
+
+@njit(inline="always")
+def _apply_row(consensus, momentum, block_momentum, state, r, received, received_counts, q, bf16, bits, row):
+    """Move the consensus row r by its received mean change (slot q; -1: none) through the block momentum."""
+    width = consensus.shape[1]
+    ranks = np.float32(1.0)
+    if q >= 0:
+        bits[0] = _from_wire(received_counts[q], bf16)
+        ranks = max(row[0], np.float32(1.0))
+        for t in range(width):
+            bits[t] = _from_wire(received[q, t], bf16)
+    else:
+        for t in range(width):
+            row[t] = np.float32(0.0)
+    if block_momentum == 0:
+        for t in range(width):
+            consensus[r, t] += _mean_change(row, ranks, t)
+        return
+    moving = False
+    for t in range(width):
+        step = momentum[r, t] * block_momentum + _mean_change(row, ranks, t)
+        momentum[r, t] = step
+        moving |= step != 0
+        consensus[r, t] += step
+    state[r] = (state[r] | ALIVE) if moving else (state[r] & ~np.uint8(ALIVE))
+
+
+@njit(inline="always")
+def _rebase_row(values, sent_from, consensus, unsent, state, r, bits, row):
+    """Rebase a row this rank did not change (values == sent_from): consensus plus what rounding left of it."""
     width = values.shape[1]
-    for r in prange(values.shape[0]):
-        bits = np.empty(width, dtype=np.uint32)  # a float32 row and its bits: numba views arrays, not scalars
+    if state[r] & PENDING:
+        for t in range(width):
+            bits[t] = np.uint32(unsent[r, t]) << np.uint32(16)
+    else:
+        for t in range(width):
+            row[t] = np.float32(0.0)
+    for t in range(width):
+        values[r, t] = consensus[r, t] + (np.float32(0.0) + row[t])
+        sent_from[r, t] = values[r, t]
+
+
+@njit(inline="always")
+def _send_row(values, sent_from, consensus, unsent, state, r, changes, change_counts, s, flush, bf16, bits, row):
+    """Put into slot s this rank's change of row r, and rebase the row on the consensus."""
+    width = values.shape[1]
+    changed = False
+    for t in range(width):
+        progress = values[r, t] - sent_from[r, t]
+        changed |= progress != 0
+        bits[t] = np.uint32(unsent[r, t]) << np.uint32(16)
+        row[t] = progress + row[t]  # all this rank learnt that the consensus has not heard of
+        values[r, t] = consensus[r, t] + row[t]
+        sent_from[r, t] = values[r, t]
+    change_counts[s] = _to_wire(np.uint32(0x3F800000), bf16) if changed else 0  # 1.0 or 0.0
+    if not (changed or flush):  # what rounding left of an unchanged row waits for its next change
+        for t in range(width):
+            changes[s, t] = 0
+        return
+    left = False
+    for t in range(width):
+        rounded = _to_wire(bits[t], bf16)
+        changes[s, t] = rounded
+        total = row[t]
+        bits[t] = _from_wire(rounded, bf16)
+        row[t] = total - row[t]  # what rounding left out: sent with the row's next change
+        unsent[r, t] = np.uint16(_bf16_bits(bits[t]))
+        left |= unsent[r, t] != 0
+    state[r] = (state[r] | PENDING) if left else (state[r] & ~np.uint8(PENDING))
+
+
+_ROWS_PER_TASK = 64  # rows a thread takes at a time; one scratch row each
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def exchange_rows(values, sent_from, consensus, unsent, momentum, block_momentum, rows, received, received_counts,
+                  recv_slots, changes, change_counts, send_slots, state, apply, send, flush):
+    """distributed.exchange_rows (the reference, for GPUs) in one pass over the listed rows instead of
+    a dozen over the tables, the rows shared among the kernel's threads; the same float32
+    operations in the same order and the same rounding, so the same bits. A row without a send
+    slot is one this rank did not change: only its consensus and what rounding left are read.
+    unsent holds bfloat16 bits; received, received_counts, changes and change_counts the wire's
+    bits. In place (the dense exchange) the received and the changes arrays may be the same: a
+    row is read before it is written."""
+    bf16 = changes.itemsize == 2
+    for task in prange((len(rows) + _ROWS_PER_TASK - 1) // _ROWS_PER_TASK):
+        bits = np.empty(values.shape[1], dtype=np.uint32)  # a float32 row and its bits: numba views arrays, not scalars
         row = bits.view(np.float32)
-        if apply_received:
-            bits[0] = np.uint32(flags[r]) << np.uint32(16)
-            ranks = max(row[0], np.float32(1.0))
-            for t in range(width):
-                bits[t] = np.uint32(changes[r, t]) << np.uint32(16)
-            for t in range(width):
-                step = row[t] / ranks
-                if block_momentum != 0:
-                    step = momentum[r, t] * block_momentum + step
-                    momentum[r, t] = step
-                consensus[r, t] += step
-        if send:
-            changed = False
-            for t in range(width):
-                progress = values[r, t] - sent_from[r, t]
-                changed |= progress != 0
-                bits[t] = np.uint32(unsent[r, t]) << np.uint32(16)
-                row[t] = progress + row[t]  # all this rank learnt that the consensus has not heard of
-                values[r, t] = consensus[r, t] + row[t]
-                sent_from[r, t] = values[r, t]
-            for t in range(width):
-                rounded = _bf16_bits(bits[t])
-                changes[r, t] = np.uint16(rounded)
-                total = row[t]
-                bits[t] = rounded << np.uint32(16)
-                row[t] = total - row[t]  # what rounding left out: sent with the next exchange
-                unsent[r, t] = np.uint16(_bf16_bits(bits[t]))
-            flags[r] = np.uint16(0x3F80) if changed else np.uint16(0)  # bfloat16 1.0 and 0.0
+        for j in range(task * _ROWS_PER_TASK, min(len(rows), (task + 1) * _ROWS_PER_TASK)):
+            r = rows[j]
+            if apply and (recv_slots[j] >= 0 or (state[r] & ALIVE) != 0):
+                _apply_row(consensus, momentum, block_momentum, state, r, received, received_counts, recv_slots[j],
+                           bf16, bits, row)
+            if not send:  # the epoch's end: every rank takes the consensus itself, the same bits everywhere
+                for t in range(values.shape[1]):
+                    values[r, t] = consensus[r, t]
+            elif send_slots[j] < 0:
+                _rebase_row(values, sent_from, consensus, unsent, state, r, bits, row)
+            else:
+                _send_row(values, sent_from, consensus, unsent, state, r, changes, change_counts, send_slots[j],
+                          flush, bf16, bits, row)
+
+
+@njit(nogil=True, cache=True)
+def plan_rows(union, marks, state, flush, rows, recv_slots, send_slots, bits):
+    """The rows a sparse exchange visits, in ascending order: those of the last agreed union (union:
+    a bit per row; empty: none), those this rank marked (marks: a byte per row, cleared here; with
+    flush, also those with a pending rounding leftover) and those whose momentum still moves. Fills
+    rows, each row's slot among the union's rows (recv_slots) and among this rank's (send_slots),
+    -1 where it has none, and this rank's rows as bits (bits). marks and state are padded to whole
+    8-byte words. Returns (rows to visit, rows of this rank)."""
+    marks8, state8 = marks.view(np.uint64), state.view(np.uint64)
+    wanted = _STATE_BITS * np.uint64(ALIVE | (PENDING if flush else 0))
+    n = n_recv = n_send = 0
+    for b in range(len(bits)):
+        got_byte = union[b] if len(union) else np.uint8(0)
+        bits[b] = 0
+        if got_byte == 0 and marks8[b] == 0 and state8[b] & wanted == 0:
+            continue
+        for k in range(8):
+            r = 8 * b + k
+            got = (got_byte >> k) & 1
+            mine = marks[r] != 0 or (flush and state[r] & PENDING)
+            if got or mine or state[r] & ALIVE:
+                rows[n] = r
+                recv_slots[n] = n_recv if got else -1
+                send_slots[n] = n_send if mine else -1
+                n += 1
+            n_recv += got
+            if mine:
+                bits[b] |= np.uint8(1 << k)
+                marks[r] = 0
+                n_send += 1
+    return n, n_send
+
+
+@njit(nogil=True, cache=True)
+def scatter_rows(union, mine, staged, staged_counts, changes, change_counts):
+    """This rank's staged rows (mine: their table rows, ascending) at their places among the
+    agreed union's rows (a bit per row), zeros at the others' rows."""
+    j = p = 0
+    for b in range(len(union)):
+        if union[b] == 0:
+            continue
+        for k in range(8):
+            if (union[b] >> k) & 1:
+                if p < len(mine) and mine[p] == 8 * b + k:
+                    for t in range(changes.shape[1]):
+                        changes[j, t] = staged[p, t]
+                    change_counts[j] = staged_counts[p]
+                    p += 1
+                else:
+                    for t in range(changes.shape[1]):
+                        changes[j, t] = 0
+                    change_counts[j] = 0
+                j += 1
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def mark_changed_rows(values, sent_from, marks):
+    """Mark the rows whose values differ from sent_from: for training loops that do not mark the rows they write."""
+    for r in prange(values.shape[0]):
+        for t in range(values.shape[1]):
+            if values[r, t] != sent_from[r, t]:
+                marks[r] = 1
+                break
 
 
 def warm_up_exchange():
-    """Have numba load (or compile) exchange_rows before the first epoch starts its clock (a noticeable part of a second
-    from numba's cache), by a call on empty rows."""
-    empty, no_bits = np.zeros((0, 1), dtype=np.float32), np.zeros((0, 1), dtype=np.uint16)
-    exchange_rows(empty, empty, empty, no_bits, no_bits, np.zeros(0, dtype=np.uint16), empty, np.float32(0.0),
-                  True, True)
+    """Have numba load (or compile) the exchange's loops before the first epoch starts its clock (a
+    noticeable part of a second from numba's cache), by calls on empty rows, with the argument
+    types of the real calls."""
+    table, no_rows = np.zeros((0, 1), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    bytes8, no_bits = np.zeros(8, dtype=np.uint8), np.zeros(1, dtype=np.uint8)
+    for wire in (np.uint16, np.uint32):
+        changes, counts = np.zeros((0, 1), dtype=wire), np.zeros(0, dtype=wire)
+        exchange_rows(table, table, table, np.zeros((0, 1), dtype=np.uint16), table, np.float32(0.0), no_rows,
+                      changes, counts, no_rows, changes, counts, no_rows, bytes8, True, True, True)
+        scatter_rows(no_bits[:0], no_rows, changes, counts, changes, counts)
+    plan_rows(no_bits[:0], bytes8, bytes8, True, no_rows, no_rows, no_rows, no_bits)
+    mark_changed_rows(table, table, bytes8)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,10 +33,14 @@ import model as models
 
 INIT_SCHEMES = ("tcp://", "file://", "env://")
 # --async's default interval: 50 steps, and no fewer global pairs than 50 steps of the default
-# batch (4096): each exchange sends both whole tables, so a small batch must not exchange after a
-# few milliseconds of training. Tied to text, the interval is the one bench_async_quality
-# measured the quality of, whatever the batch.
+# batch (4096): an exchange costs a pass over the rows it sends and a round of messages, so a
+# small batch must not exchange after a few milliseconds of training. Tied to text, the interval
+# is the one bench_async_quality measured the quality of, whatever the batch.
 MIN_SYNC_STEPS, MIN_SYNC_PAIRS = 50, 50 * 4096
+# Bytes of a sparse --async exchange, as a share of the dense one's, below which the sparse one
+# is chosen: it also copies its rows once more (staged, then laid out among the agreed rows) and
+# agrees on which rows travel before sending them.
+SPARSE_MAX_SHARE = 0.8
 # Share of an --async epoch spent at sync points above which rank 0 suggests a longer interval.
 EXCHANGE_HINT_SHARE = 0.25
 DIST_TIMEOUT_MAX = 7 * 24 * 3600  # seconds; a longer wait for a rank is a typo
@@ -94,6 +98,11 @@ def add_arguments(parser):
                    help="--async: momentum of the averaged changes, in [0, 1) (BMUF). 0.5 gives back what "
                         "averaging takes from 2 ranks: better word similarity, higher PIP loss (README); "
                         "keep it at 0.5 or below, larger values can diverge with many ranks")
+    g.add_argument("--async-exchange", default="auto", choices=["auto", "dense", "sparse"],
+                   help="--async: what an exchange sends. dense: every row of both tables; sparse: only the rows "
+                        "some rank changed since the last exchange (with a bit per row to agree on them); auto "
+                        "(default): the one with fewer bytes, chosen at each epoch's first exchange. Both give the "
+                        "same vectors; on GPUs the exchange is dense")
     g.add_argument("--dist-timeout", type=float, default=120.0,
                    help="seconds a rank waits for the others (connecting, each collective) before failing")
 
@@ -115,6 +124,8 @@ def check_flags(args, cuda_devices):
         problems.append(f"--block-momentum {args.block_momentum}: must be in [0, 1)")
     if args.block_momentum and not (args.multi_node and args.dist_mode == "async"):
         problems.append("--block-momentum goes with --multi-node --async")
+    if args.async_exchange != "auto" and not (args.multi_node and args.dist_mode == "async"):
+        problems.append("--async-exchange goes with --multi-node --async")
     if args.multi_gpu and args.multi_node:
         problems.append("--multi-gpu and --multi-node exclude each other: for several GPUs with torch.distributed, "
                         "run one --multi-node process per GPU (torchrun --nproc-per-node N)")
@@ -626,6 +637,10 @@ class OneProcess:
         """The next step before which the ranks exchange (a compiled call must end there)."""
         return math.inf
 
+    def row_marks(self, *params):
+        """A byte per row of each parameter where a compiled loop marks the rows it writes; None: not wanted."""
+        return None
+
     def window_step(self, local_step, model, window, lr, max_windows, signal_number):
         """(the step's [loss sum, pairs], the stop agreed after it)."""
         return local_step(*window, lr), signal_number
@@ -717,13 +732,14 @@ class SyncRanks(OneProcess):
 class AsyncRanks(OneProcess):
     """--multi-node --async: local steps; every sync_interval steps the ranks' changes are
     exchanged in the background (Averager), and every epoch ends with a blocking exchange, so
-    the PIP loss and checkpoints see identical parameters on all ranks. A stop asked for
-    between two sync points is agreed at the next one but one."""
+    the PIP loss and checkpoints see identical parameters on all ranks. A sparse exchange is
+    sent half an interval after its sync point (its send point), once the ranks agreed on its
+    rows. A stop asked for between two sync points is agreed at the next one but one."""
 
-    def __init__(self, world, sync_interval, block_momentum):
+    def __init__(self, world, sync_interval, block_momentum, exchange="auto"):
         super().__init__()
         self.rank, self.world_size = world.rank, world.world_size
-        self.sync_interval, self.block_momentum = sync_interval, block_momentum
+        self.sync_interval, self.block_momentum, self.exchange = sync_interval, block_momentum, exchange
         self.averager = None
         self.hinted = False
 
@@ -732,7 +748,7 @@ class AsyncRanks(OneProcess):
             cpu_kernel.warm_up_exchange()
 
     def start_epoch(self, model):
-        self.averager = Averager(model, self.block_momentum)  # each epoch starts from a consensus
+        self.averager = Averager(model, self.block_momentum, self.exchange)  # each epoch starts from a consensus
 
     def end_epoch(self, stop):
         self.averager.finish()
@@ -741,12 +757,22 @@ class AsyncRanks(OneProcess):
         return stop
 
     def before_step(self, step, first_step, signal_number):
+        agreed = 0
         if step > first_step and step % self.sync_interval == 0:
-            return self.averager.sync_point(signal_number)
-        return 0
+            agreed = self.averager.sync_point(signal_number)
+        if step % self.sync_interval == self.sync_interval // 2:
+            self.averager.send_point()
+        return agreed
 
     def next_sync_point(self, step):
-        return (step // self.sync_interval + 1) * self.sync_interval
+        interval = self.sync_interval
+        start = step // interval * interval
+        if self.averager.mode != "dense" and step < start + interval // 2:
+            return start + interval // 2
+        return start + interval
+
+    def row_marks(self, *params):
+        return self.averager.row_marks(*params)
 
     def window_step(self, local_step, model, window, lr, max_windows, signal_number):
         return local_step(*window, lr), 0
@@ -768,16 +794,47 @@ def make_strategy(args, world):
         return OneProcess(args.multi_gpu, args.num_gpu)
     if args.dist_mode == "sync":
         return SyncRanks(world)
-    return AsyncRanks(world, args.sync_interval, args.block_momentum)
+    return AsyncRanks(world, args.sync_interval, args.block_momentum, args.async_exchange)
 
 
 def interval_hint(share, interval):
     """What rank 0 says when an --async epoch spent share of its time at sync points, or None."""
     if share < EXCHANGE_HINT_SHARE:
         return None
-    return (f"note: this epoch spent {share:.0%} of its time exchanging with the other ranks (all the parameters "
-            f"every --sync-interval {interval} steps); a larger --sync-interval trains faster, at some cost in word "
+    return (f"note: this epoch spent {share:.0%} of its time exchanging with the other ranks (every "
+            f"--sync-interval {interval} steps); a larger --sync-interval trains faster, at some cost in word "
             "similarity (README: Several GPUs and machines)")
+
+
+class ExchangeStats:
+    """What an epoch's exchanges cost this rank: their count, the bytes it put into their
+    all-reduces (flags and changes), the rows they carried, the seconds spent at sync and send
+    points, how many of those it waited for the other ranks, and the CPU seconds of its own
+    passes there (the training thread's: Gloo's threads not included)."""
+
+    def __init__(self):
+        self.exchanges, self.bytes, self.rows = 0, 0, 0
+        self.seconds = self.waited = self.cpu = 0.0
+
+    @contextlib.contextmanager
+    def timed(self):
+        began, began_cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - began
+            self.cpu += time.thread_time() - began_cpu
+
+    def wait(self, work):
+        began = time.perf_counter()
+        work.wait()
+        self.waited += time.perf_counter() - began
+
+
+def choose_exchange(dense_bytes, sparse_bytes):
+    """'sparse' or 'dense': what an --async epoch's exchanges send, from what its first exchange
+    sends either way (figures every rank shares, so every rank chooses the same)."""
+    return "sparse" if sparse_bytes < SPARSE_MAX_SHARE * dense_bytes else "dense"
 
 
 class Averager:
@@ -792,10 +849,20 @@ class Averager:
     rank never misses another's updates by more than 2 intervals, and what it applies is at
     most one interval old.
 
+    The exchange is dense (every row of every table travels) or sparse (only the rows some rank
+    changed): the same sums, so the same parameters. Sparse, each rank marks the rows it changes
+    (the CPU kernel marks them as it writes them; other loops' rows are found by comparison) and
+    at sync point k stages its changes and starts an all-reduce of one bit per row (OR: the
+    union of the rows every rank changed); at the send point, half an interval later, it lays its
+    staged rows out among the union's and starts their all-reduce. Nobody waits for the union
+    unless a rank is half an interval behind, and what is applied at k+1 is the same as dense.
+    The first exchange of an epoch waits for its union and picks the cheaper of the two by
+    bytes (choose_exchange; --async-exchange can force either). On GPUs the exchange is dense.
+
     The changes travel as bfloat16: half the bytes of float32, and what the rounding leaves out
-    (at most 1/256 of a change) is kept and sent with the rank's next changes (error feedback),
-    so nothing a rank learns is lost, only delayed by one exchange; the epoch's last leftovers
-    are dropped. The all-reduce's CPU time drops with its bytes (bench/bench_distributed.py).
+    (at most 1/256 of a change) is kept and sent with the row's next change, or at the epoch's
+    end (error feedback), so nothing a rank learns is lost, only delayed; the epoch's last
+    leftovers are dropped. The all-reduce's CPU time drops with its bytes (bench/bench_distributed.py).
 
     A plain average of the ranks' parameters keeps 1/world-size of what each rank learnt: with
     2 ranks, every change made on half the text is halved. The row-wise mean gives a row that
@@ -804,117 +871,314 @@ class Averager:
     what averaging takes from the rows all ranks changed. In a simple model of one row (each
     rank's interval closes a fraction a of its gap to the row's target; the consensus hears of
     it one exchange later) the gap follows z^2 - (1 + m) z + (m + a) = 0 from exchange to
-    exchange: it shrinks while m + a < 1, so a large momentum diverges (bench/RESULTS.md).
+    exchange: it shrinks while m + a < 1, so a large momentum diverges (bench/RESULTS.md). A
+    sparse exchange still moves every row whose momentum has not died out.
+
+    Copies of the parameters it holds: the consensus and sent_from (float32), what rounding left
+    out (bfloat16), and wire buffers: dense, one of the tables' size (bfloat16); sparse, two of
+    the agreed rows' and this rank's rows' size, at most the tables'. Momentum adds a float32 copy.
     """
 
-    def __init__(self, model, block_momentum=0.0):
+    def __init__(self, model, block_momentum=0.0, exchange="auto", wire_dtype=torch.bfloat16):
         self.params = list(model.parameters())  # equal on all ranks here: every epoch starts from a consensus
-        self.rows = [p.shape[0] if p.dim() else 1 for p in self.params]
-        n = sum(p.numel() for p in self.params)
         self.consensus = torch.cat([p.data.reshape(-1) for p in self.params])
         self.sent_from = self.consensus.clone()  # this rank's parameters when it last sent its changes
-        self.unsent = self.consensus.new_zeros(n, dtype=torch.bfloat16)  # what rounding kept out of the last send
-        # changes | rows changed | stop signal
-        self.buffer = self.consensus.new_empty(n + sum(self.rows) + 1, dtype=torch.bfloat16)
+        self.unsent = torch.zeros_like(self.consensus, dtype=torch.bfloat16)  # what rounding kept out of sends
         self.block_momentum = block_momentum  # each epoch (and each resumed one) starts without momentum
         self.momentum = torch.zeros_like(self.consensus) if block_momentum else None
-        self.no_momentum = self.consensus.new_zeros(0, 1)  # stands for momentum when there is none
-        self.work = None
-        self.sent = 0
-        self.started, self.exchange_s = time.perf_counter(), 0.0  # for exchange_share
+        self.wire_dtype = wire_dtype
+        self.tables = [_Table(self, p, flat) for p, flat in zip(self.params, _flat_slices(self.params))]
+        self.mode = exchange if self.consensus.device.type == "cpu" else "dense"  # auto: the first exchange decides
+        self.storage = {}
+        self.flags = [torch.zeros(sum(t.n_bytes for t in self.tables), dtype=torch.uint8) for _ in range(2)]
+        self.turn = 0  # which of flags this rank's rows go into next; the other holds the last union
+        self.work = self.agreement = None  # the changes' all-reduce in flight; the union's
+        self.in_flight, self.received_rows = None, None  # the buffer of the all-reduce in flight, its rows per table
+        self.staged_rows = []  # rows of each table this rank staged for the union's all-reduce
+        self.stop_to_send = self.sent = 0
+        self.stats, self.started = ExchangeStats(), time.perf_counter()
 
     def exchange_share(self):
         """The share of the time since this epoch began spent at sync points (passes and waits)."""
-        return self.exchange_s / max(time.perf_counter() - self.started, 1e-9)
+        return self.stats.seconds / max(time.perf_counter() - self.started, 1e-9)
 
-    def _slices(self):
-        """Each parameter with its slice of the flat copies and its slice of the changed-row flags."""
-        offset, flag_offset = 0, self.consensus.numel()
-        for p, rows in zip(self.params, self.rows):
-            yield p, slice(offset, offset + p.numel()), slice(flag_offset, flag_offset + rows)
-            offset, flag_offset = offset + p.numel(), flag_offset + rows
-
-    def _exchange(self, apply_received, send):
-        """One pass over every parameter: move the consensus by the all-reduce just received, then
-        put this rank's changes since it last sent into the buffer and rebase its parameters on the
-        consensus. On the CPU a compiled loop does it in one pass over the rows (cpu_kernel.exchange_rows),
-        where the tensor ops pass over whole tables a dozen times, all memory traffic."""
-        for p, flat, flags in self._slices():
-            rows = flags.stop - flags.start
-            views = [t.view(rows, -1) for t in (p.data, self.sent_from[flat], self.consensus[flat],
-                                                self.buffer[flat], self.unsent[flat])]
-            momentum = self.momentum[flat].view(rows, -1) if self.block_momentum else self.no_momentum
-            views += [self.buffer[flags], momentum]
-            if p.device.type == "cpu":
-                cpu_kernel.exchange_rows(*(_as_numpy(v) for v in views), np.float32(self.block_momentum),
-                                         apply_received, send)
-            else:
-                exchange_rows(*views, self.block_momentum, apply_received, send)
-
-    def _start(self, stop_signal):
-        self.buffer[-1] = float(stop_signal)
-        self.sent = stop_signal
-        self.work = dist.all_reduce(self.buffer, async_op=True)
-
-    def _wait(self):
-        """Wait for the all-reduce; True if some rank must stop (a sum of signals: not which)."""
-        self.work.wait()
-        self.work = None
-        return self.buffer[-1] > 0
+    def row_marks(self, *params):
+        """A byte per row of each of these parameters, where the training loop marks the rows it
+        writes: the sparse exchange then needs no comparison of whole tables. None: no marks wanted."""
+        if self.mode == "dense":
+            return None
+        tables = [next(t for t in self.tables if t.param is p) for p in params]
+        for table in tables:
+            table.marked_by_loop = True
+        return [table.marks for table in tables]
 
     def sync_point(self, stop_signal):
-        """Apply the previous all-reduce, start the next; returns the stop signal agreed at the previous one."""
-        began = time.perf_counter()
-        agreed = 0
-        received = self.work is not None
-        if received and self._wait():
-            agreed = self.sent or int(signal.SIGTERM)
-        self._exchange(received, send=True)
-        self._start(stop_signal)
-        self.exchange_s += time.perf_counter() - began
+        """Apply the previous exchange and start the next (sparse: stage it for send_point);
+        returns the stop signal agreed at the previous one."""
+        with self.stats.timed():
+            received, agreed = self._receive()
+            self.stop_to_send = stop_signal
+            if self.mode == "dense":
+                self._dense_pass(received, send=True)
+            else:
+                if self.agreement is not None:  # a loop that skipped the send point
+                    self._send_staged()
+                self._stage(received)
+                if self.mode == "auto":  # the epoch's first exchange: the union decides, so wait for it now
+                    self._send_staged()
         return agreed
+
+    def send_point(self):
+        """Sparse: once the union of the staged exchange is agreed, start the all-reduce of its rows."""
+        if self.agreement is not None:
+            with self.stats.timed():
+                self._send_staged()
 
     def finish(self):
         """Blocking: apply what is pending, exchange the rest, and set every rank to the same consensus."""
-        began = time.perf_counter()
-        received = self.work is not None
-        if received:
-            self._wait()
-        self._exchange(received, send=True)
-        self._start(0)
-        self._wait()
-        self._exchange(True, send=False)
-        for p, flat, _ in self._slices():  # a copy, not an update: bit-identical on every rank
-            p.data.copy_(self.consensus[flat].view_as(p))
-        self.exchange_s += time.perf_counter() - began
+        with self.stats.timed():
+            if self.agreement is not None:
+                self._send_staged()
+            received, _ = self._receive()
+            self.stop_to_send = 0
+            if self.mode == "dense":
+                self._dense_pass(received, send=True, flush=True)
+            else:
+                self._stage(received, flush=True)
+                self._send_staged()
+            self._receive()
+            if self.mode == "dense":
+                self._dense_pass(True, send=False)
+            else:
+                self._sparse_pass(True, send=False)
+
+    def _receive(self):
+        """Wait for the all-reduce in flight: (whether there was one, the stop it agreed on, or 0).
+        A sum of signals says that some rank must stop, not which signal: a rank that asked for
+        none stops as if terminated."""
+        if self.work is None:
+            return False, 0
+        self.stats.wait(self.work)
+        self.work = None
+        stop = self.in_flight[-1] > 0
+        return True, (self.sent or int(signal.SIGTERM)) if stop else 0
+
+    def _start(self, buffer, rows):
+        """Start the all-reduce of a buffer laid out by _lay_out for rows[i] rows of table i, this
+        rank's stop signal last."""
+        buffer[-1] = float(self.stop_to_send)
+        self.sent = self.stop_to_send
+        self.in_flight, self.received_rows = buffer, rows
+        self.work = dist.all_reduce(buffer, async_op=True)
+        self.stats.exchanges += 1
+        self.stats.bytes += buffer.numel() * buffer.element_size()
+        self.stats.rows += sum(rows)
+
+    def _wire_size(self, rows):
+        """Elements of a wire buffer carrying rows[i] rows of table i."""
+        return sum(n * (t.width + 1) for n, t in zip(rows, self.tables)) + 1
+
+    def _room(self, name, size):
+        """A wire buffer of size elements on storage kept under name, grown by half when too small:
+        allocated afresh at every exchange, it would pay its page faults every time."""
+        store = self.storage.get(name)
+        if store is None or store.numel() < size:
+            grown = size if store is None or name == "dense" else max(size, 3 * store.numel() // 2)
+            store = self.storage[name] = self.consensus.new_empty(grown, dtype=self.wire_dtype)
+        return store[:size]
+
+    def _lay_out(self, buffer, rows):
+        """Per table, (its rows x width changes, its rows' counts) in a buffer carrying rows[i] rows of table i."""
+        changes, offset = [], 0
+        for n, table in zip(rows, self.tables):
+            changes.append(buffer[offset:offset + n * table.width].view(n, table.width))
+            offset += n * table.width
+        return list(zip(changes, buffer[offset:offset + sum(rows)].split(list(rows))))
+
+    def _dense_pass(self, received, send, flush=False):
+        """Every row of every table, in place in the dense buffer (a row's received sum is read before
+        its change is written); with send, starts the buffer's all-reduce."""
+        every_rows = [t.rows for t in self.tables]
+        buffer = self._room("dense", self._wire_size(every_rows))
+        for table, (changes, counts) in zip(self.tables, self._lay_out(buffer, every_rows)):
+            every = table.every_row()
+            table.run(every, changes, counts, every, changes, counts, every, received, send, flush)
+        if send:
+            self._start(buffer, every_rows)
+
+    def _stage(self, received, flush=False):
+        """Sparse: apply what was received and stage this rank's changes (_sparse_pass), then start
+        the all-reduce of its rows' bits (OR: the union of the rows some rank changed)."""
+        self.staged_rows = self._sparse_pass(received, send=True, flush=flush)
+        self.agreement = dist.all_reduce(self.flags[self.turn], op=dist.ReduceOp.BOR, async_op=True)
+        self.stats.bytes += self.flags[self.turn].numel()
+
+    def _sparse_pass(self, received, send, flush=False):
+        """The rows of the last union (their received changes applied), this rank's marked rows (their
+        changes staged when send) and those whose momentum still moves; returns this rank's row counts."""
+        mine = self.flags[self.turn].split([t.n_bytes for t in self.tables])
+        plans = [table.plan(bits.numpy(), received, flush and send) for table, bits in zip(self.tables, mine)]
+        staged_rows = [n_mine for _, n_mine in plans]
+        staged = self._lay_out(self._room("staged", self._wire_size(staged_rows)), staged_rows)
+        received_views = self._lay_out(self.in_flight, self.received_rows) if received else staged
+        for table, (n, _), out, got in zip(self.tables, plans, staged, received_views):
+            rows, recv_slots, send_slots = table.plan_arrays[:, :n]
+            table.run(rows, *got, recv_slots, *out, send_slots, received, send, flush)
+            table.staged = rows[send_slots >= 0]
+        return staged_rows
+
+    def _send_staged(self):
+        """Wait for the union of the staged rows, lay this rank's staged rows out among the union's
+        (zeros elsewhere) and start their all-reduce. At an epoch's first exchange the union decides
+        between sparse and dense; dense, the union is every row."""
+        self.stats.wait(self.agreement)
+        self.agreement = None
+        unions = [u.numpy() for u in self.flags[self.turn].split([t.n_bytes for t in self.tables])]
+        self.turn = 1 - self.turn
+        union_rows = [int(np.bitwise_count(u).sum()) for u in unions]
+        every_rows = [t.rows for t in self.tables]
+        if self.mode == "auto":
+            width = torch.finfo(self.wire_dtype).bits // 8
+            self.mode = choose_exchange(width * self._wire_size(every_rows),
+                                        width * self._wire_size(union_rows) + self.flags[0].numel())
+        if self.mode == "dense":
+            unions, union_rows = [t.every_row_bits() for t in self.tables], every_rows
+        buffer = self._room(self.mode, self._wire_size(union_rows))
+        staged = self._lay_out(self.storage["staged"], self.staged_rows)
+        laid_out = self._lay_out(buffer, union_rows)
+        for table, union, (changes, counts), (out, out_counts) in zip(self.tables, unions, staged, laid_out):
+            cpu_kernel.scatter_rows(union, table.staged, _bits(changes), _bits(counts), _bits(out), _bits(out_counts))
+            table.union = union
+        self._start(buffer, union_rows)
 
 
-def _as_numpy(tensor):
-    """A CPU tensor as a numpy array; bfloat16, which numpy lacks, as its bits (uint16)."""
+def _flat_slices(params):
+    offset = 0
+    for p in params:
+        yield slice(offset, offset + p.numel())
+        offset += p.numel()
+
+
+class _Table:
+    """One parameter's part of an Averager's exchange: rows x width views of the parameter and of the
+    Averager's flat copies, and the sparse exchange's bookkeeping: a mark per row (rows this rank
+    wrote), a state per row (cpu_kernel.PENDING, ALIVE), the last agreed union of rows (a bit each),
+    the rows this rank staged, and room for the plan of the rows a pass visits."""
+
+    def __init__(self, averager, param, flat):
+        self.averager, self.param = averager, param
+        self.rows = param.shape[0] if param.dim() else 1
+        copies = [averager.sent_from, averager.consensus, averager.unsent]
+        self.views = [param.data.view(self.rows, -1)] + [t[flat].view(self.rows, -1) for t in copies]
+        self.width = self.views[0].shape[1]
+        self.momentum = (averager.momentum[flat].view(self.rows, -1) if averager.momentum is not None
+                         else self.views[2].new_zeros(0, 1))
+        self.n_bytes = math.ceil(self.rows / 8)  # the union's bits
+        self.marks = np.zeros(8 * self.n_bytes, dtype=np.uint8)  # whole 8-byte words: plan_rows reads 8 at a time
+        self.state = torch.zeros(8 * self.n_bytes, dtype=torch.uint8, device=param.device)
+        self.marked_by_loop = False
+        self.union = self.staged = self.plan_arrays = self._every = None
+
+    def every_row(self):
+        """Each row's index (the dense exchange's rows and slots)."""
+        if self._every is None:
+            self._every = torch.arange(self.rows, device=self.param.device)
+            if self.param.device.type == "cpu":
+                self._every = self._every.numpy()
+        return self._every
+
+    def every_row_bits(self):
+        """Every row as a union's bits (the dense exchange's union)."""
+        return np.packbits(np.ones(self.rows, dtype=bool), bitorder="little")
+
+    def plan(self, bits, received, flush):
+        """The rows a sparse pass visits (cpu_kernel.plan_rows) into plan_arrays; (rows, this rank's rows)."""
+        if self.plan_arrays is None:
+            self.plan_arrays = np.empty((3, self.rows), dtype=np.int64)
+        if not self.marked_by_loop:
+            values, sent_from = self.views[:2]
+            cpu_kernel.mark_changed_rows(values.numpy(), sent_from.numpy(), self.marks)
+        union = self.union if received else _NO_BITS
+        return cpu_kernel.plan_rows(union, self.marks, self.state.numpy(), flush, *self.plan_arrays, bits)
+
+    def run(self, rows, received, received_counts, recv_slots, changes, change_counts, send_slots, apply, send,
+            flush):
+        """The exchange pass over rows (cpu_kernel.exchange_rows on the CPU, exchange_rows on GPUs)."""
+        momentum, block_momentum = self.momentum, self.averager.block_momentum
+        if self.param.device.type == "cpu":
+            cpu_kernel.exchange_rows(*(v.numpy() for v in self.views[:3]), _bits(self.views[3]), momentum.numpy(),
+                                     np.float32(block_momentum), rows, _bits(received), _bits(received_counts),
+                                     recv_slots, _bits(changes), _bits(change_counts), send_slots,
+                                     self.state.numpy(), apply, send, flush)
+        else:
+            exchange_rows(*self.views, momentum, block_momentum, rows, received, received_counts, recv_slots, changes,
+                          change_counts, send_slots, self.state, apply, send, flush)
+
+
+_NO_BITS = np.zeros(0, dtype=np.uint8)
+
+
+def _bits(tensor):
+    """A CPU tensor as a numpy array; a float's bits where it travels or is stored in fewer bits (bfloat16, which
+    numpy lacks, as uint16; the wire's float32 as uint32)."""
     if tensor.dtype == torch.bfloat16:
         return tensor.view(torch.int16).numpy().view(np.uint16)
+    if tensor.dtype == torch.float32:
+        return tensor.view(torch.int32).numpy().view(np.uint32)
     return tensor.numpy()
 
 
-def exchange_rows(values, sent_from, consensus, changes, unsent, flags, momentum, block_momentum, apply_received,
-                  send):
-    """Averager's pass over one parameter as rows x width views (cpu_kernel.exchange_rows is the same,
-    compiled). changes, unsent and flags are bfloat16. apply_received: changes holds the ranks'
-    summed changes and flags how many ranks changed each row; the consensus moves by the rows' mean
-    change through the block momentum. send: changes gets this rank's progress since sent_from plus
-    what the last rounding left out (unsent), rounded, and unsent what this rounding leaves out;
-    flags marks the rows with progress; values and sent_from become the consensus plus all this
-    rank learnt that the consensus has not heard of (exact for untouched rows: it is 0)."""
-    if apply_received:
-        step = changes.float().div_(flags.float().clamp(min=1.0).unsqueeze(1))
-        if block_momentum:
-            step = momentum.mul_(block_momentum).add_(step)
-        consensus += step
+def exchange_rows(values, sent_from, consensus, unsent, momentum, block_momentum, rows, received, received_counts,
+                  recv_slots, changes, change_counts, send_slots, state, apply, send, flush):
+    """An exchange's pass over the listed rows of one parameter (rows x width views; cpu_kernel.exchange_rows
+    is the same, compiled). rows, recv_slots and send_slots are index tensors; unsent is bfloat16,
+    received, received_counts, changes and change_counts of the wire's dtype, state a byte per row.
+    apply: each row with a received slot moves the consensus by its mean change (received: the
+    ranks' summed changes, received_counts how many ranks changed the row) through the block
+    momentum, as does each row whose momentum still moves (state ALIVE). send: each row takes
+    this rank's progress since sent_from plus what the last rounding left out (unsent); in its
+    send slot, if it changed or with flush, goes that total rounded for the wire, and unsent keeps
+    what the rounding leaves out (state PENDING when not 0); values and sent_from become the
+    consensus plus all this rank learnt that the consensus has not heard of. Without send, values
+    become the consensus (the epoch's end)."""
+    if apply:
+        _apply_rows(consensus, momentum, block_momentum, state, rows, received, received_counts, recv_slots)
     if send:
-        progress = values - sent_from
-        flags.copy_((progress.amax(dim=1) != 0) | (progress.amin(dim=1) != 0))  # cheaper than any() over each row
-        total = progress.add_(unsent.float())
-        changes.copy_(total)
-        unsent.copy_(total - changes.float())
-        torch.add(consensus, total, out=values)
-        sent_from.copy_(values)
+        _send_rows(values, sent_from, consensus, unsent, state, rows, changes, change_counts, send_slots, flush)
+    else:
+        values[rows] = consensus[rows]
+
+
+def _apply_rows(consensus, momentum, block_momentum, state, rows, received, received_counts, recv_slots):
+    moving = recv_slots >= 0
+    if block_momentum:
+        moving |= (state[rows] & cpu_kernel.ALIVE) != 0
+    rows, slots = rows[moving], recv_slots[moving]
+    step = consensus.new_zeros(len(rows), consensus.shape[1])
+    got = slots >= 0
+    step[got] = received[slots[got]].float() / received_counts[slots[got]].float().clamp(min=1.0).unsqueeze(1)
+    if block_momentum:
+        step = momentum[rows].mul_(block_momentum).add_(step)
+        momentum[rows] = step
+        alive = (step != 0).any(dim=1)
+        state[rows] = torch.where(alive, state[rows] | cpu_kernel.ALIVE, state[rows] & ~cpu_kernel.ALIVE)
+    consensus[rows] += step
+
+
+def _send_rows(values, sent_from, consensus, unsent, state, rows, changes, change_counts, send_slots, flush):
+    progress = values[rows] - sent_from[rows]
+    changed = (progress != 0).any(dim=1)
+    total = progress.add_(unsent[rows].float())
+    values[rows] = consensus[rows] + total
+    sent_from[rows] = values[rows]
+    slotted = send_slots >= 0
+    rows, slots, total, changed = rows[slotted], send_slots[slotted], total[slotted], changed[slotted]
+    change_counts[slots] = changed.to(change_counts.dtype)
+    going = changed | flush  # an unchanged row's leftover waits for its next change
+    rounded = total.to(changes.dtype)
+    rounded[~going] = 0
+    changes[slots] = rounded
+    rows, left = rows[going], (total[going] - rounded[going].float()).bfloat16()
+    unsent[rows] = left
+    pending = (left != 0).any(dim=1)
+    state[rows] = torch.where(pending, state[rows] | cpu_kernel.PENDING, state[rows] & ~cpu_kernel.PENDING)

@@ -151,7 +151,8 @@ def steps_in_epoch(n_kept, per_step, world_size):
 def kernel_epoch(engine, epoch):
     """One epoch of word2vec's pair-by-pair SGD (cpu_kernel), a call of many steps at a time.
 
-    A call ends at the next sync point of --async (so the exchange sees whole steps) and holds at
+    A call ends at the next sync point of --async (so the exchange sees whole steps), marks the
+    rows it writes where the exchange wants them (strategy.row_marks), and holds at
     most CENTERS_PER_KERNEL_CALL centers; each step still reports on its own, so Batch loss
     comes at the same rate in words as on the other loops.
     """
@@ -163,6 +164,7 @@ def kernel_epoch(engine, epoch):
     base_seed = data.step_seed(args.seed, epoch.index, strategy.rank)
     steps_per_call = max(1, CENTERS_PER_KERNEL_CALL // epoch.per_step)
     in_w, out_w = engine._tables()
+    marks = strategy.row_marks(engine.model.in_embed.weight, engine.model.out_embed.weight)
     step = epoch.first_step
     while step < epoch.n_steps:
         stop = strategy.before_step(step, epoch.first_step, epoch.signal())
@@ -171,7 +173,8 @@ def kernel_epoch(engine, epoch):
         end = min(epoch.n_steps, step + steps_per_call, strategy.next_sync_point(step))
         lrs = [engine.lr(epoch, i) for i in range(step, end + 1)]
         losses, pairs = cpu_kernel.train(in_w, out_w, kept_ids, sentence_bounds, step_bounds[step:end + 1], step,
-                                         base_seed, lrs, args.window_size, args.neg_sample_size, engine.sampler)
+                                         base_seed, lrs, args.window_size, args.neg_sample_size, engine.sampler,
+                                         marks)
         for i in range(step, end):
             epoch.report(i + 1, float(losses[i - step]), int(pairs[i - step]), _step_words(engine, epoch, i),
                          lrs[i + 1 - step])

@@ -2,6 +2,7 @@
 
     NLTK_DATA=../shared/nltk_data python bench/bench_async_quality.py               # ~4 min on 2 idle cores
     python bench/bench_async_quality.py --trainer ../old-checkout/trainer.py        # another version's trainer
+    python bench/bench_async_quality.py --ranks 2 --exchanges dense sparse --remove-th 1   # the two exchanges, V = 60k
 
 Every run is `trainer.py` on the whole shared Gutenberg corpus (d=100, 3 epochs, the trainer's batch,
 --sync-interval and --block-momentum unless told, one thread per process, the default engine:
@@ -26,12 +27,13 @@ sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 
 
-def train(trainer, ranks, args, run_dir):
-    """trainer.py with `ranks` processes (1: no --multi-node); returns the run's last epoch words/s."""
+def train(trainer, ranks, exchange, args, run_dir):
+    """trainer.py with `ranks` processes (1: no --multi-node; exchange: --async-exchange); returns the
+    run's last epoch words/s."""
     common = [sys.executable, str(trainer), "--dataset", str(args.dataset), "--cache-dir", str(args.cache_dir),
               "--log-dir", str(run_dir.parent), "--run-name", run_dir.name, "--epochs", str(args.epochs),
               "--embed-size", str(args.dim), "--num-threads", "1", "--pip-interval", "0", "--quiet",
-              "--seed", "1", "--projector-words", "100"]
+              "--seed", "1", "--projector-words", "100", "--remove-th", str(args.remove_th)]
     if args.batch_size:
         common += ["--batch-size", str(args.batch_size)]
     rank_flags = ["--async"]
@@ -39,6 +41,8 @@ def train(trainer, ranks, args, run_dir):
         rank_flags += ["--sync-interval", str(args.sync_interval)]
     if args.block_momentum:  # a flag older trainers lack
         rank_flags += ["--block-momentum", str(args.block_momentum)]
+    if exchange != "auto":
+        rank_flags += ["--async-exchange", exchange]
     launch(common, ranks, rank_flags, run_dir.name, cwd=trainer.parent)
     history = torch.load(run_dir / "checkpoint.pt", weights_only=True)["history"]
     return history["Words per second"][-1][1]
@@ -59,20 +63,24 @@ def main():
     p.add_argument("--sync-interval", type=int, default=None,
                    help="--sync-interval of the async runs (default: the trainer's)")
     p.add_argument("--block-momentum", type=float, default=0.0, help="--block-momentum of the async runs")
+    p.add_argument("--exchanges", nargs="+", default=["auto"], choices=["auto", "dense", "sparse"],
+                   help="--async-exchange of the async runs: each one runs (a flag older trainers lack)")
+    p.add_argument("--remove-th", type=int, default=5, help="--remove-th (min count) of every run")
     args = p.parse_args()
     trainer = args.trainer.resolve()
     print(f"{trainer}; corpus {args.dataset}; d={args.dim}, {args.epochs} epochs, one thread per process, "
           f"--batch-size {args.batch_size or 'default'}, --sync-interval {args.sync_interval or 'default'}, "
-          f"--block-momentum {args.block_momentum}, {os.cpu_count()} CPU cores")
+          f"--block-momentum {args.block_momentum}, --remove-th {args.remove_th}, {os.cpu_count()} CPU cores")
     print("\n| processes | words/s (last epoch) | WS353 | SimLex | MEN | analogy |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
-        for ranks in args.ranks:
-            run_dir = Path(tmp) / f"ranks{ranks}"
-            words_per_s = train(trainer, ranks, args, run_dir)
+        runs = [(ranks, exchange) for ranks in args.ranks for exchange in (["auto"] if ranks == 1 else args.exchanges)]
+        for ranks, exchange in runs:
+            run_dir = Path(tmp) / f"ranks{ranks}-{exchange}"
+            words_per_s = train(trainer, ranks, exchange, args, run_dir)
             words, vectors, _, _ = evaluate.load_checkpoint(run_dir)
             scores = quality(words, vectors)
-            label = "1" if ranks == 1 else f"{ranks} async"
+            label = "1" if ranks == 1 else f"{ranks} async" + ("" if exchange == "auto" else f", {exchange}")
             print(f"| {label} | {words_per_s:,.0f} | {scores['WS353']:.3f} | {scores['SimLex']:.3f} | "
                   f"{scores['MEN']:.3f} | {scores['analogy']:.1%} |", flush=True)
 

@@ -156,15 +156,18 @@ def test_sync_steps_equal_single_process_steps_on_the_global_batch(tmp_path, mon
         torch.testing.assert_close(rank["tensor_stats"], torch.stack(stats), rtol=1e-5, atol=1e-4)
 
 
-def _averager_worker(rank, world_size, block_momentum, out_dir):
+def _averager_worker(rank, world_size, block_momentum, exchange, out_dir):
     model = start_model()
-    averager = distributed.Averager(model, block_momentum)
+    averager = distributed.Averager(model, block_momentum, exchange)
     for i, window in enumerate(hand_made_windows(7, 6, seed=10 + rank)):  # each rank its own data
         if i and i % 2 == 0:
             agreed = averager.sync_point(stop_signal=2 if (rank == 1 and i == 2) else 0)
             assert agreed == (0 if i != 4 else 2 if rank == 1 else signal.SIGTERM), (rank, i, agreed)
+        if i % 2 == 1:
+            averager.send_point()
         model.window_step(*window, lr=0.1)
     averager.finish()
+    assert averager.mode == ("dense" if exchange == "auto" else exchange)  # auto: most of the 40 rows change
     torch.save(model.state_dict(), out_dir / f"rank{rank}.pt")
 
 
@@ -192,16 +195,18 @@ def averaged_reference(block_momentum, world_size=2):
     data = [list(hand_made_windows(7, 6, seed=10 + r)) for r in range(world_size)]
     pending, lone_rows = None, 0
 
-    def send():
+    def send(flush=False):
         rounds = []
         for m, sent, left in zip(models, sent_from, unsent):
             mine = {}
             for k, v in m.state_dict().items():
                 progress = v - sent[k]
                 learnt = progress + left[k]
-                rounded = learnt.bfloat16()
-                left[k] = (learnt - rounded.float()).bfloat16().float()
-                mine[k] = (rounded, progress.ne(0).any(dim=1))
+                changed = progress.ne(0).any(dim=1)
+                going = (changed | flush).unsqueeze(1)  # an unchanged row's leftover waits for its next change
+                rounded = torch.where(going, learnt, 0.0).bfloat16()
+                left[k] = torch.where(going, (learnt - rounded.float()).bfloat16().float(), left[k])
+                mine[k] = (rounded, changed)
                 v.copy_(consensus[k] + learnt)
                 sent[k] = v.clone()
             rounds.append(mine)
@@ -224,18 +229,19 @@ def averaged_reference(block_momentum, world_size=2):
         for m, windows in zip(models, data):
             m.window_step(*windows[i], lr=0.1)
     receive(pending)
-    receive(send())
+    receive(send(flush=True))
     return consensus, lone_rows
 
 
-@pytest.mark.parametrize("block_momentum", [0.0, 0.5])
+@pytest.mark.parametrize("block_momentum, exchange", [(0.0, "auto"), (0.5, "auto"), (0.5, "sparse")])
 def test_async_exchange_moves_rows_by_the_momentum_of_the_mean_change_of_the_ranks_that_changed_them(
-        tmp_path, block_momentum):
+        tmp_path, block_momentum, exchange):
     """After finish() every rank holds what the plainly written protocol gives: each round, a row's
     mean change over the ranks that changed it (a row one rank alone changed keeps that rank's
     whole change) feeds the block momentum, applied one sync point later. And a stop signal
-    raised at one sync point is agreed by all ranks at the next."""
-    run_ranks(_averager_worker, block_momentum, tmp_path)
+    raised at one sync point is agreed by all ranks at the next. The dense exchange (auto picks
+    it: most rows change) and the sparse one, whose rows are found by comparison here."""
+    run_ranks(_averager_worker, block_momentum, exchange, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     expected, lone_rows = averaged_reference(block_momentum)
     assert lone_rows > 0  # the case that differs from a plain average does occur
@@ -243,6 +249,73 @@ def test_async_exchange_moves_rows_by_the_momentum_of_the_mean_change_of_the_ran
         assert torch.equal(ranks[0][key], ranks[1][key])
         assert not torch.equal(value, start_model().state_dict()[key])
         torch.testing.assert_close(ranks[0][key], value, atol=1e-6, rtol=1e-6)
+
+
+SPARSE_VOCAB = 500
+
+
+def kernel_steps(rank, n_steps=9, centers=12):
+    """A rank's own text for the compiled kernel: Zipf-like word ids over SPARSE_VOCAB words, in steps
+    of `centers` tokens; and a negative sampler over all the ranks' counts (the same on every rank)."""
+    def text(r):
+        return (np.random.default_rng(20 + r).zipf(1.3, n_steps * centers) % SPARSE_VOCAB).astype(np.uint32)
+    counts = np.bincount(np.concatenate([text(0), text(1)]), minlength=SPARSE_VOCAB) + 1
+    return text(rank), data.NegativeSampler(counts, 0.75)
+
+
+def _exchange_worker(rank, world_size, out_dir):
+    """Each rank trains its own text with the compiled kernel (which marks the rows it writes),
+    exchanging every 2 steps, once with each exchange and wire; rank 1 trains nothing in steps 2-3."""
+    ids, sampler = kernel_steps(rank)
+    bounds = np.array([0, len(ids)], dtype=np.int64)
+    results = {}
+    for block_momentum in (0.0, 0.5):
+        for wire in (torch.float32, torch.bfloat16):
+            for exchange in ("dense", "sparse", "auto"):
+                torch.manual_seed(3)
+                model = SGNS(SPARSE_VOCAB, DIM)
+                averager = distributed.Averager(model, block_momentum, exchange, wire_dtype=wire)
+                in_w, out_w = (p.data.numpy() for p in (model.in_embed.weight, model.out_embed.weight))
+                marks = averager.row_marks(model.in_embed.weight, model.out_embed.weight)
+                for step in range(9):
+                    if step and step % 2 == 0:
+                        averager.sync_point(0)
+                    if step % 2 == 1:
+                        averager.send_point()
+                    if rank == 1 and step in (2, 3):
+                        continue  # touches no row in this interval
+                    cpu_kernel.train(in_w, out_w, ids, bounds, [12 * step, 12 * step + 12], step, 7 + rank,
+                                     [0.1, 0.1], 2, NEG, sampler, marks)
+                averager.finish()
+                name = f"{block_momentum}-{str(wire)[6:]}-{exchange}"
+                results[name] = model.state_dict()
+                results[name + "-mode"] = averager.mode
+                results[name + "-rows"] = averager.stats.rows / averager.stats.exchanges
+    torch.save(results, out_dir / f"rank{rank}.pt")
+
+
+def test_the_sparse_exchange_gives_the_dense_exchange_s_parameters_bit_for_bit(tmp_path):
+    """The sparse exchange (only the rows some rank changed, marked by the compiled kernel) ends
+    with the same parameters as the dense one, bit for bit, with float32 or bfloat16 on the wire,
+    with and without momentum; a rank that changed no row in an interval still takes part (it
+    receives the other's rows and ends equal to it); and the automatic choice picks the sparse
+    exchange when few of the rows change."""
+    run_ranks(_exchange_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    start = SGNS(SPARSE_VOCAB, DIM).state_dict()
+    for name in (f"{m}-{w}" for m in (0.0, 0.5) for w in ("float32", "bfloat16")):
+        assert ranks[0][f"{name}-auto-mode"] == "sparse"
+        assert ranks[0][f"{name}-sparse-rows"] < SPARSE_VOCAB / 2 < 2 * SPARSE_VOCAB == ranks[0][f"{name}-dense-rows"]
+        for key, dense in ranks[0][f"{name}-dense"].items():
+            for rank in ranks:
+                for exchange in ("dense", "sparse", "auto"):
+                    assert torch.equal(rank[f"{name}-{exchange}"][key], dense), (name, exchange, key)
+        assert not torch.equal(dense, start[key])
+
+
+def test_the_automatic_exchange_is_dense_when_most_rows_travel():
+    assert distributed.choose_exchange(dense_bytes=1000, sparse_bytes=900) == "dense"
+    assert distributed.choose_exchange(dense_bytes=1000, sparse_bytes=500) == "sparse"
 
 
 def engine_args(**overrides):
@@ -576,6 +649,8 @@ def test_sync_runs_put_only_the_gloo_io_thread_under_sched_idle(tmp_path):
       "--block-momentum", "1"], "must be in [0, 1)"),
     (["--multi-node", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2", "--block-momentum", "0.5"],
      "--block-momentum goes with --multi-node --async"),
+    (["--multi-node", "--init-method", "tcp://h:1", "--rank", "0", "--world-size", "2", "--async-exchange", "dense"],
+     "--async-exchange goes with --multi-node --async"),
 ])
 def test_bad_distributed_flags_are_one_line_exit_2(flags, message, monkeypatch, capsys):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -615,35 +690,77 @@ def test_async_interval_defaults_to_50_steps_and_at_least_50_steps_of_the_defaul
     assert args.sync_interval == interval
 
 
-@pytest.mark.parametrize("block_momentum", [0.0, 0.3])
-@pytest.mark.parametrize("apply_received, send", [(True, True), (True, False), (False, True)])
-def test_compiled_exchange_pass_gives_the_bits_of_the_tensor_pass(block_momentum, apply_received, send):
-    """cpu_kernel.exchange_rows (CPU runs) against distributed.exchange_rows (GPU runs): same bits,
-    whether a row changed or not, whatever number of ranks changed it, with what an earlier
-    rounding left unsent."""
-    g = torch.Generator().manual_seed(3)
-    rows, width = 40, 7
-    sent_from = torch.randn(rows, width, generator=g)
+def exchange_pass_inputs(wire, block_momentum, in_place, g):
+    """The arguments of an exchange pass over some of 40 rows x 7: rows this rank changed (and one
+    with a single changed entry), rows it did not, received sums from 0-2 ranks, what an earlier
+    rounding left unsent, rows whose momentum still moves. in_place: the dense exchange's form,
+    every row with its own slot in one buffer."""
+    n_rows, width = 40, 7
+    sent_from = torch.randn(n_rows, width, generator=g)
     values = sent_from.clone()
     values[::3] += torch.randn(len(values[::3]), width, generator=g) * 0.01  # the rows this rank changed
-    values[1, 2] = sent_from[1, 2] + 1e-3  # a row with one changed entry
-    ranks = torch.randint(0, 3, (rows,), generator=g).float()  # how many ranks changed each row
-    changes = torch.randn(rows, width, generator=g) * ranks.unsqueeze(1)
-    unsent = torch.randn(rows, width, generator=g) * 1e-5
-    unsent[::2] = 0.0  # rows with nothing left from the last exchange
-    start = [values, sent_from, torch.randn(rows, width, generator=g), changes.bfloat16(), unsent.bfloat16(),
-             ranks.bfloat16(), torch.randn(rows, width, generator=g) if block_momentum else torch.zeros(0, 1)]
-    by_tensors, compiled = [t.clone() for t in start], [t.clone() for t in start]
-    distributed.exchange_rows(*by_tensors, block_momentum, apply_received, send)
-    cpu_kernel.exchange_rows(*(distributed._as_numpy(t) for t in compiled), np.float32(block_momentum),
-                             apply_received, send)
+    values[1, 2] = sent_from[1, 2] + 1e-3
+    unsent = (torch.randn(n_rows, width, generator=g) * 1e-5).bfloat16()
+    unsent[::2] = 0.0  # rows with nothing left from an earlier exchange
+    state = torch.where((unsent != 0).any(dim=1), cpu_kernel.PENDING, 0).to(torch.uint8)  # as the passes keep it
+    state[::5] |= cpu_kernel.ALIVE
+    if in_place:
+        rows = recv_slots = send_slots = torch.arange(n_rows)
+    else:
+        rows = torch.tensor([r for r in range(n_rows) if r % 3 == 0 or r % 4 == 1 or r % 5 == 0 or r == 1])
+        recv_slots = torch.where(rows % 4 == 1, torch.arange(len(rows)), -1)  # the received rows, in order
+        recv_slots[recv_slots >= 0] = torch.arange(int((recv_slots >= 0).sum()))
+        mine = (rows % 3 == 0) | (rows == 1) | (rows % 5 == 0)  # the changed rows and some unchanged ones
+        send_slots = torch.full((len(rows),), -1)
+        send_slots[mine] = torch.arange(int(mine.sum()))
+    n_received = int((recv_slots >= 0).sum())
+    ranks = torch.randint(0, 3, (n_received,), generator=g).float()  # how many ranks changed each row
+    received = (torch.randn(n_received, width, generator=g) * ranks.unsqueeze(1)).to(wire)
+    changes = received if in_place else torch.full((int((send_slots >= 0).sum()), width), 7.0).to(wire)
+    counts = ranks.to(wire) if in_place else torch.full((len(changes),), 7.0).to(wire)
+    momentum = torch.randn(n_rows, width, generator=g) if block_momentum else torch.zeros(0, 1)
+    return [values, sent_from, torch.randn(n_rows, width, generator=g), unsent, momentum, block_momentum, rows,
+            received, ranks.to(wire), recv_slots, changes, counts, send_slots, state]
+
+
+@pytest.mark.parametrize("wire", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_momentum", [0.0, 0.3])
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("apply, send, flush", [(True, True, False), (True, False, False), (False, True, False),
+                                                (True, True, True)])
+def test_compiled_exchange_pass_gives_the_bits_of_the_tensor_pass(wire, block_momentum, in_place, apply, send, flush):
+    """cpu_kernel.exchange_rows (CPU runs) against distributed.exchange_rows (GPU runs): same bits,
+    dense (in place) or sparse (listed rows and slots), whether a row changed or not, whatever
+    number of ranks changed it, with what an earlier rounding left unsent."""
+    start = exchange_pass_inputs(wire, block_momentum, in_place, torch.Generator().manual_seed(3))
+    by_tensors = [t.clone() if torch.is_tensor(t) else t for t in start]
+    if in_place:
+        by_tensors[10] = by_tensors[7]
+    compiled = [t.clone() if torch.is_tensor(t) else t for t in start]
+    if in_place:
+        compiled[10] = compiled[7]
+    distributed.exchange_rows(*by_tensors, apply, send, flush)
+    as_bits = (3, 7, 8, 10, 11)  # unsent and the wire's arrays hold bits
+    arrays = [distributed._bits(t) if i in as_bits else t.numpy() if torch.is_tensor(t) else np.float32(t)
+              for i, t in enumerate(compiled)]
+    cpu_kernel.exchange_rows(*arrays, apply, send, flush)
     for expected, got in zip(by_tensors, compiled):
-        assert torch.equal(expected, got)
-    assert not torch.equal(start[2], by_tensors[2]) if apply_received else torch.equal(start[2], by_tensors[2])
-    if send:
-        assert by_tensors[5].tolist() == [1.0 if r % 3 == 0 or r == 1 else 0.0 for r in range(rows)]
-        learnt = values - sent_from + start[4].float()  # progress and what the last exchange left unsent
-        torch.testing.assert_close(by_tensors[0] - by_tensors[2], learnt)  # consensus + all it learnt
-        sent = by_tensors[3].float() + by_tensors[4].float()  # rounded to bfloat16 + left for the next
-        torch.testing.assert_close(sent, learnt, rtol=1e-5, atol=1e-7)
-        assert (by_tensors[4].float().abs() <= learnt.abs() / 256).all()  # rounding leaves at most 1/256
+        if torch.is_tensor(expected):
+            assert torch.equal(expected, got)
+    values, sent_from, consensus, unsent, _, _, rows, _, _, _, changes, counts, send_slots, _ = by_tensors
+    moved = consensus[rows] != start[2][rows]
+    assert moved.any() if apply else not moved.any()
+    if not send:
+        assert torch.equal(values[rows], consensus[rows])
+        return
+    learnt = start[0] - start[1] + start[3].float()  # progress and what an earlier exchange left unsent
+    torch.testing.assert_close(values[rows] - consensus[rows], learnt[rows])  # consensus + all it learnt
+    slotted = rows[send_slots >= 0]
+    changed = (start[0] != start[1]).any(dim=1)[slotted]
+    assert counts[send_slots[send_slots >= 0]].tolist() == changed.float().tolist()
+    going = changed | flush
+    sent = changes[send_slots[send_slots >= 0]].float() + unsent[slotted].float()
+    torch.testing.assert_close(sent[going], learnt[slotted][going], rtol=1e-5, atol=1e-7)
+    assert (unsent[slotted][going].float().abs() <= learnt[slotted][going].abs() / 256).all()  # at most 1/256
+    assert not changes[send_slots[send_slots >= 0]][~going].any()  # an unchanged row sends nothing ...
+    assert torch.equal(unsent[slotted][~going], start[3][slotted][~going])  # ... and keeps its leftover
