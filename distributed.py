@@ -234,6 +234,10 @@ def join_group(backend, init_method, rank, world_size, timeout):
     try:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))
+    except dist.DistNetworkError as err:  # the store's own connect timeout can come first on a busy machine
+        if "timed out" not in str(err):
+            raise
+        _give_up_joining(rank, world_size, init_method, timeout)
     finally:
         deadline.cancel()
 
