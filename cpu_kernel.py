@@ -9,22 +9,51 @@ do: collisions are rare because each thread works on a distant part of the corpu
 Every random draw of a training step comes from a generator seeded from (seed, epoch, rank,
 step), so with one thread a run is exactly reproducible, however its steps are grouped.
 
-The loop is word2vec's: for each word of a sentence, its context words' input rows are
-trained against the word's output row and negatives. The negatives are drawn once per word
-and shared by its context window (Ji et al., "Parallelizing Word2Vec in Shared and
-Distributed Memory", 2016): the same few output rows stay in cache for the whole window,
-which makes the epoch much faster at equal quality (docs/design.md), while each pair is
-still its own sequential SGD step, exactly -lr times the pair's gradient.
+The loop is word2vec's skip-gram: for each word of a sentence, its context words' input rows are
+trained against the word's output row and negatives. The negatives are drawn once per word and
+shared by its context window, and the window is one HogBatch step (Ji et al., "Parallelizing
+Word2Vec in Shared and Distributed Memory", 2016): every pair's step is computed from the rows as
+they were before the window, then all are applied, which is exactly -lr times the gradient of the
+window's summed loss. Pair by pair, the center's and the negatives' output rows would move after
+each context word, and the next context word would get a smaller step: the window would damp
+itself (bench/RESULTS.md, the pWord2Vec study). The same few rows stay in cache for the whole
+window.
 """
 import functools
 import math
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 _LCG_MUL = np.uint64(25214903917)  # word2vec's linear congruential generator
 _LCG_ADD = np.uint64(11)
+
+
+@intrinsic
+def _prefetch(typingctx, table, row, col):
+    """Ask the CPU to start bringing the cache line of table[row, col] into its caches (LLVM's
+    prefetch: for reading, kept in every cache level); the loop goes on meanwhile."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        address = cgutils.get_item_pointer(context, builder, array_type, array, [args[1], args[2]])
+        byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0")
+        builder.call(prefetch, [builder.bitcast(address, byte_pointer), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(table, types.int64, types.int64), codegen
+
+
+@njit(inline="always")
+def _prefetch_row(table, row):
+    """Prefetch every cache line (16 float32) of table[row]."""
+    for t in range(0, table.shape[1], 16):
+        _prefetch(table, row, t)
 
 
 @njit(inline="always")
@@ -46,36 +75,149 @@ def _softplus(x):
     return math.log1p(math.exp(x))
 
 
-@njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
-def sgd_pair(in_w, out_w, center, context, neg_ids, n_neg, lr, work):
-    """One SGD step on the pair (center, context) with negatives neg_ids[:n_neg].
-
-    Returns the pair's loss -log s(c.o) - sum log s(-c.n). The center row's update is
-    accumulated in `work` and applied last, so every output row sees the old center
-    vector: exactly -lr times the gradient of the pair's loss. Rows are indexed in place,
-    never sliced: a slice is a reference-counted object, and threads counting references
-    on the same table contend on one cache line.
-    """
-    dim = in_w.shape[1]
-    work[:] = 0.0
-    loss = 0.0
-    for k in range(n_neg + 1):
-        target = context if k == 0 else neg_ids[k - 1]
-        score = np.float32(0.0)
-        for t in range(dim):
-            score += in_w[center, t] * out_w[target, t]
-        prob = 1.0 / (1.0 + math.exp(-score))
-        if k == 0:
-            loss += _softplus(-score)
-            step = np.float32(lr * (1.0 - prob))
-        else:
-            loss += _softplus(score)
-            step = np.float32(-lr * prob)
-        for t in range(dim):
-            work[t] += step * out_w[target, t]
-            out_w[target, t] += step * in_w[center, t]
+@njit(inline="always")
+def _dots4(out_w, out_row, in_w, in_ids, j, dim):
+    """out_w[out_row] . in_w[in_ids[j + i]] for i < 4, in one pass over the output row."""
+    a, b, c, d = in_ids[j], in_ids[j + 1], in_ids[j + 2], in_ids[j + 3]
+    s0 = s1 = s2 = s3 = np.float32(0.0)
     for t in range(dim):
-        in_w[center, t] += work[t]
+        x = out_w[out_row, t]
+        s0 += x * in_w[a, t]
+        s1 += x * in_w[b, t]
+        s2 += x * in_w[c, t]
+        s3 += x * in_w[d, t]
+    return s0, s1, s2, s3
+
+
+@njit(inline="always")
+def _dots2(out_w, out_row, in_w, in_ids, j, dim):
+    """out_w[out_row] . in_w[in_ids[j + i]] for i < 2, in one pass over the output row."""
+    a, b = in_ids[j], in_ids[j + 1]
+    s0 = s1 = np.float32(0.0)
+    for t in range(dim):
+        x = out_w[out_row, t]
+        s0 += x * in_w[a, t]
+        s1 += x * in_w[b, t]
+    return s0, s1
+
+
+@njit(inline="always")
+def _add4(dst, dst_row, src, src_ids, k, c0, c1, c2, c3, dim):
+    """dst[dst_row] += sum_i c_i src[src_ids[k + i]] for i < 4: one pass over the destination row."""
+    a, b, c, d = src_ids[k], src_ids[k + 1], src_ids[k + 2], src_ids[k + 3]
+    for t in range(dim):
+        dst[dst_row, t] += c0 * src[a, t] + c1 * src[b, t] + c2 * src[c, t] + c3 * src[d, t]
+
+
+@njit(inline="always")
+def _add2(dst, dst_row, src, src_ids, k, c0, c1, dim):
+    """dst[dst_row] += c0 src[src_ids[k]] + c1 src[src_ids[k + 1]]: one pass over the destination row."""
+    a, b = src_ids[k], src_ids[k + 1]
+    for t in range(dim):
+        dst[dst_row, t] += c0 * src[a, t] + c1 * src[b, t]
+
+
+@njit(inline="always")
+def _add1(dst, dst_row, src, src_row, c0, dim):
+    for t in range(dim):
+        dst[dst_row, t] += c0 * src[src_row, t]
+
+
+@njit(inline="always")
+def _scores(in_w, out_w, in_ids, n_in, out_ids, n_out, coef):
+    """coef[o, j] <- out_w[out_ids[o]] . in_w[in_ids[j]], up to four input rows a pass."""
+    dim = in_w.shape[1]
+    for o in range(n_out):
+        out_row = out_ids[o]
+        j = 0
+        while j + 4 <= n_in:
+            coef[o, j], coef[o, j + 1], coef[o, j + 2], coef[o, j + 3] = _dots4(out_w, out_row, in_w, in_ids, j, dim)
+            j += 4
+        if j + 2 <= n_in:
+            coef[o, j], coef[o, j + 1] = _dots2(out_w, out_row, in_w, in_ids, j, dim)
+            j += 2
+        if j < n_in:
+            in_row = in_ids[j]
+            score = np.float32(0.0)
+            for t in range(dim):
+                score += out_w[out_row, t] * in_w[in_row, t]
+            coef[o, j] = score
+
+
+@njit(inline="always")
+def _steps_from_scores(coef, n_in, n_out, lr, with_loss):
+    """Each score becomes its pair's step size, lr (label - s(score)) (label 1 for out_ids[0], the
+    center; 0 for a negative); returns the pairs' summed loss if with_loss, else 0."""
+    loss = 0.0
+    for o in range(n_out):
+        for j in range(n_in):
+            score = coef[o, j]
+            if with_loss:
+                loss += _softplus(-score) if o == 0 else _softplus(score)
+            prob = 1.0 / (1.0 + math.exp(-score))
+            coef[o, j] = np.float32(lr * (1.0 - prob)) if o == 0 else np.float32(-lr * prob)
+    return loss
+
+
+@njit(inline="always")
+def _input_steps(out_w, out_ids, n_out, n_in, coef, in_delta):
+    """in_delta[j] <- sum_o coef[o, j] out_w[out_ids[o]], up to four output rows a pass."""
+    dim = out_w.shape[1]
+    for j in range(n_in):
+        for t in range(dim):
+            in_delta[j, t] = 0.0
+        o = 0
+        while o + 4 <= n_out:
+            _add4(in_delta, j, out_w, out_ids, o, coef[o, j], coef[o + 1, j], coef[o + 2, j], coef[o + 3, j], dim)
+            o += 4
+        if o + 2 <= n_out:
+            _add2(in_delta, j, out_w, out_ids, o, coef[o, j], coef[o + 1, j], dim)
+            o += 2
+        if o < n_out:
+            _add1(in_delta, j, out_w, out_ids[o], coef[o, j], dim)
+
+
+@njit(inline="always")
+def _output_steps(in_w, in_ids, n_in, out_w, out_ids, n_out, coef):
+    """out_w[out_ids[o]] += sum_j coef[o, j] in_w[in_ids[j]], up to four input rows a pass. A row
+    listed twice gets both steps, each from the input rows as they are (not yet moved)."""
+    dim = in_w.shape[1]
+    for o in range(n_out):
+        out_row = out_ids[o]
+        j = 0
+        while j + 4 <= n_in:
+            _add4(out_w, out_row, in_w, in_ids, j, coef[o, j], coef[o, j + 1], coef[o, j + 2], coef[o, j + 3], dim)
+            j += 4
+        if j + 2 <= n_in:
+            _add2(out_w, out_row, in_w, in_ids, j, coef[o, j], coef[o, j + 1], dim)
+            j += 2
+        if j < n_in:
+            _add1(out_w, out_row, in_w, in_ids[j], coef[o, j], dim)
+
+
+@njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
+def window_step(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, coef, in_delta, with_loss):
+    """One window's SGD step, HogBatch (Ji et al. 2016): the input rows in_ids[:n_in] (the
+    context words) each against the output rows out_ids[:n_out] (the center, then its
+    negatives), every step computed from the rows as they were before the window, then applied.
+    That is exactly -lr times the gradient of the window's summed loss, duplicates included.
+
+    Returns the summed loss -log s(i.c) - sum_n log s(-i.n) of its pairs if with_loss, else 0.
+    coef (n_out x n_in at least) and in_delta (n_in x d at least) are scratch. Rows are indexed
+    in place, never sliced: a slice is a reference-counted object, and threads counting
+    references on the same table contend on one cache line. Row numbers and step sizes are read
+    into locals before each loop over a row: a store into a table might alias them, and numba
+    would otherwise load them again at every element.
+    """
+    _scores(in_w, out_w, in_ids, n_in, out_ids, n_out, coef)
+    loss = _steps_from_scores(coef, n_in, n_out, lr, with_loss)
+    _input_steps(out_w, out_ids, n_out, n_in, coef, in_delta)
+    _output_steps(in_w, in_ids, n_in, out_w, out_ids, n_out, coef)
+    dim = in_w.shape[1]
+    for j in range(n_in):
+        in_row = in_ids[j]
+        for t in range(dim):
+            in_w[in_row, t] += in_delta[j, t]
     return loss
 
 
@@ -89,59 +231,112 @@ def _step_state(base_seed, step):
     return z ^ (z >> np.uint64(31))
 
 
+@njit(inline="always")
+def _draw_center(state, kept_ids, pos, window, negative, accept, alias, out_ids):
+    """The random draws of the center at pos: its window's reach (1..window each side) and
+    out_ids[:n] <- the center, then its negatives by the alias table, a draw equal to the center
+    skipped (as word2vec); returns (state, reach, n)."""
+    state = _lcg(state)
+    reach = 1 + np.int64((state >> np.uint64(16)) % np.uint64(window))
+    word = np.int64(kept_ids[pos])
+    out_ids[0] = word
+    vocab = np.uint64(accept.shape[0])
+    n_out = 1
+    for _ in range(negative):
+        state = _lcg(state)
+        slot = (state >> np.uint64(16)) % vocab
+        state = _lcg(state)
+        neg = np.int64(slot) if _uniform(state) < accept[slot] else alias[slot]
+        if neg != word:
+            out_ids[n_out] = neg
+            n_out += 1
+    return state, reach, n_out
+
+
+@njit(inline="always")
+def _contexts(kept_ids, sent_lo, sent_hi, pos, reach, in_ids):
+    """in_ids[:n] <- the words at most reach from pos inside its sentence, pos excluded; returns n."""
+    n_in = 0
+    for ctx_pos in range(max(sent_lo, pos - reach), min(sent_hi, pos + reach + 1)):
+        if ctx_pos != pos:
+            in_ids[n_in] = np.int64(kept_ids[ctx_pos])
+            n_in += 1
+    return n_in
+
+
+@njit(inline="always")
+def _mark_rows(in_marks, out_marks, in_ids, n_in, out_ids, n_out):
+    """A byte per row a window writes: its context rows in in_marks, its center and negatives in out_marks."""
+    for j in range(n_in):
+        in_marks[in_ids[j]] = 1
+    for o in range(n_out):
+        out_marks[out_ids[o]] = 1
+
+
+# A step sums the loss of one window in LOSS_SAMPLE (those at a random offset, then every
+# LOSS_SAMPLE-th), times LOSS_SAMPLE: an unbiased estimate of its loss, without the logarithms of
+# every pair.
+LOSS_SAMPLE = 8
+
+
 @njit(parallel=True, fastmath=True, nogil=True, cache=True, error_model="numpy")
 def train_steps(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step, base_seed, lr_bounds, window,
                 negative, accept, alias, loss_out, pairs_out, in_marks, out_marks, mark):
-    """Train the steps whose centers are kept_ids[step_bounds[s]:step_bounds[s + 1]], s = 0..n-1.
+    """Train the steps whose centers are kept_ids[step_bounds[s]:step_bounds[s + 1]], s = 0..n-1,
+    a window_step per center.
 
     sentence_bounds: where every sentence of kept_ids starts, with len(kept_ids) appended; a
     window never crosses them, and may reach into a neighbouring step's tokens. Step s is the
-    epoch's step first_step + s: its random draws (window sizes, negatives) come from
-    _step_state(base_seed, first_step + s), and its learning rate falls linearly from
-    lr_bounds[s] to lr_bounds[s + 1]. The threads share the steps out between them.
-    Per-step loss sums and pair counts go to loss_out, pairs_out. With mark, every row a step
-    writes gets a 1 in in_marks / out_marks (--async's sparse exchange sends those rows; threads
-    racing on a byte all write the same value).
+    epoch's step first_step + s: its random draws (the loss sample's offset, then each center's
+    _draw_center) come from _step_state(base_seed, first_step + s), and its learning rate falls
+    linearly from lr_bounds[s] to lr_bounds[s + 1]. The threads share the steps out between
+    them. Per-step pair counts go to pairs_out, and loss sums to loss_out: estimates from one
+    window in LOSS_SAMPLE, unbiased. With mark, every row a step writes gets a 1 in in_marks /
+    out_marks (--async's sparse exchange sends those rows; threads racing on a byte all write
+    the same value).
+
+    Each center's draws are made while the previous center trains, and the rows they name are
+    prefetched: the negatives' rows are scattered over the table, and waiting for them from
+    memory would otherwise stall the window's first pass.
     """
     dim = in_w.shape[1]
-    vocab = np.uint64(accept.shape[0])
     for s in prange(len(step_bounds) - 1):
         lo, hi = step_bounds[s], step_bounds[s + 1]
-        state = _step_state(base_seed, first_step + s)
-        work = np.empty(dim, dtype=np.float32)
-        neg_ids = np.empty(negative, dtype=np.int64)
+        state = _lcg(_step_state(base_seed, first_step + s))
+        sampled = np.int64((state >> np.uint64(16)) % np.uint64(LOSS_SAMPLE))
+        in_ids = np.empty(2 * window, dtype=np.int64)
+        out_ids, next_ids = np.empty(negative + 1, dtype=np.int64), np.empty(negative + 1, dtype=np.int64)
+        coef = np.empty((negative + 1, 2 * window), dtype=np.float32)
+        in_delta = np.empty((2 * window, dim), dtype=np.float32)
         loss = 0.0
         pairs = 0
         sentence = np.searchsorted(sentence_bounds, lo, side="right") - 1
         span = max(1, hi - lo)
+        reach = n_out = 0
+        if lo < hi:
+            state, reach, n_out = _draw_center(state, kept_ids, lo, window, negative, accept, alias, out_ids)
         for pos in range(lo, hi):
+            next_reach = next_n_out = 0
+            if pos + 1 < hi:
+                state, next_reach, next_n_out = _draw_center(state, kept_ids, pos + 1, window, negative, accept,
+                                                             alias, next_ids)
+                for k in range(next_n_out):
+                    _prefetch_row(out_w, next_ids[k])
+                _prefetch_row(in_w, np.int64(kept_ids[min(pos + 1 + next_reach, len(kept_ids) - 1)]))
             while pos >= sentence_bounds[sentence + 1]:
                 sentence += 1
-            sent_lo, sent_hi = sentence_bounds[sentence], sentence_bounds[sentence + 1]
-            lr = lr_bounds[s] + (lr_bounds[s + 1] - lr_bounds[s]) * (pos - lo) / span
-            state = _lcg(state)
-            reach = 1 + np.int64((state >> np.uint64(16)) % np.uint64(window))
-            word = np.int64(kept_ids[pos])
-            n_neg = 0
-            for _ in range(negative):
-                state = _lcg(state)
-                slot = (state >> np.uint64(16)) % vocab
-                state = _lcg(state)
-                neg = np.int64(slot) if _uniform(state) < accept[slot] else alias[slot]
-                if neg != word:  # as word2vec: a negative equal to the target is skipped
-                    neg_ids[n_neg] = neg
-                    n_neg += 1
-            trained = pairs
-            for ctx_pos in range(max(sent_lo, pos - reach), min(sent_hi, pos + reach + 1)):
-                if ctx_pos != pos:
-                    loss += sgd_pair(in_w, out_w, np.int64(kept_ids[ctx_pos]), word, neg_ids, n_neg, lr, work)
-                    pairs += 1
-                    if mark:
-                        in_marks[kept_ids[ctx_pos]] = 1
-            if mark and pairs > trained:
-                out_marks[word] = 1
-                for k in range(n_neg):
-                    out_marks[neg_ids[k]] = 1
+            n_in = _contexts(kept_ids, sentence_bounds[sentence], sentence_bounds[sentence + 1], pos, reach, in_ids)
+            if n_in > 0:
+                lr = lr_bounds[s] + (lr_bounds[s + 1] - lr_bounds[s]) * (pos - lo) / span
+                with_loss = (pos - lo) % LOSS_SAMPLE == sampled
+                loss += LOSS_SAMPLE * window_step(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, coef, in_delta,
+                                                  with_loss)
+                pairs += n_in
+                if mark:
+                    _mark_rows(in_marks, out_marks, in_ids, n_in, out_ids, n_out)
+            for k in range(next_n_out):
+                out_ids[k] = next_ids[k]
+            reach, n_out = next_reach, next_n_out
         loss_out[s] = loss
         pairs_out[s] = pairs
 

@@ -362,9 +362,6 @@ class NullWriter:
     def add_scalar(self, *a, **k):
         pass
 
-    def add_embedding(self, *a, **k):
-        pass
-
     def close(self):
         pass
 

@@ -28,7 +28,6 @@ from typing import Callable, Iterable, NoReturn, Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-import fileio
 
 EmbedFn = Callable[[list], np.ndarray]
 
@@ -509,26 +508,20 @@ def load_checkpoint(path) -> tuple[list[str], np.ndarray, EmbedFn | None, bool]:
     return words, np.asarray(vectors, dtype=np.float32), embed_fn, lowercase
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fileio.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
-
-
 def export_projector(words: Sequence[str], vectors: np.ndarray, out_dir) -> tuple[Path, Path]:
     """Write TensorBoard projector files ``vectors.tsv`` and ``metadata.tsv``.
 
     ``metadata.tsv`` has one word per line and no header, which is the
     projector's convention for single-column metadata.
     """
+    import export
     out_dir = Path(out_dir)
     matrix = np.asarray(vectors, dtype=np.float32)
     if matrix.ndim != 2 or matrix.shape[0] != len(words):
         raise ValueError(f"{matrix.shape} vectors do not match {len(words)} words")
-    vector_lines = ["\t".join(f"{value:.6g}" for value in row) for row in matrix]
-    # Tabs or newlines inside a word would shift every later row.
-    metadata_lines = [word.replace("\t", " ").replace("\n", " ") for word in words]
     vectors_path, metadata_path = out_dir / "vectors.tsv", out_dir / "metadata.tsv"
-    _atomic_write_text(vectors_path, "\n".join(vector_lines) + "\n")
-    _atomic_write_text(metadata_path, "\n".join(metadata_lines) + "\n")
+    export.write_tsv(vectors_path, matrix)
+    export.write_metadata(metadata_path, words)
     return vectors_path, metadata_path
 
 

@@ -24,8 +24,8 @@ import cpu_kernel  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
 import engines  # noqa: E402
+import export  # noqa: E402
 import fileio  # noqa: E402
-import pip_loss  # noqa: E402
 from model import RNN_DEFAULTS, build_model, parameter_count  # noqa: E402
 
 RNN_BATCH_SIZE = 65536  # see --batch-size
@@ -164,10 +164,10 @@ def add_output_flags(parser):
     g.add_argument("--projector-words", type=int, default=10_000,
                    help="most frequent words sent to TensorBoard's projector")
     g.add_argument("--projector-interval", type=int, default=0,
-                   help="epochs between projector snapshots; 0: only at the end of the run (a snapshot takes "
-                        "tensorboardX a few seconds)")
+                   help="epochs between projector snapshots; 0: only at the end of the run")
     g.add_argument("--export", default=None,
-                   help="write the vectors in word2vec format at the end (binary if the path ends in .bin)")
+                   help="write the vectors in word2vec format at the end: text with six decimals, or binary "
+                        "(every bit) if the path ends in .bin")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue a stopped run from its checkpoint, with its saved arguments "
                         "(--epochs given too changes the total; flags it cannot change are named in a warning "
@@ -593,6 +593,7 @@ class PipMonitor:
     """SPPMI matrix of the most frequent words (cached with the corpus) and the three PIP losses."""
 
     def __init__(self, corpus, args, log=print):
+        import pip_loss  # scipy.sparse: only runs that compute the PIP loss pay its import
         self.vocab = min(args.pip_vocab, len(corpus.words))
         tag = f"v{self.vocab}-w{args.window_size}-k{args.neg_sample_size}"
         sppmi_file = corpus.cache_file(f"sppmi-{tag}.npz")
@@ -605,6 +606,7 @@ class PipMonitor:
                                         (self.vocab, dim), log)
 
     def losses(self, vectors):
+        import pip_loss
         vectors = vectors[:self.vocab].numpy()  # float32: pip_loss computes in float64 from it
         losses = {"PIP loss": pip_loss.pip_loss_sppmi(vectors, self.sppmi),
                   "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle)}
@@ -804,10 +806,10 @@ def end_epoch(run, progress, epoch, epoch_time):
         run.save("checkpoint.pt")  # before best.pt: a resumable state whatever happens to best.pt
     if lowest and lowest[0] == epoch + 1:
         run.save("best.pt")
-    if last_epoch or (args.projector_interval and (epoch + 1) % args.projector_interval == 0):
+    snapshot = last_epoch or (args.projector_interval and (epoch + 1) % args.projector_interval == 0)
+    if snapshot and distributed.is_main():
         n = min(args.projector_words, len(run.corpus.words))
-        run.writer.add_embedding(run.vectors()[:n], metadata=run.corpus.words[:n], global_step=epoch + 1,
-                                 tag="embeddings")
+        export.write_projector_snapshot(run.run_dir, run.corpus.words[:n], run.vectors()[:n].numpy(), epoch + 1)
     return early_stop
 
 
@@ -860,7 +862,7 @@ def finish_run(run):
     args, state = run.args, run.state
     if args.export and distributed.is_main():
         write_output("--export", args.export, run.run_dir,
-                     lambda: export_vectors(args.export, run.corpus.words, run.vectors().numpy()))
+                     lambda: export.write_word2vec(args.export, run.corpus.words, run.vectors().numpy()))
         print(f"vectors written to {args.export}")
     run.writer.close()
     if distributed.is_main():
@@ -872,18 +874,8 @@ def finish_run(run):
     return 0
 
 
-def export_vectors(path, words, vectors):
-    """word2vec text format, or binary when the path ends in .bin (gensim reads both)."""
-    from gensim.models import KeyedVectors
-    keyed = KeyedVectors(vectors.shape[1])
-    keyed.add_vectors(words, vectors)
-    binary = str(path).endswith(".bin")
-    fileio.atomic_write(path, lambda tmp: keyed.save_word2vec_format(str(tmp), binary=binary))
-
-
 def write_pictures(args, run_dir, history, words, vectors):
     """Training curves, the chosen words' projection and projector files, at the end of a run."""
-    import evaluate
     import plots
     if any(history.get(tag) for tag in plots.CURVE_ORDER):
         print(f"curves: {plots.plot_training_curves(history, run_dir / 'curves.png')}")
@@ -897,6 +889,7 @@ def write_pictures(args, run_dir, history, words, vectors):
             picture = plots.plot_projection(chosen, vectors[[index[w] for w in chosen]], run_dir / "projection.png")
             print(f"projection: {picture}")
     if args.export_projector:
+        import evaluate
         write_output("--export-projector", args.export_projector, run_dir,
                      lambda: evaluate.export_projector(words, vectors, args.export_projector))
         print(f"projector files written to {args.export_projector}")

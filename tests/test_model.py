@@ -4,7 +4,7 @@ import torch
 import cpu_kernel
 import data
 from model import SGNS, build_model
-from reference import reference_loss
+from reference import reference_loss, reference_window_gradient
 
 
 def small_case(seed=0, vocab=12, dim=6, batch=5, neg=3):
@@ -39,22 +39,25 @@ def dense_grads(model):
     return model.in_embed.weight.grad.to_dense(), model.out_embed.weight.grad.to_dense()
 
 
-def test_kernel_pair_step_equals_reference_gradient():
+def test_kernel_window_step_equals_the_reference_window_gradient():
+    """The kernel's rule (HogBatch): one window's update is -lr times the gradient of the window's
+    summed loss at the rows before the window. A context word repeated, a negative drawn twice and
+    a negative equal to a context word are all plain terms of that sum."""
     model, _, _, _ = small_case(seed=3)
-    center, context = torch.tensor([4]), torch.tensor([7])
-    negs = torch.tensor([[1, 2, 9]])  # distinct from each other and from the context
-    loss = model(center, context, negs)
-    loss.backward()
-    auto_in, auto_out = dense_grads(model)
+    in_ids = np.array([7, 2, 7, 5, 1], dtype=np.int64)   # context words; 7 twice
+    out_ids = np.array([4, 1, 9, 9], dtype=np.int64)     # the center, then negatives: 9 twice, 1 also a context
     in_w = model.in_embed.weight.detach().numpy().copy()
     out_w = model.out_embed.weight.detach().numpy().copy()
-    expected_in = in_w - 0.05 * auto_in.numpy()
-    expected_out = out_w - 0.05 * auto_out.numpy()
-    work = np.empty(in_w.shape[1], dtype=np.float32)
-    pair_loss = cpu_kernel.sgd_pair(in_w, out_w, 4, 7, negs[0].numpy().astype(np.int64), 3, 0.05, work)
-    assert abs(pair_loss - loss.item()) < 1e-5
-    np.testing.assert_allclose(in_w, expected_in, atol=1e-6)
-    np.testing.assert_allclose(out_w, expected_out, atol=1e-6)
+    loss, grad_in, grad_out = reference_window_gradient(in_w, out_w, in_ids, out_ids)
+    coef = np.empty((len(out_ids), len(in_ids)), dtype=np.float32)
+    in_delta = np.empty((len(in_ids), in_w.shape[1]), dtype=np.float32)
+    kernel_loss = cpu_kernel.window_step(in_w, out_w, in_ids, len(in_ids), out_ids, len(out_ids), 0.05, coef,
+                                         in_delta, True)
+    assert abs(kernel_loss - loss) < 1e-5 * loss
+    start_in, start_out = (t.detach().double().numpy() for t in (model.in_embed.weight, model.out_embed.weight))
+    np.testing.assert_allclose(in_w, start_in - 0.05 * grad_in, atol=1e-6)
+    np.testing.assert_allclose(out_w, start_out - 0.05 * grad_out, atol=1e-6)
+    assert cpu_kernel.window_step(in_w, out_w, in_ids, 3, out_ids, 2, 0.05, coef, in_delta, False) == 0
 
 
 def run_kernel(kept, starts, model, seed=7, threads=1, steps=2, calls=1):
