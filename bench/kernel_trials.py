@@ -5,18 +5,21 @@
     python bench/kernel_trials.py --threads 2 phases --dim 200 --negative 10
     python bench/kernel_trials.py export
 
-`quality` trains on the shared corpus as `trainer.py --engine kernel` does (same initialisation,
-subsampling, learning-rate schedule, chunks and seeds; the `baseline` variant gives the trainer's
-vectors bit for bit with one thread) with one switch of the loop changed per variant, and prints
+`quality` trains on the shared corpus as `trainer.py --engine kernel` did before the HogBatch
+kernel (same initialisation, subsampling, learning-rate schedule, chunks and seeds; the `baseline`
+variant gives that trainer's vectors bit for bit with one thread) with one switch of the loop
+changed per variant, and prints
 WS353 / SimLex / MEN / Rare Words rho and analogy accuracy, one JSON line per run.
 
 `speed` times, in one process and alternating, the per-pair loop against window-batched updates
 (numba loops, and numba's BLAS sgemm) on the same subsampled slice of the corpus, one thread.
 
 `phases` runs trainer.py and prints the wall and CPU time at each landmark from process start to
-exit; `export` times writing the vectors (gensim's writer, format_fixed, the projector snapshot).
+exit; `export` times writing the vectors (gensim's writer against export.py's, and the projector snapshot).
 
-This is a bench-only copy of cpu_kernel.train_chunks with switches; the trainer never imports it.
+The loops here are bench-only copies of the per-pair kernel the trainer ran before it took the
+HogBatch window step (`baseline`: that kernel, bit for bit with one thread), with switches; the
+trainer never imports this file.
 """
 import argparse
 import json
@@ -450,60 +453,15 @@ def run_speed(args):
 # ---------------------------------------------------------------------------------------------
 # The run's tail: writing the vectors. gensim's save_word2vec_format formats every float in Python.
 
-@njit(cache=True, nogil=True)
-def format_fixed(vectors, decimals):
-    """Every row as ' [-]I.FFFFFF ...' (decimals digits after the point, as word2vec's %f writes them)
-    into one byte buffer; returns (buffer, end of each row in it)."""
-    n, dim = vectors.shape
-    scale = 10.0 ** decimals
-    buffer = np.empty(n * dim * (22 + decimals), dtype=np.uint8)
-    ends = np.empty(n, dtype=np.int64)
-    digits = np.empty(20, dtype=np.uint8)
-    pos = 0
-    for i in range(n):
-        for j in range(dim):
-            value = np.int64(np.rint(np.float64(vectors[i, j]) * scale))
-            buffer[pos] = 32  # space
-            pos += 1
-            if value < 0:
-                buffer[pos] = 45  # minus
-                pos += 1
-                value = -value
-            whole, fraction = value // np.int64(scale), value % np.int64(scale)
-            count = 0
-            while count == 0 or whole > 0:
-                digits[count] = 48 + whole % 10
-                whole //= 10
-                count += 1
-            for k in range(count - 1, -1, -1):
-                buffer[pos] = digits[k]
-                pos += 1
-            buffer[pos] = 46  # point
-            pos += 1
-            for k in range(decimals - 1, -1, -1):
-                buffer[pos + k] = 48 + fraction % 10
-                fraction //= 10
-            pos += decimals
-        ends[i] = pos
-    return buffer[:pos], ends
-
-
-def write_word2vec_text(path, words, vectors, decimals=6):
-    """The word2vec text format gensim reads, formatted by format_fixed."""
-    buffer, ends = format_fixed(vectors, decimals)
-    body = buffer.tobytes()
-    starts = [0, *ends[:-1].tolist()]
-    with open(path, "wb") as out:
-        out.write(f"{len(words)} {vectors.shape[1]}\n".encode())
-        out.write(b"".join(word.encode() + body[a:b] + b"\n" for word, a, b in zip(words, starts, ends.tolist())))
-
-
 def run_export(args):
-    """CPU seconds of the run's tail at each d: gensim's writer (and its import), format_fixed's, and
-    tensorboardX's projector snapshot of the 10,000 most frequent words (as the trainer takes it)."""
+    """CPU seconds of the run's tail at each d: gensim's writer (and its import) against
+    export.write_word2vec, and tensorboardX's projector snapshot of the 10,000 most frequent words
+    against export.write_projector_snapshot."""
     import tempfile
+
+    import export
     corpus = data.load_corpus(args.dataset, cache_dir=args.cache_dir)
-    format_fixed(np.zeros((1, 1), dtype=np.float32), 6)  # load (or compile) it outside the clock
+    export.format_rows(np.zeros((1, 1), dtype=np.float32), 6, 32)  # load (or compile) it outside the clock
     rng = np.random.default_rng(0)
     began = time.process_time()
     from gensim.models import KeyedVectors
@@ -519,14 +477,18 @@ def run_export(args):
             keyed.save_word2vec_format(f"{tmp}/gensim.txt")
             gensim_s = time.process_time() - began
             began = time.process_time()
-            write_word2vec_text(f"{tmp}/ours.txt", corpus.words, vectors)
+            export.write_word2vec(f"{tmp}/ours.txt", corpus.words, vectors)
             ours_s = time.process_time() - began
             error = np.abs(KeyedVectors.load_word2vec_format(f"{tmp}/ours.txt").vectors - vectors).max()
             began = time.process_time()
             writer.add_embedding(torch.from_numpy(vectors[:10_000]), metadata=corpus.words[:10_000], global_step=dim)
+            tensorboardx_s = time.process_time() - began
+            began = time.process_time()
+            export.write_projector_snapshot(f"{tmp}/ours", corpus.words[:10_000], vectors[:10_000], dim)
             projector_s = time.process_time() - began
-            print(f"d={dim}: gensim save_word2vec_format {gensim_s:.2f} s, format_fixed {ours_s:.2f} s "
-                  f"(max error {error:.1e}), projector snapshot {projector_s:.2f} s CPU")
+            print(f"d={dim}: gensim save_word2vec_format {gensim_s:.2f} s, export.write_word2vec {ours_s:.2f} s "
+                  f"(max error {error:.1e}); projector snapshot: tensorboardX {tensorboardx_s:.2f} s, "
+                  f"export.write_projector_snapshot {projector_s:.2f} s CPU")
         writer.close()
 
 
@@ -539,20 +501,18 @@ marks = []
 def mark(name):
     marks.append((name, time.time() - wall["start"], time.process_time()))
 mark("interpreter up")
-import trainer, cpu_kernel, data
+import trainer, cpu_kernel, data, engines, export
 mark("imports of trainer.py")
 def timed(owner, name, label=None):
     inner = getattr(owner, name)
     def wrapper(*a, **k):
         result = inner(*a, **k)
         mark(label or name)
-        if name == "make_writer":
-            timed(result, "add_embedding", "add_embedding (projector)")
         return result
     setattr(owner, name, wrapper)
 for owner, name in ((data, "load_corpus"), (trainer, "build_model"), (trainer, "make_writer"),
-                    (cpu_kernel, "warm_up"), (trainer, "kernel_epoch"), (trainer, "save_checkpoint"),
-                    (trainer, "export_vectors"), (trainer, "write_pictures")):
+                    (cpu_kernel, "warm_up"), (engines, "kernel_epoch"), (trainer.Run, "save"),
+                    (export, "write_projector_snapshot"), (export, "write_word2vec"), (trainer, "write_pictures")):
     timed(owner, name)
 code = trainer.main({argv!r})
 mark("exit")
