@@ -127,7 +127,7 @@ def add_optimisation_flags(parser):
                    help="sgd: plain SGD (on touched rows for sgns, as word2vec); sparse_adam: torch.optim.SparseAdam "
                         "(sgns); adam: torch.optim.Adam (dense). Default: sgd for sgns, adam for rnn")
     g.add_argument("--batch-size", type=int, default=None,
-                   help=f"(center, context) pairs per step; the CPU kernel trains pair by pair, and counts its "
+                   help=f"(center, context) pairs per step; the CPU kernel trains window by window, and counts its "
                         f"steps in the text a batch holds. Default: 4096 for sgns, {RNN_BATCH_SIZE} for rnn, whose "
                         f"step costs grow with the batch's distinct words, which grow much slower than the batch")
     g.add_argument("--engine", default="auto", choices=["auto", "kernel", "torch"],
