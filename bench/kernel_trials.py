@@ -38,7 +38,7 @@ import cpu_kernel  # noqa: E402
 import data  # noqa: E402
 from bench_peers import parse_setting  # noqa: E402
 from bench_speed import quality  # noqa: E402
-from cpu_kernel import _lcg, _uniform  # noqa: E402
+from cpu_kernel import _input_steps, _lcg, _output_steps, _scores, _uniform  # noqa: E402
 from model import build_model  # noqa: E402
 
 # switches[i] of trial_chunks
@@ -106,74 +106,19 @@ def _pair_step(in_w, out_w, in_row, out_ids, n_out, lr, work, table):
 
 
 @njit(inline="always")
-def _dots4(out_w, out_row, in_w, in_ids, j, dim):
-    """out_w[out_row] . in_w[in_ids[j + i]] for i < 4, in one pass over the output row."""
-    a, b, c, d = in_ids[j], in_ids[j + 1], in_ids[j + 2], in_ids[j + 3]
-    s0 = s1 = s2 = s3 = np.float32(0.0)
-    for t in range(dim):
-        x = out_w[out_row, t]
-        s0 += x * in_w[a, t]
-        s1 += x * in_w[b, t]
-        s2 += x * in_w[c, t]
-        s3 += x * in_w[d, t]
-    return s0, s1, s2, s3
-
-
-@njit(inline="always")
-def _add4(dst, dst_row, src, src_ids, k, coef, dim):
-    """dst[dst_row] += sum_i coef[i] src[src_ids[k + i]] for i < 4: one pass over the destination row."""
-    a, b, c, d = src_ids[k], src_ids[k + 1], src_ids[k + 2], src_ids[k + 3]
-    c0, c1, c2, c3 = coef
-    for t in range(dim):
-        dst[dst_row, t] += c0 * src[a, t] + c1 * src[b, t] + c2 * src[c, t] + c3 * src[d, t]
-
-
-@njit(inline="always")
 def _window_step(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, corr, in_delta, table):
-    """HogBatch on one window, straight on the table rows: the scores of all n_in x n_out pairs,
-    then the input rows' steps from the old output rows (kept in in_delta), then the output rows'
-    from the old input rows, then the input rows'; out_ids[0] is the positive output row. Rows are
-    combined four at a time, so each destination row is read and written a quarter as often. Row
-    numbers and coefficients are read into locals before each loop over the row: a store into a
-    table might alias them, which would otherwise have them reloaded at every element."""
-    dim = in_w.shape[1]
-    for o in range(n_out):
-        out_row = out_ids[o]
-        j = 0
-        while j + 4 <= n_in:
-            corr[o, j], corr[o, j + 1], corr[o, j + 2], corr[o, j + 3] = _dots4(out_w, out_row, in_w, in_ids, j, dim)
-            j += 4
-        for r in range(j, n_in):
-            in_row = in_ids[r]
-            score = np.float32(0.0)
-            for t in range(dim):
-                score += out_w[out_row, t] * in_w[in_row, t]
-            corr[o, r] = score
+    """HogBatch on one window, with cpu_kernel.window_step's loops: the scores of all n_in x n_out
+    pairs, then the input rows' steps from the old output rows (kept in in_delta), then the output
+    rows' from the old input rows, then the input rows'; out_ids[0] is the positive output row.
+    Only the sigmoid is switchable (table)."""
+    _scores(in_w, out_w, in_ids, n_in, out_ids, n_out, corr)
     for o in range(n_out):
         for j in range(n_in):
             prob = _sigmoid(corr[o, j], table)
             corr[o, j] = np.float32(lr * (1.0 - prob)) if o == 0 else np.float32(-lr * prob)
-    for j in range(n_in):
-        for t in range(dim):
-            in_delta[j, t] = 0.0
-        o = 0
-        while o + 4 <= n_out:
-            _add4(in_delta, j, out_w, out_ids, o, (corr[o, j], corr[o + 1, j], corr[o + 2, j], corr[o + 3, j]), dim)
-            o += 4
-        for r in range(o, n_out):
-            coef, out_row = corr[r, j], out_ids[r]
-            for t in range(dim):
-                in_delta[j, t] += coef * out_w[out_row, t]
-    for o in range(n_out):
-        out_row = out_ids[o]
-        j = 0
-        while j + 4 <= n_in:
-            _add4(out_w, out_row, in_w, in_ids, j, (corr[o, j], corr[o, j + 1], corr[o, j + 2], corr[o, j + 3]), dim)
-            j += 4
-        for r in range(j, n_in):
-            coef, in_row = corr[o, r], in_ids[r]
-            for t in range(dim):
-                out_w[out_row, t] += coef * in_w[in_row, t]
+    _input_steps(out_w, out_ids, n_out, n_in, corr, in_delta)
+    _output_steps(in_w, in_ids, n_in, out_w, out_ids, n_out, corr)
+    dim = in_w.shape[1]
     for j in range(n_in):
         in_row = in_ids[j]
         for t in range(dim):
