@@ -38,7 +38,7 @@ import cpu_kernel  # noqa: E402
 import data  # noqa: E402
 from bench_peers import parse_setting  # noqa: E402
 from bench_speed import quality  # noqa: E402
-from cpu_kernel import _input_steps, _lcg, _output_steps, _scores, _uniform  # noqa: E402
+from cpu_kernel import _contexts, _input_steps, _lcg, _output_steps, _scores, _uniform  # noqa: E402
 from model import build_model  # noqa: E402
 
 # switches[i] of trial_chunks
@@ -153,21 +153,11 @@ def _draw_negatives(state, word, negative, accept, alias, uniform_share, keep_ce
     return state, n_out
 
 
-@njit(inline="always")
-def _contexts(kept_ids, lo, hi, pos, reach, in_ids):
-    """in_ids[:n] <- the words at most reach from pos within the sentence [lo, hi), pos excluded; returns n."""
-    n_in = 0
-    for ctx_pos in range(max(lo, pos - reach), min(hi, pos + reach + 1)):
-        if ctx_pos != pos:
-            in_ids[n_in] = np.int64(kept_ids[ctx_pos])
-            n_in += 1
-    return n_in
-
-
 @njit(parallel=True, fastmath=True, nogil=True, cache=True, error_model="numpy")
 def trial_chunks(in_w, out_w, kept_ids, bounds, chunk_sentences, window, negative, accept, alias,
                  lr_first, lr_last, seed, switches, uniform_share, table):
-    """cpu_kernel.train_chunks (same chunks, seeds, draws and learning rates) with the switches above."""
+    """The per-pair kernel the trainer ran before the HogBatch step (its chunks, seeds, draws and
+    learning rates), with the switches above."""
     dim = in_w.shape[1]
     first_token = bounds[chunk_sentences[0]]
     span = max(1, bounds[chunk_sentences[-1]] - first_token)
@@ -343,6 +333,9 @@ def speed_slice(corpus, n_tokens, seed=1):
     return kept_ids, kept_starts, np.append(kept_starts, len(kept_ids)).astype(np.int64)
 
 
+TRAINER = "trainer's kernel (HogBatch, loss sampled)"
+
+
 def speed_runners(corpus, kept_ids, kept_starts, bounds, negative, lr=0.01):
     """name -> function(in_w, out_w) running one pass over the slice, one thread."""
     sampler = data.NegativeSampler(corpus.counts, 0.75)
@@ -356,8 +349,8 @@ def speed_runners(corpus, kept_ids, kept_starts, bounds, negative, lr=0.01):
         return lambda i, o: trial_chunks(i, o, kept_ids, bounds, chunks, 5, negative, sampler.accept, sampler.alias,
                                          lr, lr, 7, switches, 0.0, sigmoid)
     return {
-        "pairs (trainer's kernel, with loss)": lambda i, o: cpu_kernel.train_sentences(
-            i, o, kept_ids, kept_starts, 5, negative, sampler, lr, lr, 7, 1),
+        TRAINER: lambda i, o: cpu_kernel.train(i, o, kept_ids, bounds, [0, len(kept_ids)], 0, 7, [lr, lr], 5,
+                                               negative, sampler),
         "pairs, no loss": trial(),
         "pairs, no loss, sigmoid table": trial(sigmoid=table),
         "window (HogBatch), blocked loops": trial(HOGBATCH),
@@ -387,11 +380,11 @@ def run_speed(args):
                 run(in_w, out_w)
                 if round_:
                     times[name].append((time.process_time() - began) / args.tokens * 1e6)
-        base = float(np.median(times["pairs (trainer's kernel, with loss)"]))
+        base = float(np.median(times[TRAINER]))
         print(f"\nd={dim}, {negative} negatives: CPU s per million corpus tokens ({args.tokens:,} tokens, "
               f"{len(kept_ids):,} kept), {args.rounds} rounds alternating")
         for name, values in times.items():
-            print(f"  {name:38}min {min(values):6.2f}  median {np.median(values):6.2f}  "
+            print(f"  {name:42}min {min(values):6.2f}  median {np.median(values):6.2f}  "
                   f"({base / np.median(values):.2f}x the trainer's kernel)", flush=True)
 
 
