@@ -623,10 +623,10 @@ class OneProcess:
     def warm_up(self, device):
         pass
 
-    def start_epoch(self, model):
+    def on_epoch_start(self, model):
         pass
 
-    def end_epoch(self, stop):
+    def on_epoch_end(self, stop):
         """Called when an epoch's loop returns; returns the stop signal (0: none)."""
         return stop
 
@@ -748,10 +748,10 @@ class AsyncRanks(OneProcess):
         if device.type == "cpu":
             cpu_kernel.warm_up_exchange()
 
-    def start_epoch(self, model):
+    def on_epoch_start(self, model):
         self.averager = Averager(model, self.block_momentum, self.exchange)  # each epoch starts from a consensus
 
-    def end_epoch(self, stop):
+    def on_epoch_end(self, stop):
         self.averager.finish()
         if not stop:
             self._hint_once()

@@ -120,13 +120,13 @@ class Engine:
     def _tables(self):
         return self.model.in_embed.weight.data.numpy(), self.model.out_embed.weight.data.numpy()
 
-    def run_epoch(self, epoch, first_step, report, signal):
+    def run(self, epoch, first_step, report, signal):
         """Train one epoch from step first_step; returns the agreed stop signal, or 0 at its end."""
         per_step = centers_per_step(self.args.batch_size, self.args.window_size, self.strategy.world_size)
         loop = {"kernel": kernel_epoch, "window": window_epoch, "autograd": autograd_epoch}[self.loop]
-        self.strategy.start_epoch(self.model)
+        self.strategy.on_epoch_start(self.model)
         stop = loop(self, Epoch(epoch, first_step, per_step, 0, report, signal))
-        return self.strategy.end_epoch(stop)
+        return self.strategy.on_epoch_end(stop)
 
     def lr(self, epoch, step):
         return lr_at(self.args, (epoch.index + step / epoch.n_steps) / self.args.epochs)
@@ -140,7 +140,7 @@ class Engine:
         return ids, local_starts, len(kept_ids)
 
 
-def steps_in_epoch(n_kept, per_step, world_size):
+def epoch_steps(n_kept, per_step, world_size):
     """Steps every rank makes: its share (the larger one, shares differing by one token at most) over per_step."""
     return max(1, math.ceil(math.ceil(n_kept / world_size) / per_step))
 
@@ -158,7 +158,7 @@ def kernel_epoch(engine, epoch):
     """
     args, strategy = engine.args, engine.strategy
     kept_ids, starts, n_kept = engine.host_share(epoch.index, shuffled=strategy.world_size > 1)
-    epoch.n_steps = steps_in_epoch(n_kept, epoch.per_step, strategy.world_size)
+    epoch.n_steps = epoch_steps(n_kept, epoch.per_step, strategy.world_size)
     step_bounds = np.minimum(np.arange(epoch.n_steps + 1, dtype=np.int64) * epoch.per_step, len(kept_ids))
     sentence_bounds = np.append(starts, len(kept_ids)).astype(np.int64)
     base_seed = data.step_seed(args.seed, epoch.index, strategy.rank)
@@ -195,7 +195,7 @@ def window_epoch(engine, epoch):
     """
     args, strategy = engine.args, engine.strategy
     kept_ids, kept_sentence, n_kept = window_stream(engine, epoch.index)
-    epoch.n_steps = steps_in_epoch(n_kept, epoch.per_step, strategy.world_size)
+    epoch.n_steps = epoch_steps(n_kept, epoch.per_step, strategy.world_size)
     per_draw = data.STEPS_PER_DRAW
     for draw_first in range(epoch.first_step - epoch.first_step % per_draw, epoch.n_steps, per_draw):
         draw_end = min(draw_first + per_draw, epoch.n_steps)
@@ -382,7 +382,7 @@ def autograd_epoch(engine, epoch):
     """
     strategy = engine.strategy
     kept_ids, starts, n_kept = engine.host_share(epoch.index, shuffled=True)
-    epoch.n_steps = steps_in_epoch(n_kept, epoch.per_step, strategy.world_size)
+    epoch.n_steps = epoch_steps(n_kept, epoch.per_step, strategy.world_size)
     my_steps = min(epoch.n_steps, math.ceil(len(kept_ids) / epoch.per_step))  # a rank's last step may be empty
     stop = 0
     with strategy.uneven_steps(engine.train_model):

@@ -542,7 +542,7 @@ class Progress:
         self.device_losses, self.device_pairs = [], []
         self.epoch_words = 0.0
 
-    def start_epoch(self):
+    def reset_epoch_words(self):
         self.epoch_words = 0.0
 
     def __call__(self, steps_done, loss_sum, pairs, words_done, lr):
@@ -768,19 +768,19 @@ def run_epochs(run, progress, signals):
     args, state = run.args, run.state
     while state["epoch"] < args.epochs:
         epoch, started = state["epoch"], time.time()
-        progress.start_epoch()
-        stop = run.engine.run_epoch(epoch, state["position"].get("step", 0), progress, signals.pending)
+        progress.reset_epoch_words()
+        stop = run.engine.run(epoch, state["position"].get("step", 0), progress, signals.pending)
         progress.collect()
         if stop:
             return stop
-        early_stop = end_epoch(run, progress, epoch, time.time() - started)
+        early_stop = on_epoch_end(run, progress, epoch, time.time() - started)
         if early_stop:
             progress.write(early_stop)
             break
     return 0
 
 
-def end_epoch(run, progress, epoch, epoch_time):
+def on_epoch_end(run, progress, epoch, epoch_time):
     """Log the epoch's scalars, then write its checkpoints and projector snapshot; returns why the
     run stops early (--early-stop), or None."""
     args, state = run.args, run.state

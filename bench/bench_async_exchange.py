@@ -102,7 +102,7 @@ def _run(rank, world_size, init, dataset, cache_dir, remove_th, dim, words, mode
         engine = engines.Engine(args, model, None, corpus, strategy, loop, "cpu")
         distributed.start_together()
         began, cpu_began, thread_began = time.perf_counter(), time.process_time(), time.thread_time()
-        engine.run_epoch(0, 0, lambda *a: None, lambda: 0)
+        engine.run(0, 0, lambda *a: None, lambda: 0)
         figures = {"seconds": time.perf_counter() - began, "cpu_seconds": time.process_time() - cpu_began,
                    "thread_cpu_seconds": time.thread_time() - thread_began,
                    "words": len(corpus), "vocab": len(corpus.words), "step_rows": step_rows[0],

@@ -359,7 +359,7 @@ def _epoch_worker(rank, world_size, corpus_file, cache_dir, mode, out_dir):
     losses = []
     for epoch in range(engine.args.epochs):
         report = StepRecorder()
-        assert engine.run_epoch(epoch, 0, report, lambda: 0) == 0
+        assert engine.run(epoch, 0, report, lambda: 0) == 0
         losses.append(report.loss / report.pairs)
     torch.save({"model": engine.model.state_dict(), "losses": torch.tensor(losses)}, out_dir / f"rank{rank}.pt")
 
@@ -382,9 +382,9 @@ def _resume_worker(rank, world_size, corpus_file, cache_dir, out_dir):
         engine = make_engine(corpus, rank, world_size, "sync", "window", epochs=1, subsample_th=1e-2)
         report = StepRecorder()
         stop_signal = lambda: 2 if stop_at is not None and report.steps >= stop_at else 0  # noqa: E731
-        if engine.run_epoch(0, 0, report, stop_signal):
+        if engine.run(0, 0, report, stop_signal):
             assert report.position == stop_at + 1  # the agreed step is made, then the ranks stop
-            assert engine.run_epoch(0, report.position, report, lambda: 0) == 0
+            assert engine.run(0, report.position, report, lambda: 0) == 0
         models.append(engine.model.state_dict())
     torch.save({"straight": models[0], "resumed": models[1]}, out_dir / f"rank{rank}.pt")
 
@@ -405,7 +405,7 @@ def _kernel_stop_worker(rank, world_size, corpus_file, cache_dir, out_dir):
     report = StepRecorder()
     # only rank 0 is asked to stop (after its 3rd step): both must stop at the same place
     stop_signal = lambda: 15 if rank == 0 and report.steps >= 3 else 0  # noqa: E731
-    stop = engine.run_epoch(0, 0, report, stop_signal)
+    stop = engine.run(0, 0, report, stop_signal)
     torch.save({"stop": stop, "position": report.position, "model": engine.model.state_dict()},
                out_dir / f"rank{rank}.pt")
 
@@ -432,7 +432,7 @@ def test_data_parallel_path_equals_sgd_on_sparse_gradients(tmp_path):
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
         engine = engines.Engine(args, model, optimizer, corpus, distributed.OneProcess(dense, 2), "autograd", "cpu")
         assert isinstance(engine.train_model, torch.nn.DataParallel) == dense
-        engine.run_epoch(0, 0, StepRecorder(), lambda: 0)
+        engine.run(0, 0, StepRecorder(), lambda: 0)
         results.append(model.state_dict())
     for key in results[0]:
         torch.testing.assert_close(results[1][key], results[0][key], atol=1e-5, rtol=1e-4)

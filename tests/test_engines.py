@@ -43,7 +43,7 @@ def test_engine_kernel_where_it_cannot_run_says_why(key):
 
 def test_steps_share_out_the_epoch_and_words_add_up_to_the_corpus():
     assert engines.centers_per_step(4096, 5) == 682 and engines.centers_per_step(4096, 5, world_size=2) == 341
-    n_steps = engines.steps_in_epoch(10_001, 341, 2)
+    n_steps = engines.epoch_steps(10_001, 341, 2)
     assert n_steps == 15  # the larger share, 5,001 centers, over 341 a step
     epoch = engines.Epoch(0, 0, 341, n_steps, None, None)
     assert sum(epoch.words(999, i + 1) - epoch.words(999, i) for i in range(n_steps)) == 999
