@@ -195,6 +195,26 @@ def _output_steps(in_w, in_ids, n_in, out_w, out_ids, n_out, coef):
             _add1(out_w, out_row, in_w, in_ids[j], coef[o, j], dim)
 
 
+@njit(inline="always")
+def _add_rows(table, row_ids, n, delta):
+    """table[row_ids[j]] += delta[j] for j < n (a row listed twice gets both)."""
+    dim = table.shape[1]
+    for j in range(n):
+        row = row_ids[j]
+        for t in range(dim):
+            table[row, t] += delta[j, t]
+
+
+@njit(inline="always")
+def _alias_draw(state, accept, alias):
+    """One draw from the alias table (Walker): a uniform slot, kept with its acceptance
+    probability, else its alias; returns (state, word)."""
+    state = _lcg(state)
+    slot = (state >> np.uint64(16)) % np.uint64(accept.shape[0])
+    state = _lcg(state)
+    return state, (np.int64(slot) if _uniform(state) < accept[slot] else alias[slot])
+
+
 @njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
 def window_step(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, coef, in_delta, with_loss):
     """One window's SGD step, HogBatch (Ji et al. 2016): the input rows in_ids[:n_in] (the
@@ -213,11 +233,7 @@ def window_step(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, coef, in_delta, w
     loss = _steps_from_scores(coef, n_in, n_out, lr, with_loss)
     _input_steps(out_w, out_ids, n_out, n_in, coef, in_delta)
     _output_steps(in_w, in_ids, n_in, out_w, out_ids, n_out, coef)
-    dim = in_w.shape[1]
-    for j in range(n_in):
-        in_row = in_ids[j]
-        for t in range(dim):
-            in_w[in_row, t] += in_delta[j, t]
+    _add_rows(in_w, in_ids, n_in, in_delta)
     return loss
 
 
@@ -240,13 +256,9 @@ def _draw_center(state, kept_ids, pos, window, negative, accept, alias, out_ids)
     reach = 1 + np.int64((state >> np.uint64(16)) % np.uint64(window))
     word = np.int64(kept_ids[pos])
     out_ids[0] = word
-    vocab = np.uint64(accept.shape[0])
     n_out = 1
     for _ in range(negative):
-        state = _lcg(state)
-        slot = (state >> np.uint64(16)) % vocab
-        state = _lcg(state)
-        neg = np.int64(slot) if _uniform(state) < accept[slot] else alias[slot]
+        state, neg = _alias_draw(state, accept, alias)
         if neg != word:
             out_ids[n_out] = neg
             n_out += 1

@@ -38,7 +38,8 @@ import cpu_kernel  # noqa: E402
 import data  # noqa: E402
 from bench_peers import parse_setting  # noqa: E402
 from bench_speed import quality  # noqa: E402
-from cpu_kernel import _contexts, _input_steps, _lcg, _output_steps, _scores, _uniform  # noqa: E402
+from cpu_kernel import (_add_rows, _alias_draw, _contexts, _input_steps, _lcg, _output_steps, _scores,  # noqa: E402
+                        _uniform)
 from model import build_model  # noqa: E402
 
 # switches[i] of trial_chunks
@@ -118,11 +119,7 @@ def _window_step(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, corr, in_delta, 
             corr[o, j] = np.float32(lr * (1.0 - prob)) if o == 0 else np.float32(-lr * prob)
     _input_steps(out_w, out_ids, n_out, n_in, corr, in_delta)
     _output_steps(in_w, in_ids, n_in, out_w, out_ids, n_out, corr)
-    dim = in_w.shape[1]
-    for j in range(n_in):
-        in_row = in_ids[j]
-        for t in range(dim):
-            in_w[in_row, t] += in_delta[j, t]
+    _add_rows(in_w, in_ids, n_in, in_delta)
 
 
 @njit(inline="always")
@@ -132,10 +129,7 @@ def _draw_negatives(state, word, negative, accept, alias, uniform_share, keep_ce
     vocab = np.uint64(accept.shape[0])
     n_out = 1
     for _ in range(negative):
-        state = _lcg(state)
-        slot = (state >> np.uint64(16)) % vocab
-        state = _lcg(state)
-        neg = np.int64(slot) if _uniform(state) < accept[slot] else alias[slot]
+        state, neg = _alias_draw(state, accept, alias)
         if uniform_share > 0.0:
             state = _lcg(state)
             if _uniform(state) < uniform_share:
@@ -221,14 +215,8 @@ def _window_blas(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, buffers):
             corr[o, j] = np.float32(lr * (1.0 - prob)) if o == 0 else np.float32(-lr * prob)
     np.dot(corr, in_block, out_delta)
     np.dot(corr.T, out_block, in_delta)
-    for o in range(n_out):
-        out_row = out_ids[o]
-        for t in range(dim):
-            out_w[out_row, t] += out_delta[o, t]
-    for j in range(n_in):
-        in_row = in_ids[j]
-        for t in range(dim):
-            in_w[in_row, t] += in_delta[j, t]
+    _add_rows(out_w, out_ids, n_out, out_delta)
+    _add_rows(in_w, in_ids, n_in, in_delta)
 
 
 @njit(fastmath=True, nogil=True, cache=True, error_model="numpy")
