@@ -32,8 +32,13 @@ def make_run_dir(args):
         suffix += 1
         run_dir = Path(args.log_dir) / f"{name}-{suffix}"
     run_dir.mkdir(parents=True)
-    fileio.atomic_write(run_dir / "args.json", lambda tmp: tmp.write_text(json.dumps(vars(args), indent=2)))
+    write_arguments(run_dir, args)
     return run_dir
+
+
+def write_arguments(run_dir, args):
+    """The run's arguments as its args.json, which --resume reads."""
+    fileio.atomic_write(Path(run_dir) / "args.json", lambda tmp: tmp.write_text(json.dumps(vars(args), indent=2)))
 
 
 def remove_unused_run_dir(run_dir):

@@ -42,8 +42,8 @@ def _prefetch(typingctx, table, row, col):
         array = context.make_array(array_type)(context, builder, args[0])
         address = cgutils.get_item_pointer(context, builder, array_type, array, [args[1], args[2]])
         byte_pointer, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        prefetch = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0")
+        prefetch = builder.module.declare_intrinsic(  # llvmlite names it for this LLVM's pointer types
+            "llvm.prefetch", [byte_pointer], ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]))
         builder.call(prefetch, [builder.bitcast(address, byte_pointer), i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
     return types.void(table, types.int64, types.int64), codegen
@@ -369,21 +369,16 @@ def train(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step, base_
     marks: (in_marks, out_marks), a byte per row of each table, where the call marks the rows it
     writes (None: it marks none).
 
-    A step's loss is NaN where the weights became NaN: numba checks float divisions as Python
-    does, and a NaN weight trips that check (the callers stop the run, naming epoch and step).
+    A step's loss is NaN or infinite where the weights diverged, as a sampled window's loss shows
+    (the callers stop the run, naming epoch and step); the trainer's check of the weights at every
+    epoch's end catches what the sample misses.
     """
     n_steps = len(step_bounds) - 1
     loss_out, pairs_out = np.zeros(n_steps), np.zeros(n_steps, dtype=np.int64)
     in_marks, out_marks = marks if marks is not None else (_NO_MARKS, _NO_MARKS)
-    try:
-        train_steps(in_w, out_w, kept_ids, sentence_bounds, np.asarray(step_bounds, dtype=np.int64),
-                    np.int64(first_step), np.uint64(base_seed), np.asarray(lr_bounds, dtype=np.float64), window,
-                    negative, sampler.accept, sampler.alias, loss_out, pairs_out, in_marks, out_marks,
-                    marks is not None)
-    except (ZeroDivisionError, SystemError) as err:
-        if not isinstance(err, ZeroDivisionError) and not isinstance(err.__cause__, ZeroDivisionError):
-            raise
-        loss_out[:] = math.nan
+    train_steps(in_w, out_w, kept_ids, sentence_bounds, np.asarray(step_bounds, dtype=np.int64),
+                np.int64(first_step), np.uint64(base_seed), np.asarray(lr_bounds, dtype=np.float64), window,
+                negative, sampler.accept, sampler.alias, loss_out, pairs_out, in_marks, out_marks, marks is not None)
     return loss_out, pairs_out
 
 
@@ -616,7 +611,7 @@ def warm_up_exchange():
 
 
 # ---------------------------------------------------------------------------------------------
-# The torch engine's batched steps on the CPU (model.window_step, distributed --sync steps): each
+# The torch engine's batched steps on the CPU (engines.compiled_window_step, distributed --sync steps): each
 # touched row's gradient summed once, then applied once (from one rank's rows or all ranks'). Row
 # keys number in_embed rows 0..V-1 and out_embed rows V..2V-1; KEY_SPLIT packs a key into two
 # float32 columns (key // KEY_SPLIT, key % KEY_SPLIT), both exact, so one float32 message carries
@@ -680,7 +675,7 @@ def pack_rows(in_rows, in_uses, in_grads, out_rows, out_grads, vocab, slot, keys
 def apply_rows(in_w, out_w, packed, segments, vocab, lr, cap, tally):
     """SGD from the packed rows of segments (start, stop), in their order (every rank's rows in rank
     order): each row moves by -lr * min(1, cap / k) * its gradient, k its uses summed over all
-    segments, as model.window_step scales a row met more than cap times. tally: 2V zeros between
+    segments, as model.SGNS.window_step scales a row met more than cap times. tally: 2V zeros between
     calls. float32 throughout, so every rank computes the same bits."""
     dim = in_w.shape[1]
     for g in range(segments.shape[0]):
@@ -699,7 +694,7 @@ def apply_rows(in_w, out_w, packed, segments, vocab, lr, cap, tally):
 
 
 class TouchedRows:
-    """The rows a batched SGD step touches (model.window_step on the CPU, and --sync steps), with
+    """The rows a batched SGD step touches (engines.compiled_window_step on the CPU, and --sync steps), with
     what the compiled loops above reuse from step to step: the maps over the 2V row keys, slot
     (-1) and tally (0), which every step leaves as it found them, and the float32 arrays a step
     fills (scratch): its packed rows and the products of model.window_grads.

@@ -398,7 +398,7 @@ class SummedLoss(torch.nn.Module):
 
 def data_parallel(model, num_gpu):
     """The model replicated on GPUs 0..num_gpu-1: each batch is split between them, the gradients
-    are summed on GPU 0. torch_epoch divides the gathered sums by the batch size (the exact mean)."""
+    are summed on GPU 0. engines._autograd_step divides the gathered sums by the batch size (the exact mean)."""
     return torch.nn.DataParallel(SummedLoss(model), device_ids=list(range(num_gpu)))
 
 
@@ -578,9 +578,6 @@ class BatchAgreement(Joinable):
     answers the others' all-gathers with zeros (no pairs, no signal) until all have joined.
     """
 
-    def __init__(self):
-        super().__init__()
-
     def exchange(self, n_local, signal_number):
         """(pairs over all ranks, the largest pending signal)."""
         Join.notify_join_context(self)
@@ -694,10 +691,6 @@ class SyncRanks(OneProcess):
         self.ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
         self.needs_every_backward = True
         return self.ddp
-
-    def warm_up(self, device):
-        if device.type == "cpu":
-            cpu_kernel.warm_up_rows()
 
     def before_step(self, step, first_step, signal_number):
         return 0  # agreed within the step

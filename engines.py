@@ -271,10 +271,7 @@ def choose_window_step(model, device, gpu_kernel=True):
 
 def compiled_window_step(model, context_ids, weight, out_ids, lr):
     """model.window_step on the CPU by compiled loops: each touched row's gradient summed once,
-    then applied once (cpu_kernel.TouchedRows). A tensor lr (a captured graph's) takes the
-    tensor ops."""
-    if torch.is_tensor(lr):
-        return model.window_step(context_ids, weight, out_ids, lr)
+    then applied once (cpu_kernel.TouchedRows)."""
     rows = cpu_kernel.touched_rows(model.vocab_size, model.embed_size)
     packed = rows.buffer(rows.number(context_ids.numpy(), weight.numpy(), out_ids.numpy()))
     loss_sum, _, in_grads, _, out_grads = model.window_grads(context_ids, weight, out_ids, rows.scratch)

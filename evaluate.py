@@ -508,23 +508,6 @@ def load_checkpoint(path) -> tuple[list[str], np.ndarray, EmbedFn | None, bool]:
     return words, np.asarray(vectors, dtype=np.float32), embed_fn, lowercase
 
 
-def export_projector(words: Sequence[str], vectors: np.ndarray, out_dir) -> tuple[Path, Path]:
-    """Write TensorBoard projector files ``vectors.tsv`` and ``metadata.tsv``.
-
-    ``metadata.tsv`` has one word per line and no header, which is the
-    projector's convention for single-column metadata.
-    """
-    import export
-    out_dir = Path(out_dir)
-    matrix = np.asarray(vectors, dtype=np.float32)
-    if matrix.ndim != 2 or matrix.shape[0] != len(words):
-        raise ValueError(f"{matrix.shape} vectors do not match {len(words)} words")
-    vectors_path, metadata_path = out_dir / "vectors.tsv", out_dir / "metadata.tsv"
-    export.write_tsv(vectors_path, matrix)
-    export.write_metadata(metadata_path, words)
-    return vectors_path, metadata_path
-
-
 # --------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------
@@ -677,7 +660,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.plot_curves is not None:
             report["curves"] = _plot_curves(args.plot_curves, checkpoint, source_path)
         if args.export_projector:
-            vectors_path, metadata_path = export_projector(words, vectors, args.export_projector)
+            import export
+            vectors_path, metadata_path = export.write_projector_files(words, vectors, args.export_projector)
             report["projector"] = {"vectors": str(vectors_path), "metadata": str(metadata_path)}
     except OSError as error:  # unwritable output folder, disk full, path is a directory...
         _fail(f"cannot write {error.filename or 'output'}: {error.strerror or error}")

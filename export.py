@@ -22,8 +22,8 @@ PROJECTOR_TAG = "embeddings"
 def format_rows(vectors, decimals, separator):
     """Every row of vectors as separator-led fixed-point numbers ('<sep>[-]I.FFFFFF' each, decimals
     digits after the point, rounded to nearest) in one byte buffer; returns (buffer, where each row ends).
-    The digits are those of printf's %f wherever |value| * 10**decimals is below 2**53; above, those
-    of the float64 nearest it."""
+    The digits are those of printf's %f below 2**53; above, the last of about 17 significant digits
+    drift."""
     n, dim = vectors.shape
     scale = 10.0 ** decimals
     buffer = np.empty(n * dim * (MAX_WHOLE_DIGITS + 3 + decimals), dtype=np.uint8)
@@ -63,9 +63,12 @@ ROWS_PER_BLOCK = 1024  # rows formatted at a time: the buffer stays small whatev
 
 
 def formatted_rows(vectors, separator=" "):
-    """The rows of vectors as bytes, each value led by separator, ROWS_PER_BLOCK rows at a time."""
+    """The rows of vectors as bytes, each value led by separator, ROWS_PER_BLOCK rows at a time.
+    Raises ValueError on a NaN or infinite value, which format_rows has no digits for."""
     for lo in range(0, len(vectors), ROWS_PER_BLOCK):
         block = np.ascontiguousarray(vectors[lo:lo + ROWS_PER_BLOCK], dtype=np.float32)
+        if not np.isfinite(block).all():
+            raise ValueError(f"cannot write NaN or infinite values (rows {lo} to {lo + len(block) - 1})")
         buffer, ends = format_rows(block, DECIMALS, ord(separator))
         body = buffer.tobytes()
         starts = [0, *ends[:-1].tolist()]
@@ -99,6 +102,18 @@ def write_metadata(path, words):
     tab or newline inside a word would shift every later row."""
     text = "".join(word.replace("\t", " ").replace("\n", " ") + "\n" for word in words)
     fileio.atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
+
+
+def write_projector_files(words, vectors, out_dir):
+    """vectors.tsv and metadata.tsv in out_dir, as TensorBoard's projector reads them (one word a
+    line, no header: its form for a single column); returns their paths."""
+    matrix = np.asarray(vectors, dtype=np.float32)
+    if matrix.ndim != 2 or matrix.shape[0] != len(words):
+        raise ValueError(f"{matrix.shape} vectors do not match {len(words)} words")
+    vectors_path, metadata_path = Path(out_dir) / "vectors.tsv", Path(out_dir) / "metadata.tsv"
+    write_tsv(vectors_path, matrix)
+    write_metadata(metadata_path, words)
+    return vectors_path, metadata_path
 
 
 def write_projector_snapshot(log_dir, words, vectors, step):

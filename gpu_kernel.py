@@ -9,7 +9,7 @@ keeps the step's meaning: every gradient comes from the weights before the step,
 tensor version, which the tests compare it with (Triton's interpreter runs these on the CPU).
 
 Triton ships with CUDA builds of torch on Linux and compiles on first use (it needs a C compiler
-then); usable() says whether it works here, and model.SGNS falls back to tensor ops if not.
+then); usable() says whether it works here, and engines.choose_window_step falls back to tensor ops if not.
 """
 import contextlib
 import functools
@@ -132,7 +132,7 @@ def window_step(in_weight, out_weight, context_ids, weight, out_ids, lr, cap):
 
 def _on(device):
     """Triton launches on the current CUDA device, whatever the tensors' device: make it theirs. Only
-    when it is another: switching there and back costs an eager step time (the trainer sets the run's GPU)."""
+    when it is another: switching there and back costs every eager step time (the trainer sets the run's GPU)."""
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device)

@@ -29,13 +29,7 @@ class SGNS(nn.Module):
 
     def forward(self, center_ids, context_ids, neg_ids):
         """Mean SGNS loss over the pairs: -log s(c.o) - sum_k log s(-c.n_k)."""
-        center = self.in_embed(center_ids)                    # B x d
-        context = self.out_embed(context_ids)                 # B x d
-        negatives = self.out_embed(neg_ids)                   # B x K x d
-        pos_score = (center * context).sum(-1)
-        neg_score = torch.bmm(negatives, center.unsqueeze(2)).squeeze(2)
-        loss = -F.logsigmoid(pos_score) - F.logsigmoid(-neg_score).sum(-1)
-        return loss.mean()
+        return _sgns_loss(self.in_embed(center_ids), self.out_embed(context_ids), self.out_embed(neg_ids))
 
     def embeddings(self):
         """The V x d center vectors."""

@@ -1,8 +1,7 @@
 """PNG plots of training curves and of word-vector projections (matplotlib, no display).
 
-Both functions write atomically (temporary file in the target directory, then
-``os.replace``) so a reader such as a README build or an image viewer never
-sees a half-written PNG, even if training is interrupted mid-save.
+Every picture is written through fileio.atomic_write, so a reader such as an image viewer
+never sees a half-written PNG, even if training is interrupted mid-save.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Train SGNS word vectors: python trainer.py --help"""
 import argparse
+import functools
 import math
 import os
 import shlex
@@ -154,7 +155,7 @@ def add_output_flags(parser):
     g.add_argument("--log-interval", type=int, default=100,
                    help="steps between 'Batch loss' points (a step: the text of one --batch-size batch)")
     g.add_argument("--save-interval", type=int, default=1,
-                   help="epochs between checkpoints and TensorBoard projector snapshots")
+                   help="epochs between checkpoints")
     g.add_argument("--pip-interval", type=int, default=1, help="epochs between PIP loss evaluations (0: off)")
     g.add_argument("--pip-vocab", type=int, default=10_000, help="most frequent words the PIP loss is computed on")
     g.add_argument("--early-stop", type=int, default=0, metavar="N",
@@ -625,16 +626,17 @@ def lowest_normalized_pip(history):
     return int(points[best][0]), points[best][1], len(points) - 1 - best
 
 
-def epoch_scalars(args, epoch, state, epoch_time, epoch_words, model, corpus, pip_monitor, evaluation):
+def epoch_scalars(args, epoch, state, epoch_time, epoch_words, vectors, corpus, pip_monitor, evaluation):
     """The scalars logged at the end of an epoch: loss, time, speed, learning rate, PIP losses
-    (every --pip-interval epochs) and the evaluation files' scores (every --eval-interval)."""
+    (every --pip-interval epochs) and the evaluation files' scores (every --eval-interval);
+    vectors() gives the word vectors on the CPU."""
     scalars = {"Train loss": state["epoch_loss"] / max(1, state["epoch_pairs"]), "Epoch time": epoch_time,
                "Words per second": epoch_words / max(epoch_time, 1e-9),
                "Learning rate": engines.lr_at(args, (epoch + 1) / args.epochs)}
     if pip_monitor and (epoch + 1) % args.pip_interval == 0:
-        scalars.update(pip_monitor.losses(model.embeddings().cpu()))
+        scalars.update(pip_monitor.losses(vectors()))
     if evaluation and (epoch + 1) % args.eval_interval == 0:
-        scalars.update(evaluation.scalars(corpus.words, model.embeddings().cpu().numpy()))
+        scalars.update(evaluation.scalars(corpus.words, vectors().numpy()))
     return scalars
 
 
@@ -727,6 +729,8 @@ class Run:
         try:
             checkpoint.save(self.run_dir / name, self.model, self.optimizer, self.corpus, saved_args(self.args),
                             self.state)
+            if self.args.resume and name == "checkpoint.pt":  # the next --resume starts from what this one changed
+                checkpoint.write_arguments(self.run_dir, saved_args(self.args))
         except OSError as err:
             raise OSError(f"{err}; {self.what_is_left(name)}") from err
 
@@ -789,7 +793,8 @@ def on_epoch_end(run, progress, epoch, epoch_time):
     if not all(torch.isfinite(p).all() for p in run.model.parameters()):
         raise FloatingPointError(f"the weights became NaN or infinite in epoch {epoch + 1}, "
                                  f"by step {state['global_step']}")
-    scalars = epoch_scalars(args, epoch, state, epoch_time, progress.epoch_words, run.model, run.corpus,
+    vectors = functools.cache(run.vectors)  # one copy for the PIP loss, the evaluation and the snapshot
+    scalars = epoch_scalars(args, epoch, state, epoch_time, progress.epoch_words, vectors, run.corpus,
                             run.pip_monitor, run.evaluation)
     for tag, value in scalars.items():
         run.writer.add_scalar(tag, value, epoch + 1)
@@ -809,7 +814,7 @@ def on_epoch_end(run, progress, epoch, epoch_time):
     snapshot = last_epoch or (args.projector_interval and (epoch + 1) % args.projector_interval == 0)
     if snapshot and distributed.is_main():
         n = min(args.projector_words, len(run.corpus.words))
-        export.write_projector_snapshot(run.run_dir, run.corpus.words[:n], run.vectors()[:n].numpy(), epoch + 1)
+        export.write_projector_snapshot(run.run_dir, run.corpus.words[:n], vectors()[:n].numpy(), epoch + 1)
     return early_stop
 
 
@@ -860,13 +865,14 @@ def without_flag(argv, flag):
 def finish_run(run):
     """The end of a run: export, pictures, the closing lines."""
     args, state = run.args, run.state
+    vectors = run.vectors().numpy() if distributed.is_main() else None
     if args.export and distributed.is_main():
         write_output("--export", args.export, run.run_dir,
-                     lambda: export.write_word2vec(args.export, run.corpus.words, run.vectors().numpy()))
+                     lambda: export.write_word2vec(args.export, run.corpus.words, vectors))
         print(f"vectors written to {args.export}")
     run.writer.close()
     if distributed.is_main():
-        write_pictures(args, run.run_dir, state["history"], run.corpus.words, run.vectors().numpy())
+        write_pictures(args, run.run_dir, state["history"], run.corpus.words, vectors)
     lowest = lowest_normalized_pip(state["history"])
     if lowest:
         print(f"lowest PIP loss (normalized): {lowest[1]:.4g} at epoch {lowest[0]} (checkpoint {run.run_dir / 'best.pt'})")
@@ -889,9 +895,8 @@ def write_pictures(args, run_dir, history, words, vectors):
             picture = plots.plot_projection(chosen, vectors[[index[w] for w in chosen]], run_dir / "projection.png")
             print(f"projection: {picture}")
     if args.export_projector:
-        import evaluate
         write_output("--export-projector", args.export_projector, run_dir,
-                     lambda: evaluate.export_projector(words, vectors, args.export_projector))
+                     lambda: export.write_projector_files(words, vectors, args.export_projector))
         print(f"projector files written to {args.export_projector}")
 
 

@@ -65,7 +65,7 @@ VARIANTS = {
     "pword2vec-like": ((HOGBATCH, SIGMOID_TABLE), True),
 }
 
-TOKENS_PER_CALL = 200_000  # as trainer.TOKENS_PER_KERNEL_CALL
+TOKENS_PER_CALL = 200_000  # the tokens of one call of the per-pair trainer
 
 
 def sigmoid_table():
@@ -88,7 +88,7 @@ def _sigmoid(score, table):
 
 @njit(inline="always")
 def _pair_step(in_w, out_w, in_row, out_ids, n_out, lr, work, table):
-    """One pair's sequential SGD step (cpu_kernel.sgd_pair without the loss): out_ids[0] is the
+    """One pair's sequential SGD step (the per-pair kernel's step, without the loss): out_ids[0] is the
     positive output row, the rest negatives; the input row moves last, by the old rows' gradient."""
     dim = in_w.shape[1]
     work[:] = 0.0
@@ -247,7 +247,7 @@ def blas_epoch(in_w, out_w, kept_ids, bounds, window, negative, accept, alias, l
 
 
 def lr_at(progress, lr=0.025):
-    """trainer.lr_at: linear decay to 0.01% of lr."""
+    """engines.lr_at: linear decay to 0.01% of lr."""
     return lr * max(1e-4, 1.0 - progress)
 
 
@@ -269,7 +269,7 @@ def variant_inputs(corpus, name):
 
 
 def train_vectors(corpus, dim, negative, seed, threads, variant, epochs=5, window=5, lr=0.025):
-    """The trainer's kernel run (trainer.kernel_epoch's calls and seeds) with a variant's loop; the input vectors."""
+    """The trainer's kernel run (the per-pair trainer's calls and seeds) with a variant's loop; the input vectors."""
     torch.manual_seed(seed)
     model = build_model("sgns", len(corpus.words), dim)
     in_w, out_w = model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy()
@@ -481,7 +481,7 @@ def get_parser():
     speed.add_argument("--dims", nargs="+", type=int, default=[50, 100, 200, 300])
     speed.add_argument("--rounds", type=int, default=5, help="timed passes of each loop (one more warms up)")
     speed.add_argument("--tokens", type=int, default=300_000, help="corpus tokens in the timed slice")
-    export = commands.add_parser("export", help="CPU time of writing the vectors, gensim's way and format_fixed's")
+    export = commands.add_parser("export", help="CPU time of writing the vectors, gensim's way and export.py's")
     export.add_argument("--dims", nargs="+", type=int, default=[50, 100, 200, 300])
     phases = commands.add_parser("phases", help="where a trainer.py run spends its time, start to exit")
     phases.add_argument("--dim", type=int, default=100)

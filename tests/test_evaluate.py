@@ -384,14 +384,6 @@ def test_load_checkpoint_rejects_garbage(tmp_path):
         evaluate.load_checkpoint(path)
 
 
-def test_export_projector(tmp_path, small_space):
-    words, vectors = small_space
-    vectors_path, metadata_path = evaluate.export_projector(words, vectors, tmp_path / "proj")
-    assert metadata_path.read_text().splitlines() == words
-    loaded = np.loadtxt(vectors_path, delimiter="\t")
-    np.testing.assert_allclose(loaded, vectors, rtol=1e-5, atol=1e-6)
-
-
 # ---------------------------------------------------------------- CLI
 
 def run_cli(*args, cwd=REPO):

@@ -50,3 +50,22 @@ def test_projector_snapshot_is_laid_out_as_tensorboardx_lays_it_out(tmp_path):
     folder = tmp_path / "00005" / "embeddings"
     assert (folder / "metadata.tsv").read_text().splitlines() == ["the", "tab word", "whale"]
     np.testing.assert_allclose(np.loadtxt(folder / "tensors.tsv", delimiter="\t"), vectors * 5, atol=5e-7)
+
+
+def test_projector_files_hold_every_word_and_vector(tmp_path):
+    rng = np.random.default_rng(3)
+    words = [f"w{i}" for i in range(40)]
+    vectors = rng.normal(size=(40, 8)).astype(np.float32)
+    vectors_path, metadata_path = export.write_projector_files(words, vectors, tmp_path / "proj")
+    assert metadata_path.read_text().splitlines() == words
+    loaded = np.loadtxt(vectors_path, delimiter="\t")
+    np.testing.assert_allclose(loaded, vectors, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_value_without_digits_is_refused_and_nothing_is_written(tmp_path, bad):
+    vectors = np.ones((3, 4), dtype=np.float32)
+    vectors[2, 1] = bad
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        export.write_word2vec(tmp_path / "v.txt", ["a", "b", "c"], vectors)
+    assert list(tmp_path.iterdir()) == []

@@ -1,3 +1,4 @@
+import json
 import signal
 import struct
 import subprocess
@@ -200,6 +201,18 @@ def test_resume_with_more_epochs_extends_the_run(tmp_path, corpus_file):
                                   "--run-name", "r")) == 0
     assert trainer.main(["--resume", str(tmp_path / "runs" / "r"), "--epochs", "2", "--quiet"]) == 0
     ckpt = torch.load(tmp_path / "runs" / "r" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["epochs"] == 2
+
+
+def test_a_second_resume_keeps_what_the_first_changed(tmp_path, corpus_file):
+    """--epochs given to --resume lands in args.json, which the next --resume reads."""
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "1", "--pip-interval", "0",
+                                  "--run-name", "r")) == 0
+    run_dir = tmp_path / "runs" / "r"
+    assert trainer.main(["--resume", str(run_dir), "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((run_dir / "args.json").read_text())["epochs"] == 2
+    assert trainer.main(["--resume", str(run_dir), "--quiet"]) == 0  # nothing left: ends at once, as done
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["args"]["epochs"] == 2
 
 
