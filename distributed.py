@@ -666,9 +666,6 @@ class OneProcess:
     def reduce_gradients(self, model, n_local):
         pass
 
-    def agree_at_epoch_end(self, stop):
-        return stop
-
 
 class SyncRanks(OneProcess):
     """--multi-node --sync: every step is one step on the global batch, and all ranks hold
@@ -716,7 +713,7 @@ class SyncRanks(OneProcess):
         if self.ddp is None:
             sum_sparse_gradients(model)
 
-    def agree_at_epoch_end(self, stop):
+    def on_epoch_end(self, stop):
         """Ranks that left a join() early meet the others again here, and learn of a stop."""
         if self.ddp is None:
             return stop

@@ -396,7 +396,7 @@ def autograd_epoch(engine, epoch):
             epoch.report(step + 1, loss_sum, pairs, _step_words(engine, epoch, step), lr)
             if stop:
                 break
-    return strategy.agree_at_epoch_end(stop)
+    return stop
 
 
 def _step_words(engine, epoch, step):

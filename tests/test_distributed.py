@@ -470,7 +470,7 @@ def _ddp_worker(rank, world_size, out_dir):
             local = [t[rank::world_size] for t in batches[step]]
             engines._autograd_step(engine, local, 0.01, 0)
             after_each_step.append({k: v.clone() for k, v in model.state_dict().items()})
-    assert strategy.agree_at_epoch_end(0) == 0
+    assert strategy.on_epoch_end(0) == 0
     after_each_step.append({k: v.clone() for k, v in model.state_dict().items()})
     torch.save(after_each_step, out_dir / f"rank{rank}.pt")
 
