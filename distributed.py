@@ -578,6 +578,9 @@ class BatchAgreement(Joinable):
     answers the others' all-gathers with zeros (no pairs, no signal) until all have joined.
     """
 
+    def __init__(self):  # Joinable declares __init__ abstract
+        super().__init__()
+
     def exchange(self, n_local, signal_number):
         """(pairs over all ranks, the largest pending signal)."""
         Join.notify_join_context(self)
