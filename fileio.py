@@ -7,6 +7,7 @@ over it only once complete. A kill -9 or power cut leaves the old file or the ne
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 
@@ -78,3 +79,49 @@ def remove_stale_temp_files(folder):
                 continue
             removed.append(path)
     return removed
+
+
+class PathKindError(ValueError):
+    """A path that exists but is not what it must be (a FIFO, a device, a folder for a file)."""
+
+
+def check_input_path(path, what, allow_dir=False):
+    """Return path if it is a regular file (or a folder, where allowed); raise otherwise.
+
+    Opening a FIFO blocks until a writer comes and a device streams forever, so every input is
+    checked by kind before it is opened. FileNotFoundError and PathKindError carry one line that
+    names `what` (for example "--eval-similarity file").
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise PathKindError(f"{what} cannot be read: {path} ({err.strerror})") from None
+    if stat.S_ISREG(mode) or (allow_dir and stat.S_ISDIR(mode)):
+        return path
+    kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+    raise PathKindError(f"{what} is {kind}: {path}")
+
+
+def _same_or_inside(output, protected):
+    return output == protected or protected in output.parents
+
+
+def check_outputs_apart(outputs, inputs):
+    """Raise ValueError if an output path would overwrite an input or land inside an input folder.
+
+    outputs and inputs map a label ("--export", "the corpus") to a path; paths are compared after
+    resolving links, so a symlink or a relative spelling of an input is caught too. An input that
+    is a folder protects every file under it.
+    """
+    resolved_inputs = [(label, Path(path).resolve()) for label, path in inputs.items() if path]
+    for out_label, out_path in outputs.items():
+        if not out_path:
+            continue
+        target = Path(out_path).resolve()
+        for in_label, source in resolved_inputs:
+            if _same_or_inside(target, source):
+                where = "is" if target == source else "is inside"
+                raise ValueError(f"{out_label} {out_path} {where} {in_label} ({source}); "
+                                 "choose another output path")
