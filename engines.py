@@ -28,7 +28,8 @@ import torch
 
 import cpu_kernel
 import data
-from model import MAX_SUMMED_GRADIENTS
+import model as models
+from model import Rows
 
 # Most centers one call of the compiled kernel trains: the loop looks at signals and progress
 # between calls, so a call is kept short next to a human's patience.
@@ -236,10 +237,12 @@ def _draw_step_by_step(engine, epoch, drawn, draw_first, first, draw_end):
             return stop
         window = _draw_window(drawn, epoch, draw_first, step)
         lr = engine.lr(epoch, step)
-        local_step = engine.window_step
-        if engine.graphs is not None and len(window[0]) == epoch.per_step:
-            local_step = engine.graphs.step
-        stats, stop = strategy.window_step(local_step, engine.model, window, lr, epoch.per_step, epoch.signal())
+        if engine.graphs is not None and len(window[0]) == epoch.per_step:  # one process: nothing to exchange
+            stats, stop = engine.graphs.step(*window, lr), epoch.signal()
+        else:
+            rows, stop = strategy.gather_rows(engine.window_step, window, epoch.per_step, epoch.signal())
+            engine.window_step.apply(rows, lr)
+            stats = rows.stats
         _report_window_step(engine, epoch, step, stats, lr)
         if stop:
             return stop
@@ -260,32 +263,78 @@ def _report_window_step(engine, epoch, step, stats, lr):
 
 
 def choose_window_step(model, device, gpu_kernel=True):
-    """The window step for the model's device: compiled row loops on the CPU, Triton kernels on
-    a GPU where they run (and --gpu-kernel), else the tensor ops of model.window_step."""
+    """The window step for the model's device, chosen once: compiled row loops on the CPU,
+    Triton kernels on a GPU where they run (and --gpu-kernel), else tensor ops."""
     if device.type == "cpu":
-        return functools.partial(compiled_window_step, model)
+        return CompiledStep(model)
     if device.type == "cuda" and gpu_kernel and _triton_usable(device):
-        return functools.partial(triton_window_step, model)
-    return model.window_step
+        return TritonStep(model)
+    return TensorStep(model)
 
 
-def compiled_window_step(model, context_ids, weight, out_ids, lr):
-    """model.window_step on the CPU by compiled loops: each touched row's gradient summed once,
-    then applied once (cpu_kernel.TouchedRows)."""
-    rows = cpu_kernel.touched_rows(model.vocab_size, model.embed_size)
-    packed = rows.buffer(rows.number(context_ids.numpy(), weight.numpy(), out_ids.numpy()))
-    loss_sum, _, in_grads, _, out_grads = model.window_grads(context_ids, weight, out_ids, rows.scratch)
-    rows.pack(in_grads.numpy(), out_grads.numpy(), packed)
-    rows.apply(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), packed, lr,
-               MAX_SUMMED_GRADIENTS)
-    return torch.stack([loss_sum, weight.sum()])
+class WindowStep:
+    """One SGD step on whole windows (model.SGNS.window_step), in two phases: grads(windows)
+    gives the step's gradient as model.Rows, apply(rows, lr) writes them into the tables. A
+    --sync exchange runs between the two (distributed.SyncRanks.gather_rows). Calling the step
+    runs both phases on this process's rows and returns their [loss sum, pairs]."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, context_ids, weight, out_ids, lr):
+        rows = self.grads(context_ids, weight, out_ids)
+        self.apply(rows, lr)
+        return rows.stats
 
 
-def triton_window_step(model, context_ids, weight, out_ids, lr):
-    """model.window_step as three Triton kernels (gpu_kernel)."""
-    import gpu_kernel
-    return gpu_kernel.window_step(model.in_embed.weight.data, model.out_embed.weight.data, context_ids.contiguous(),
-                                  weight.contiguous(), out_ids.contiguous(), lr, MAX_SUMMED_GRADIENTS)
+class CompiledStep(WindowStep):
+    """The CPU's form: the products of model.window_grads, then compiled loops
+    (cpu_kernel.TouchedRows) sum each touched row's gradient once and apply it once."""
+
+    def grads(self, context_ids, weight, out_ids, room=None):
+        """The step's distinct rows; room(n), if given, is where its n rows go (default: reused storage)."""
+        touched = cpu_kernel.touched_rows(self.model.vocab_size, self.model.embed_size)
+        n_rows = touched.number(context_ids.numpy(), weight.numpy(), out_ids.numpy())
+        packed = (room or touched.buffer)(n_rows)
+        loss_sum, _, in_grads, _, out_grads = self.model.window_grads(context_ids, weight, out_ids, touched.scratch)
+        touched.pack(in_grads.numpy(), out_grads.numpy(), packed)
+        return Rows(torch.from_numpy(packed), torch.stack([loss_sum, weight.sum()]))
+
+    def apply(self, rows, lr):
+        touched = cpu_kernel.touched_rows(self.model.vocab_size, self.model.embed_size)
+        touched.apply(self.model.in_embed.weight.data.numpy(), self.model.out_embed.weight.data.numpy(),
+                      rows.packed.numpy(), lr, models.MAX_SUMMED_GRADIENTS, rows.segments)
+
+
+class TritonStep(WindowStep):
+    """A GPU's form: Triton kernels (gpu_kernel), one row a window slot."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        import gpu_kernel  # only where Triton runs
+        self.kernels = gpu_kernel
+
+    def grads(self, context_ids, weight, out_ids):
+        return Rows(*self.kernels.window_rows(self.model.in_embed.weight.data, self.model.out_embed.weight.data,
+                                              context_ids.contiguous(), weight.contiguous(), out_ids.contiguous()))
+
+    def apply(self, rows, lr):
+        self.kernels.apply_rows(self.model.in_embed.weight.data, self.model.out_embed.weight.data, rows.packed,
+                              rows.segments, lr, models.MAX_SUMMED_GRADIENTS)
+
+
+class TensorStep(WindowStep):
+    """The tensor ops of model.SGNS (a GPU without Triton, or --no-gpu-kernel); this process's
+    steps run model.window_step itself."""
+
+    def __call__(self, context_ids, weight, out_ids, lr):
+        return self.model.window_step(context_ids, weight, out_ids, lr)
+
+    def grads(self, context_ids, weight, out_ids):
+        return self.model.window_rows(context_ids, weight, out_ids)
+
+    def apply(self, rows, lr):
+        self.model.apply_rows(rows, lr)
 
 
 @functools.lru_cache(maxsize=None)
