@@ -596,25 +596,15 @@ class OneProcess:
         every rank's), and the stop agreed after it. max_windows: the most windows a rank's step holds."""
         return step.grads(*window), signal_number
 
-    def uneven_steps(self, train_model):
-        """The context the autograd loop runs in (DDP's join where ranks may end at different steps)."""
-        return contextlib.nullcontext()
-
-    def steps_to_run(self, n_steps, my_steps):
-        """How many steps this rank's autograd loop runs: all ranks the same, except under join()."""
-        return n_steps
+    def uneven_steps(self, train_model, n_steps, my_steps):
+        """The context the autograd loop runs in (DDP's join where ranks may end at different
+        steps); it gives how many steps this rank runs: n_steps, or under join() its own my_steps."""
+        return contextlib.nullcontext(n_steps)
 
     def agree_on_batch(self, n_local, signal_number):
-        """(pairs of the global batch, the stop agreed after this step)."""
-        return n_local, signal_number
-
-    def loss_weight(self, n_local, n_global):
-        """The factor on this rank's mean loss that makes the reduced gradient the global mean's."""
-        return 1.0
-
-    def placeholder_batch(self, batch):
-        """A one-pair batch of valid ids, for a rank with no pairs whose backward must still run."""
-        return [t[:0].new_zeros((1,) + t.shape[1:]) for t in batch]
+        """(pairs of the global batch, the factor on this rank's mean loss that makes the reduced
+        gradient the global mean's, the stop agreed after this step)."""
+        return n_local, 1.0, signal_number
 
     def reduce_gradients(self, model, n_local):
         pass
@@ -654,18 +644,19 @@ class SyncRanks(OneProcess):
             return _exchange_rows_point_to_point(step, window, max_windows, signal_number)
         return _exchange_rows_all_gather(step, window, max_windows, signal_number)
 
-    def uneven_steps(self, train_model):
-        return Join([self.agreement, self.ddp]) if self.ddp is not None else contextlib.nullcontext()
-
-    def steps_to_run(self, n_steps, my_steps):
-        return my_steps if self.ddp is not None else n_steps
+    @contextlib.contextmanager
+    def uneven_steps(self, train_model, n_steps, my_steps):
+        if self.ddp is None:
+            yield n_steps
+            return
+        with Join([self.agreement, self.ddp]):
+            yield my_steps
 
     def agree_on_batch(self, n_local, signal_number):
-        return self.agreement.exchange(n_local, signal_number)
-
-    def loss_weight(self, n_local, n_global):
+        n_global, stop = self.agreement.exchange(n_local, signal_number)
         share = n_local / max(n_global, 1)
-        return share * self.world_size if self.ddp is not None else share  # DDP averages over ranks
+        weight = share * self.world_size if self.ddp is not None else share  # DDP averages over ranks
+        return n_global, weight, stop
 
     def reduce_gradients(self, model, n_local):
         if self.ddp is None:
@@ -727,7 +718,7 @@ class AsyncRanks(OneProcess):
         return step.grads(*window), 0
 
     def agree_on_batch(self, n_local, signal_number):
-        return n_local, 0
+        return n_local, 1.0, 0
 
     def _hint_once(self):
         """Rank 0 says once a run when an epoch spent too long exchanging (interval_hint)."""

@@ -4,9 +4,10 @@ ENGINES decides, from a run's model, optimizer, device and distribution, which l
 
 - kernel_epoch: the compiled word2vec loop on the CPU (cpu_kernel), sgns by plain SGD;
 - window_epoch: batched SGD steps on whole windows drawn on the model's device
-  (data.WindowBatches), sgns by plain SGD. The step runs as compiled per-row loops on the CPU
-  (cpu_kernel.TouchedRows), as Triton kernels on a GPU (gpu_kernel), or as the tensor ops of
-  model.SGNS.window_step; on a GPU whole draws of steps replay as captured CUDA graphs;
+  (data.WindowBatches), sgns by plain SGD. The step (WindowStep: grads, then apply) runs as
+  compiled per-row loops on the CPU (cpu_kernel.TouchedRows), as Triton kernels on a GPU
+  (gpu_kernel), or as the tensor ops of model.SGNS; on a GPU whole draws of steps replay as
+  captured CUDA graphs;
 - autograd_epoch: torch.optim steps on (center, context) pairs by autograd: SparseAdam, Adam,
   the rnn model, and --multi-gpu's DataParallel.
 
@@ -16,8 +17,8 @@ ranks. A position inside an epoch is the number of steps done, and step i draws 
 numbers from a generator seeded by (seed, epoch, rank, i) (a draw of window steps: by its first
 step), so a stopped run resumes exactly where it stopped, whatever the loop. Distribution is a
 strategy the loops call (distributed.OneProcess, SyncRanks, AsyncRanks): before a step (a
-sync point of --async), for a window step summed over ranks (--sync), around an autograd step,
-and at the end of the epoch.
+sync point of --async), between a window step's two phases (gather_rows: --sync applies every
+rank's rows), around an autograd step, and at the end of the epoch.
 """
 import functools
 import math
@@ -92,7 +93,7 @@ class Engine:
     """A run's model, optimizer, data and distribution strategy, with the loop that trains them.
 
     train_model is what the autograd loop calls: the model, or its DataParallel or
-    DistributedDataParallel wrapper. window_step is the window loop's local step.
+    DistributedDataParallel wrapper. window_step is the window loop's step (a WindowStep), chosen once.
     """
 
     def __init__(self, args, model, optimizer, corpus, strategy, loop, device):
@@ -431,9 +432,9 @@ def autograd_epoch(engine, epoch):
     epoch.n_steps = epoch_steps(n_kept, epoch.per_step, strategy.world_size)
     my_steps = min(epoch.n_steps, math.ceil(len(kept_ids) / epoch.per_step))  # a rank's last step may be empty
     stop = 0
-    with strategy.uneven_steps(engine.train_model):
+    with strategy.uneven_steps(engine.train_model, epoch.n_steps, my_steps) as steps_to_run:
         for step in range(epoch.first_step, epoch.n_steps):
-            if step >= strategy.steps_to_run(epoch.n_steps, my_steps):  # joined: nothing left to train
+            if step >= steps_to_run:  # joined: nothing left to train
                 epoch.report(step + 1, 0.0, 0, _step_words(engine, epoch, step), engine.lr(epoch, step))
                 continue
             stop = strategy.before_step(step, epoch.first_step, epoch.signal())
@@ -470,7 +471,7 @@ def _autograd_step(engine, batch, lr, signal):
     """One optimizer step on the batch's pairs; returns (loss summed over the pairs, pairs, agreed stop)."""
     strategy, optimizer = engine.strategy, engine.optimizer
     n_local = len(batch[0])
-    n_global, stop = strategy.agree_on_batch(n_local, signal)
+    n_global, loss_weight, stop = strategy.agree_on_batch(n_local, signal)
     # sgns under --multi-gpu trains by plain SGD on the summed loss, as word2vec does (its lr is
     # per pair); every other model steps on the mean loss
     summed = engine.args.multi_gpu and engine.args.model_name == "sgns"
@@ -479,12 +480,17 @@ def _autograd_step(engine, batch, lr, signal):
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     if n_local or strategy.needs_every_backward:
-        loss = engine.train_model(*(batch if n_local else strategy.placeholder_batch(batch)))
+        loss = engine.train_model(*(batch if n_local else _placeholder_batch(batch)))
         if loss.dim():  # DataParallel (distributed.data_parallel): the loss summed on each GPU
             loss = loss.sum() / n_local
-        (loss * strategy.loss_weight(n_local, n_global)).backward()
+        (loss * loss_weight).backward()
         loss_sum = loss.detach() * n_local
     strategy.reduce_gradients(engine.model, n_local)
     if n_global:
         optimizer.step()
     return loss_sum, n_local, stop
+
+
+def _placeholder_batch(batch):
+    """A one-pair batch of valid ids, for a rank with no pairs whose backward must still run."""
+    return [t[:0].new_zeros((1,) + t.shape[1:]) for t in batch]

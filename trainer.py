@@ -187,7 +187,9 @@ def add_evaluation_flags(parser):
                         "--eval-interval epochs")
     g.add_argument("--eval-interval", type=int, default=1, help="epochs between evaluations on the files above")
     g.add_argument("--plot-words", nargs="+", default=[], metavar="WORD",
-                   help="words to draw in a 2-D PCA projection, saved as projection.png in the run directory")
+                   help="words to draw in a 2-D PCA projection, saved as projection.png in the run directory "
+                        "(looked up lowercased, as evaluate.py --plot-words does; the rnn model draws words "
+                        "outside the vocabulary too, from their spelling)")
     g.add_argument("--export-projector", default=None, metavar="DIR",
                    help="also write TensorBoard projector files vectors.tsv and metadata.tsv into DIR")
 

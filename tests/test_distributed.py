@@ -507,8 +507,8 @@ def _ddp_worker(rank, world_size, out_dir):
     # uneven shares: rank r takes rows r::world_size; rank 1 has no pairs at the last step and joins early
     my_steps = len(batches) - 1 if rank == 1 else len(batches)
     after_each_step = []
-    with strategy.uneven_steps(ddp):
-        for step in range(strategy.steps_to_run(len(batches), my_steps)):
+    with strategy.uneven_steps(ddp, len(batches), my_steps) as steps_to_run:
+        for step in range(steps_to_run):
             local = [t[rank::world_size] for t in batches[step]]
             engines._autograd_step(engine, local, 0.01, 0)
             after_each_step.append({k: v.clone() for k, v in model.state_dict().items()})
