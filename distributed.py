@@ -481,7 +481,7 @@ def _exchange_rows_all_gather(step, window, max_windows, stop_signal):
     n_rows, width = rows.packed.shape
     room = max_windows * (window[0].shape[1] + window[2].shape[1])
     buffer = rows.packed.new_zeros(room + 1, width)
-    buffer[:n_rows, :width] = rows.packed
+    buffer[:n_rows] = rows.packed
     buffer[room, :4] = torch.cat([torch.tensor([n_rows], device=buffer.device, dtype=buffer.dtype), rows.stats,
                                   torch.tensor([stop_signal], device=buffer.device, dtype=buffer.dtype)])
     parts = _all_gather_equal(buffer)

@@ -321,7 +321,7 @@ class TritonStep(WindowStep):
 
     def apply(self, rows, lr):
         self.kernels.apply_rows(self.model.in_embed.weight.data, self.model.out_embed.weight.data, rows.packed,
-                              rows.segments, lr, models.MAX_SUMMED_GRADIENTS)
+                                rows.segments, lr, models.MAX_SUMMED_GRADIENTS)
 
 
 class TensorStep(WindowStep):
