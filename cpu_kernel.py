@@ -29,6 +29,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from model import KEY_SPLIT
+
 _LCG_MUL = np.uint64(25214903917)  # word2vec's linear congruential generator
 _LCG_ADD = np.uint64(11)
 
@@ -611,13 +613,11 @@ def warm_up_exchange():
 
 
 # ---------------------------------------------------------------------------------------------
-# The torch engine's batched steps on the CPU (engines.compiled_window_step, distributed --sync steps): each
-# touched row's gradient summed once, then applied once (from one rank's rows or all ranks'). Row
-# keys number in_embed rows 0..V-1 and out_embed rows V..2V-1; KEY_SPLIT packs a key into two
-# float32 columns (key // KEY_SPLIT, key % KEY_SPLIT), both exact, so one float32 message carries
-# gradients and keys together.
-
-KEY_SPLIT = 4096
+# The torch engine's batched steps on the CPU (engines.CompiledStep, --sync steps included): each
+# touched row's gradient summed once, then applied once (from one rank's rows or all ranks'),
+# packed as model.Rows: row keys number in_embed rows 0..V-1 and out_embed rows V..2V-1, and
+# travel as two float32 columns (model.KEY_SPLIT), so one float32 message carries gradients and
+# keys together.
 
 
 @njit(inline="always")
@@ -694,7 +694,7 @@ def apply_rows(in_w, out_w, packed, segments, vocab, lr, cap, tally):
 
 
 class TouchedRows:
-    """The rows a batched SGD step touches (engines.compiled_window_step on the CPU, and --sync steps), with
+    """The rows a batched SGD step touches (engines.CompiledStep, --sync steps included), with
     what the compiled loops above reuse from step to step: the maps over the 2V row keys, slot
     (-1) and tally (0), which every step leaves as it found them, and the float32 arrays a step
     fills (scratch): its packed rows and the products of model.window_grads.

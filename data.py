@@ -653,21 +653,6 @@ def window_pairs(kept_ids, starts, lo, hi, window, rng):
     return kept_ids[center_pos].astype(np.int64), kept_ids[ctx_pos[valid]].astype(np.int64)
 
 
-def iter_pair_batches(kept_ids, starts, window, batch_size, rng, start_center=0):
-    """Yield (center_ids, context_ids, next_center) batches of about batch_size pairs.
-
-    Centers are taken in order; with a window drawn uniformly in 1..W a center has W+1
-    pairs on average, so batch_size // (W+1) centers make a batch of about batch_size.
-    next_center lets a stopped run resume mid-epoch.
-    """
-    centers_per_batch = max(1, batch_size // (window + 1))
-    for lo in range(start_center, len(kept_ids), centers_per_batch):
-        hi = min(lo + centers_per_batch, len(kept_ids))
-        center_ids, context_ids = window_pairs(kept_ids, starts, lo, hi, window, rng)
-        if len(center_ids):
-            yield center_ids, context_ids, hi
-
-
 def shuffle_sentence_blocks(kept_ids, starts, seed, epoch):
     """The epoch's tokens with blocks of whole sentences in a random order drawn from (seed, epoch).
 

@@ -4,9 +4,10 @@
 The trainer resolves the world once (resolve_world), runs inside session(), and gives the
 engine a strategy (make_strategy):
 - OneProcess: steps are local; a signal stops the next step (--multi-gpu wraps the model in DataParallel).
-- SyncRanks (--multi-node --sync): every step sums all ranks' gradients. SGD window steps send
-  only the rows they touched (point to point on the CPU, all-gathered on GPUs; never a dense
-  all-reduce of the V x d tables); autograd steps reduce dense models' gradients through
+- SyncRanks (--multi-node --sync): every step sums all ranks' gradients. Between the two phases
+  of the engine's window step (its grads, then its apply) the ranks swap the rows they touched
+  (point to point on the CPU, all-gathered on GPUs; never a dense all-reduce of the V x d
+  tables); autograd steps reduce dense models' gradients through
   DistributedDataParallel and all-gather sparse gradients' rows.
 - AsyncRanks (--multi-node --async): local SGD, whose changes are exchanged in a non-blocking
   all-reduce every --sync-interval steps (Averager).
@@ -440,107 +441,55 @@ def _start_header(*numbers):
     return table
 
 
-def _ids_as_floats(ids, out):
-    """Write row ids into two float32 columns of out (both exact in float32), so that one
-    message carries ids and gradients together (the packing of cpu_kernel.pack_rows)."""
-    out[:, 0] = torch.div(ids, cpu_kernel.KEY_SPLIT, rounding_mode="floor")
-    out[:, 1] = torch.remainder(ids, cpu_kernel.KEY_SPLIT)
-
-
-def _floats_as_ids(columns):
-    return columns[:, 0].long() * cpu_kernel.KEY_SPLIT + columns[:, 1].long()
-
-
-def sync_window_step(model, context_ids, weight, out_ids, lr, max_windows, stop_signal=0):
-    """One synchronous window step (model.window_step) over all ranks' windows together.
-
-    The loss is a sum over pairs, so summing every rank's gradients gives one single-process
-    step on the concatenated global batch; each row is then scaled as window_step scales it,
-    by its count over all ranks (model.row_damping). Only touched rows travel, each rank's
-    gradient summed per row. max_windows: the most windows a rank's step holds. On the CPU
-    compiled loops do the bookkeeping and the rows travel point to point
-    (_sync_window_step_compiled); on GPUs tensor ops and an all-gather
-    (_sync_window_step_tensors). Returns (global loss sum, global pairs, agreed stop signal).
-    """
-    if context_ids.device.type == "cpu":
-        return _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, max_windows, stop_signal)
-    return _sync_window_step_tensors(model, context_ids, weight, out_ids, lr, stop_signal)
-
-
-def _sync_window_step_compiled(model, context_ids, weight, out_ids, lr, max_windows, stop_signal=0):
-    """sync_window_step on the CPU, in one exchange. A buffer holds a region per rank: a first
+def _exchange_rows_point_to_point(step, window, max_windows, stop_signal):
+    """SyncRanks.gather_rows on the CPU, in one exchange. A buffer holds a region per rank: a first
     row [rows, pairs, stop signal, loss], then room for as many rows as a rank's step can touch
     (max_windows x (context slots + out slots), at most 2V). Each rank posts the receives of the
-    others' regions, numbers its distinct rows (cpu_kernel.number_rows), computes its gradients,
-    packs them into its region (cpu_kernel.pack_rows: [gradient | key | key | uses]) and sends
-    the part it filled to every other rank; every rank then applies the rows of all regions in
-    rank order (cpu_kernel.apply_rows), so all ranks compute the same bits. The row count
-    travels in the region's first row: sent ahead on its own, it would cost a second round
-    trip every step."""
-    vocab, dim = model.vocab_size, model.embed_size
+    others' regions, has the step write its distinct rows into its own region (grads' room) and
+    sends the part it filled to every other rank; every rank then applies the rows of all regions
+    in rank order, so all ranks compute the same bits. Posted before the rows are computed, the
+    receives let a rank's rows travel while a slower rank still computes; and the row count
+    travels in the region's first row: sent ahead on its own, it would cost a second round trip
+    every step."""
+    context_ids, weight, out_ids = window
+    vocab, dim = step.model.vocab_size, step.model.embed_size
     me, world_size = dist.get_rank(), dist.get_world_size()
     region = 1 + min(2 * vocab, max_windows * (context_ids.shape[1] + out_ids.shape[1]))
-    rows = cpu_kernel.touched_rows(vocab, dim)
-    everyone = rows.buffer(world_size * region)
+    everyone = cpu_kernel.touched_rows(vocab, dim).scratch("everyone", (world_size * region, dim + 3))
     others = [rank for rank in range(world_size) if rank != me]
     receives = [dist.irecv(torch.from_numpy(everyone[rank * region:(rank + 1) * region]), rank) for rank in others]
-    n_rows = rows.number(context_ids.numpy(), weight.numpy(), out_ids.numpy())
-    loss_sum, _, in_grads, _, out_grads = model.window_grads(context_ids, weight, out_ids, rows.scratch)
-    mine = everyone[me * region:me * region + 1 + n_rows]
-    rows.pack(in_grads.numpy(), out_grads.numpy(), mine[1:])
+    rows = step.grads(context_ids, weight, out_ids, room=lambda n: everyone[me * region + 1:me * region + 1 + n])
+    mine = everyone[me * region:me * region + 1 + len(rows.packed)]
     mine[0] = 0.0
-    mine[0, :4] = n_rows, float(weight.sum(dtype=torch.float64)), stop_signal, float(loss_sum)
+    mine[0, :4] = len(rows.packed), float(weight.sum(dtype=torch.float64)), stop_signal, float(rows.stats[0])
     sends = [dist.isend(torch.from_numpy(mine), rank) for rank in others]
     for work in receives + sends:
         work.wait()
     firsts = everyone[::region]  # each region's first row
     starts = np.arange(world_size, dtype=np.int64) * region + 1
     segments = np.stack([starts, starts + firsts[:, 0].astype(np.int64)], 1)
-    rows.apply(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), everyone, lr,
-               models.MAX_SUMMED_GRADIENTS, segments)
-    return float(firsts[:, 3].sum(dtype=np.float64)), int(firsts[:, 1].sum()), int(firsts[:, 2].max())
+    stats = (float(firsts[:, 3].sum(dtype=np.float64)), int(firsts[:, 1].sum()))
+    return models.Rows(torch.from_numpy(everyone), stats, segments), int(firsts[:, 2].max())
 
 
-def _sync_window_step_tensors(model, context_ids, weight, out_ids, lr, stop_signal=0):
-    """sync_window_step with tensor ops (GPUs; NCCL's all-gather). Each rank sums its gradients per
-    row into one buffer of rows [gradient | key | key | uses] (keys 0..V-1 for in_embed rows, V..2V-1
-    for out_embed rows), plus a last row holding its loss and pairs, and all ranks all-gather the
-    buffers, padded to the longest. The row counts and stop signals travel before, in a tiny
-    all-gather that runs while the buffer is filled. The host waits for the GPU only twice a
-    step: for the number of distinct rows and for the row counts; the step is bound by launching
-    its few dozen kernels. Returns (global loss sum and pairs, on the device; agreed stop signal).
-    """
-    vocab, dim = model.vocab_size, model.embed_size
-    assert 2 * vocab < 2 ** 36, "row ids must survive the float32 packing"
-    loss_sum, in_rows, in_grads, out_rows, out_grads = model.window_grads(context_ids, weight, out_ids)
-    keys, where = torch.unique(torch.cat([in_rows, out_rows + vocab]), return_inverse=True)
-    n_rows, n_in_slots = len(keys), len(in_rows)
-    header_table = _start_header(n_rows, stop_signal)
-    # Room for every row this step could touch and the stats row; rows past them are padding nobody reads.
-    buffer = in_grads.new_empty(n_in_slots + len(out_rows) + 1, dim + 3)
-    mine = buffer[:n_rows + 1]
-    mine.zero_()
-    mine[:n_rows, :dim].index_add_(0, where[:n_in_slots], in_grads)
-    mine[:n_rows, :dim].index_add_(0, where[n_in_slots:], out_grads)
-    _ids_as_floats(keys, mine[:n_rows, dim:dim + 2])
-    mine[:n_rows, dim + 2].index_add_(0, where[:n_in_slots], weight.reshape(-1))  # real pairs behind each in row
-    mine[:n_rows, dim + 2].index_add_(0, where[n_in_slots:], torch.ones_like(out_grads[:, 0]))
-    mine[n_rows, :2] = torch.stack([loss_sum, weight.sum()])
-    header = header_table()  # normally arrived while the buffer filled
+def _exchange_rows_all_gather(step, window, max_windows, stop_signal):
+    """SyncRanks.gather_rows on GPUs (NCCL's all-gather). Each rank's step gives one packed row a
+    slot, at most max_windows x (context slots + out slots) of them: every rank sends that many
+    rows and a last one holding its row count, loss, pairs and stop signal, so that one
+    all-gather carries all and the host waits for the GPU once a step, for the counts."""
+    rows = step.grads(*window)
+    n_rows, width = rows.packed.shape
+    room = max_windows * (window[0].shape[1] + window[2].shape[1])
+    buffer = rows.packed.new_zeros(room + 1, width)
+    buffer[:n_rows] = rows.packed
+    buffer[room, :4] = torch.cat([torch.tensor([n_rows], device=buffer.device, dtype=buffer.dtype), rows.stats,
+                                  torch.tensor([stop_signal], device=buffer.device, dtype=buffer.dtype)])
+    parts = _all_gather_equal(buffer)
+    header = torch.stack([part[room, :4] for part in parts]).cpu()
     counts = header[:, 0].long().tolist()
-    n_max = max(counts) + 1  # every rank sends as many rows as the longest, and its stats row
-    if n_max > len(buffer):  # a rank with more windows (the last, shorter step): pad with a copy
-        buffer = torch.cat([mine, buffer.new_empty(n_max - len(mine), dim + 3)])
-    parts = _all_gather_equal(buffer[:n_max])
-    rows = torch.cat([part[:n] for part, n in zip(parts, counts)])  # rank order: every rank adds the same sums
-    stats = torch.stack([part[n, :2] for part, n in zip(parts, counts)]).sum(0)
-    all_keys, uses = _floats_as_ids(rows[:, dim:dim + 2]), rows[:, dim + 2]
-    grads = rows[:, :dim] * model.row_damping(all_keys, uses, 2 * vocab)  # scaled by the global counts, as window_step
-    is_in = (all_keys < vocab).unsqueeze(1)
-    # in rows into in_embed, out rows into out_embed: the other table's rows add zeros (no host sync to split them)
-    model.apply_sparse_grads(all_keys.clamp(max=vocab - 1), grads * is_in, (all_keys - vocab).clamp(min=0),
-                             grads * ~is_in, lr)
-    return stats[0], stats[1], int(header[:, 1].max())
+    # rank order: every rank adds the same sums
+    packed = torch.cat([part[:n] for part, n in zip(parts, counts)])
+    return models.Rows(packed, header[:, 1:3].sum(0)), int(header[:, 3].max())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,29 +591,20 @@ class OneProcess:
         """A byte per row of each parameter where a compiled loop marks the rows it writes; None: not wanted."""
         return None
 
-    def window_step(self, local_step, model, window, lr, max_windows, signal_number):
-        """(the step's [loss sum, pairs], the stop agreed after it)."""
-        return local_step(*window, lr), signal_number
+    def gather_rows(self, step, window, max_windows, signal_number):
+        """The rows a window step applies (model.Rows; step.grads of this rank's windows, or of
+        every rank's), and the stop agreed after it. max_windows: the most windows a rank's step holds."""
+        return step.grads(*window), signal_number
 
-    def uneven_steps(self, train_model):
-        """The context the autograd loop runs in (DDP's join where ranks may end at different steps)."""
-        return contextlib.nullcontext()
-
-    def steps_to_run(self, n_steps, my_steps):
-        """How many steps this rank's autograd loop runs: all ranks the same, except under join()."""
-        return n_steps
+    def uneven_steps(self, train_model, n_steps, my_steps):
+        """The context the autograd loop runs in (DDP's join where ranks may end at different
+        steps); it gives how many steps this rank runs: n_steps, or under join() its own my_steps."""
+        return contextlib.nullcontext(n_steps)
 
     def agree_on_batch(self, n_local, signal_number):
-        """(pairs of the global batch, the stop agreed after this step)."""
-        return n_local, signal_number
-
-    def loss_weight(self, n_local, n_global):
-        """The factor on this rank's mean loss that makes the reduced gradient the global mean's."""
-        return 1.0
-
-    def placeholder_batch(self, batch):
-        """A one-pair batch of valid ids, for a rank with no pairs whose backward must still run."""
-        return [t[:0].new_zeros((1,) + t.shape[1:]) for t in batch]
+        """(pairs of the global batch, the factor on this rank's mean loss that makes the reduced
+        gradient the global mean's, the stop agreed after this step)."""
+        return n_local, 1.0, signal_number
 
     def reduce_gradients(self, model, n_local):
         pass
@@ -672,8 +612,8 @@ class OneProcess:
 
 class SyncRanks(OneProcess):
     """--multi-node --sync: every step is one step on the global batch, and all ranks hold
-    identical parameters after it. Window steps sum the touched rows of all ranks
-    (sync_window_step); autograd steps of dense models go through DistributedDataParallel, with
+    identical parameters after it. Window steps apply the touched rows of all ranks
+    (gather_rows); autograd steps of dense models go through DistributedDataParallel, with
     its join() for a rank whose last step is empty; sparse gradients are all-gathered by row."""
 
     def __init__(self, world):
@@ -695,22 +635,28 @@ class SyncRanks(OneProcess):
     def before_step(self, step, first_step, signal_number):
         return 0  # agreed within the step
 
-    def window_step(self, local_step, model, window, lr, max_windows, signal_number):
-        *stats, stop = sync_window_step(model, *window, lr, max_windows, signal_number)
-        return stats, stop
+    def gather_rows(self, step, window, max_windows, signal_number):
+        """Every rank's rows: the loss is a sum over pairs, so the rows of all ranks, applied
+        together, make one single-process step on the concatenated global batch, each row
+        scaled by its count over all ranks. Only touched rows travel, each rank's summed per
+        row on the CPU (point to point), one per slot on GPUs (all-gathered)."""
+        if window[0].device.type == "cpu":
+            return _exchange_rows_point_to_point(step, window, max_windows, signal_number)
+        return _exchange_rows_all_gather(step, window, max_windows, signal_number)
 
-    def uneven_steps(self, train_model):
-        return Join([self.agreement, self.ddp]) if self.ddp is not None else contextlib.nullcontext()
-
-    def steps_to_run(self, n_steps, my_steps):
-        return my_steps if self.ddp is not None else n_steps
+    @contextlib.contextmanager
+    def uneven_steps(self, train_model, n_steps, my_steps):
+        if self.ddp is None:
+            yield n_steps
+            return
+        with Join([self.agreement, self.ddp]):
+            yield my_steps
 
     def agree_on_batch(self, n_local, signal_number):
-        return self.agreement.exchange(n_local, signal_number)
-
-    def loss_weight(self, n_local, n_global):
+        n_global, stop = self.agreement.exchange(n_local, signal_number)
         share = n_local / max(n_global, 1)
-        return share * self.world_size if self.ddp is not None else share  # DDP averages over ranks
+        weight = share * self.world_size if self.ddp is not None else share  # DDP averages over ranks
+        return n_global, weight, stop
 
     def reduce_gradients(self, model, n_local):
         if self.ddp is None:
@@ -768,11 +714,11 @@ class AsyncRanks(OneProcess):
     def row_marks(self, *params):
         return self.averager.row_marks(*params)
 
-    def window_step(self, local_step, model, window, lr, max_windows, signal_number):
-        return local_step(*window, lr), 0
+    def gather_rows(self, step, window, max_windows, signal_number):
+        return step.grads(*window), 0
 
     def agree_on_batch(self, n_local, signal_number):
-        return n_local, 0
+        return n_local, 1.0, 0
 
     def _hint_once(self):
         """Rank 0 says once a run when an epoch spent too long exchanging (interval_hint)."""

@@ -4,9 +4,10 @@ ENGINES decides, from a run's model, optimizer, device and distribution, which l
 
 - kernel_epoch: the compiled word2vec loop on the CPU (cpu_kernel), sgns by plain SGD;
 - window_epoch: batched SGD steps on whole windows drawn on the model's device
-  (data.WindowBatches), sgns by plain SGD. The step runs as compiled per-row loops on the CPU
-  (cpu_kernel.TouchedRows), as Triton kernels on a GPU (gpu_kernel), or as the tensor ops of
-  model.SGNS.window_step; on a GPU whole draws of steps replay as captured CUDA graphs;
+  (data.WindowBatches), sgns by plain SGD. The step (WindowStep: grads, then apply) runs as
+  compiled per-row loops on the CPU (cpu_kernel.TouchedRows), as Triton kernels on a GPU
+  (gpu_kernel), or as the tensor ops of model.SGNS; on a GPU whole draws of steps replay as
+  captured CUDA graphs;
 - autograd_epoch: torch.optim steps on (center, context) pairs by autograd: SparseAdam, Adam,
   the rnn model, and --multi-gpu's DataParallel.
 
@@ -16,8 +17,8 @@ ranks. A position inside an epoch is the number of steps done, and step i draws 
 numbers from a generator seeded by (seed, epoch, rank, i) (a draw of window steps: by its first
 step), so a stopped run resumes exactly where it stopped, whatever the loop. Distribution is a
 strategy the loops call (distributed.OneProcess, SyncRanks, AsyncRanks): before a step (a
-sync point of --async), for a window step summed over ranks (--sync), around an autograd step,
-and at the end of the epoch.
+sync point of --async), between a window step's two phases (gather_rows: --sync applies every
+rank's rows), around an autograd step, and at the end of the epoch.
 """
 import functools
 import math
@@ -28,7 +29,8 @@ import torch
 
 import cpu_kernel
 import data
-from model import MAX_SUMMED_GRADIENTS
+import model as models
+from model import Rows
 
 # Most centers one call of the compiled kernel trains: the loop looks at signals and progress
 # between calls, so a call is kept short next to a human's patience.
@@ -91,7 +93,7 @@ class Engine:
     """A run's model, optimizer, data and distribution strategy, with the loop that trains them.
 
     train_model is what the autograd loop calls: the model, or its DataParallel or
-    DistributedDataParallel wrapper. window_step is the window loop's local step.
+    DistributedDataParallel wrapper. window_step is the window loop's step (a WindowStep), chosen once.
     """
 
     def __init__(self, args, model, optimizer, corpus, strategy, loop, device):
@@ -236,10 +238,12 @@ def _draw_step_by_step(engine, epoch, drawn, draw_first, first, draw_end):
             return stop
         window = _draw_window(drawn, epoch, draw_first, step)
         lr = engine.lr(epoch, step)
-        local_step = engine.window_step
-        if engine.graphs is not None and len(window[0]) == epoch.per_step:
-            local_step = engine.graphs.step
-        stats, stop = strategy.window_step(local_step, engine.model, window, lr, epoch.per_step, epoch.signal())
+        if engine.graphs is not None and len(window[0]) == epoch.per_step:  # one process: nothing to exchange
+            stats, stop = engine.graphs.step(*window, lr), epoch.signal()
+        else:
+            rows, stop = strategy.gather_rows(engine.window_step, window, epoch.per_step, epoch.signal())
+            engine.window_step.apply(rows, lr)
+            stats = rows.stats
         _report_window_step(engine, epoch, step, stats, lr)
         if stop:
             return stop
@@ -260,32 +264,78 @@ def _report_window_step(engine, epoch, step, stats, lr):
 
 
 def choose_window_step(model, device, gpu_kernel=True):
-    """The window step for the model's device: compiled row loops on the CPU, Triton kernels on
-    a GPU where they run (and --gpu-kernel), else the tensor ops of model.window_step."""
+    """The window step for the model's device, chosen once: compiled row loops on the CPU,
+    Triton kernels on a GPU where they run (and --gpu-kernel), else tensor ops."""
     if device.type == "cpu":
-        return functools.partial(compiled_window_step, model)
+        return CompiledStep(model)
     if device.type == "cuda" and gpu_kernel and _triton_usable(device):
-        return functools.partial(triton_window_step, model)
-    return model.window_step
+        return TritonStep(model)
+    return TensorStep(model)
 
 
-def compiled_window_step(model, context_ids, weight, out_ids, lr):
-    """model.window_step on the CPU by compiled loops: each touched row's gradient summed once,
-    then applied once (cpu_kernel.TouchedRows)."""
-    rows = cpu_kernel.touched_rows(model.vocab_size, model.embed_size)
-    packed = rows.buffer(rows.number(context_ids.numpy(), weight.numpy(), out_ids.numpy()))
-    loss_sum, _, in_grads, _, out_grads = model.window_grads(context_ids, weight, out_ids, rows.scratch)
-    rows.pack(in_grads.numpy(), out_grads.numpy(), packed)
-    rows.apply(model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy(), packed, lr,
-               MAX_SUMMED_GRADIENTS)
-    return torch.stack([loss_sum, weight.sum()])
+class WindowStep:
+    """One SGD step on whole windows (model.SGNS.window_step), in two phases: grads(windows)
+    gives the step's gradient as model.Rows, apply(rows, lr) writes them into the tables. A
+    --sync exchange runs between the two (distributed.SyncRanks.gather_rows). Calling the step
+    runs both phases on this process's rows and returns their [loss sum, pairs]."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, context_ids, weight, out_ids, lr):
+        rows = self.grads(context_ids, weight, out_ids)
+        self.apply(rows, lr)
+        return rows.stats
 
 
-def triton_window_step(model, context_ids, weight, out_ids, lr):
-    """model.window_step as three Triton kernels (gpu_kernel)."""
-    import gpu_kernel
-    return gpu_kernel.window_step(model.in_embed.weight.data, model.out_embed.weight.data, context_ids.contiguous(),
-                                  weight.contiguous(), out_ids.contiguous(), lr, MAX_SUMMED_GRADIENTS)
+class CompiledStep(WindowStep):
+    """The CPU's form: the products of model.window_grads, then compiled loops
+    (cpu_kernel.TouchedRows) sum each touched row's gradient once and apply it once."""
+
+    def grads(self, context_ids, weight, out_ids, room=None):
+        """The step's distinct rows; room(n), if given, is where its n rows go (default: reused storage)."""
+        touched = cpu_kernel.touched_rows(self.model.vocab_size, self.model.embed_size)
+        n_rows = touched.number(context_ids.numpy(), weight.numpy(), out_ids.numpy())
+        packed = (room or touched.buffer)(n_rows)
+        loss_sum, _, in_grads, _, out_grads = self.model.window_grads(context_ids, weight, out_ids, touched.scratch)
+        touched.pack(in_grads.numpy(), out_grads.numpy(), packed)
+        return Rows(torch.from_numpy(packed), torch.stack([loss_sum, weight.sum()]))
+
+    def apply(self, rows, lr):
+        touched = cpu_kernel.touched_rows(self.model.vocab_size, self.model.embed_size)
+        touched.apply(self.model.in_embed.weight.data.numpy(), self.model.out_embed.weight.data.numpy(),
+                      rows.packed.numpy(), lr, models.MAX_SUMMED_GRADIENTS, rows.segments)
+
+
+class TritonStep(WindowStep):
+    """A GPU's form: Triton kernels (gpu_kernel), one row a window slot."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        import gpu_kernel  # only where Triton runs
+        self.kernels = gpu_kernel
+
+    def grads(self, context_ids, weight, out_ids):
+        return Rows(*self.kernels.window_rows(self.model.in_embed.weight.data, self.model.out_embed.weight.data,
+                                              context_ids.contiguous(), weight.contiguous(), out_ids.contiguous()))
+
+    def apply(self, rows, lr):
+        self.kernels.apply_rows(self.model.in_embed.weight.data, self.model.out_embed.weight.data, rows.packed,
+                                rows.segments, lr, models.MAX_SUMMED_GRADIENTS)
+
+
+class TensorStep(WindowStep):
+    """The tensor ops of model.SGNS (a GPU without Triton, or --no-gpu-kernel); this process's
+    steps run model.window_step itself."""
+
+    def __call__(self, context_ids, weight, out_ids, lr):
+        return self.model.window_step(context_ids, weight, out_ids, lr)
+
+    def grads(self, context_ids, weight, out_ids):
+        return self.model.window_rows(context_ids, weight, out_ids)
+
+    def apply(self, rows, lr):
+        self.model.apply_rows(rows, lr)
 
 
 @functools.lru_cache(maxsize=None)
@@ -382,9 +432,9 @@ def autograd_epoch(engine, epoch):
     epoch.n_steps = epoch_steps(n_kept, epoch.per_step, strategy.world_size)
     my_steps = min(epoch.n_steps, math.ceil(len(kept_ids) / epoch.per_step))  # a rank's last step may be empty
     stop = 0
-    with strategy.uneven_steps(engine.train_model):
+    with strategy.uneven_steps(engine.train_model, epoch.n_steps, my_steps) as steps_to_run:
         for step in range(epoch.first_step, epoch.n_steps):
-            if step >= strategy.steps_to_run(epoch.n_steps, my_steps):  # joined: nothing left to train
+            if step >= steps_to_run:  # joined: nothing left to train
                 epoch.report(step + 1, 0.0, 0, _step_words(engine, epoch, step), engine.lr(epoch, step))
                 continue
             stop = strategy.before_step(step, epoch.first_step, epoch.signal())
@@ -421,7 +471,7 @@ def _autograd_step(engine, batch, lr, signal):
     """One optimizer step on the batch's pairs; returns (loss summed over the pairs, pairs, agreed stop)."""
     strategy, optimizer = engine.strategy, engine.optimizer
     n_local = len(batch[0])
-    n_global, stop = strategy.agree_on_batch(n_local, signal)
+    n_global, loss_weight, stop = strategy.agree_on_batch(n_local, signal)
     # sgns under --multi-gpu trains by plain SGD on the summed loss, as word2vec does (its lr is
     # per pair); every other model steps on the mean loss
     summed = engine.args.multi_gpu and engine.args.model_name == "sgns"
@@ -430,12 +480,17 @@ def _autograd_step(engine, batch, lr, signal):
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     if n_local or strategy.needs_every_backward:
-        loss = engine.train_model(*(batch if n_local else strategy.placeholder_batch(batch)))
+        loss = engine.train_model(*(batch if n_local else _placeholder_batch(batch)))
         if loss.dim():  # DataParallel (distributed.data_parallel): the loss summed on each GPU
             loss = loss.sum() / n_local
-        (loss * strategy.loss_weight(n_local, n_global)).backward()
+        (loss * loss_weight).backward()
         loss_sum = loss.detach() * n_local
     strategy.reduce_gradients(engine.model, n_local)
     if n_global:
         optimizer.step()
     return loss_sum, n_local, stop
+
+
+def _placeholder_batch(batch):
+    """A one-pair batch of valid ids, for a rank with no pairs whose backward must still run."""
+    return [t[:0].new_zeros((1,) + t.shape[1:]) for t in batch]

@@ -684,26 +684,11 @@ def _post_processed(vectors, embed_fn, n_directions):
 def _plot_words(args, words, vectors, embed_fn, lowercase, source_path: Path) -> dict:
     import plots
 
-    index = _word_index(words)
-    chosen, rows, missing = [], [], []
-    for word in args.plot_words:
-        key = word.lower() if lowercase else word
-        if key in index:
-            chosen.append(key)
-            rows.append(vectors[index[key]])
-        else:
-            missing.append(key)
-    if missing and embed_fn is not None:
-        chosen.extend(missing)
-        rows.extend(np.asarray(embed_fn(missing)))
-        missing = []
-    if len(chosen) < 2:
-        _fail(f"--plot-words needs at least 2 known words; not in the vocabulary: "
-              f"{' '.join(missing)}")
     out = Path(args.plot_out) if args.plot_out else \
         source_path.parent / f"projection-{args.plot_method}.png"
     try:
-        plots.plot_projection(chosen, np.asarray(rows), out, method=args.plot_method)
+        _, chosen, missing = plots.plot_words(args.plot_words, words, vectors, out, args.plot_method, lowercase,
+                                              embed_fn)
     except plots.PlotError as error:
         _fail(str(error))
     return {"path": str(out), "words": len(chosen), "skipped": missing}

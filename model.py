@@ -1,4 +1,6 @@
 """SGNS models: embedding tables (SGNS) or character LSTM word encoders (RNNSGNS), with the SGNS loss."""
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -9,6 +11,23 @@ from torch.nn.utils.rnn import pack_padded_sequence
 # stale vector, overshoots for the most frequent words and makes large batches diverge; the mean
 # for every row starves the rare words. docs/design.md tells how the cap was chosen.
 MAX_SUMMED_GRADIENTS = 32
+# A row's key (in_embed rows 0..V-1, out_embed rows V..2V-1) travels in two float32 columns,
+# key // KEY_SPLIT and key % KEY_SPLIT, both exact: one float32 array holds gradients and keys.
+KEY_SPLIT = 4096
+
+
+@dataclass
+class Rows:
+    """A window step's gradient as rows, between its two phases (grads, then apply).
+
+    packed: n x (d + 3) float32, each row [gradient | key // KEY_SPLIT | key % KEY_SPLIT | uses]
+    (uses: the real pairs behind an in_embed row, the slots behind an out_embed row); a key may
+    repeat (the rows of several ranks, or one row per slot). stats: [loss summed over the real
+    pairs, their count]. segments: the (start, stop) ranges of packed that hold rows (None: all).
+    """
+    packed: torch.Tensor
+    stats: object
+    segments: object = None
 
 
 class SGNS(nn.Module):
@@ -86,6 +105,29 @@ class SGNS(nn.Module):
             in_scale, out_scale, lr = in_scale * lr, out_scale * lr, 1.0
         self.apply_sparse_grads(in_rows, in_grads * in_scale, out_rows, out_grads * out_scale, lr)
         return torch.stack([loss_sum, weight.sum()])
+
+    @torch.no_grad()
+    def window_rows(self, context_ids, weight, out_ids):
+        """window_step's first phase as tensor ops: its gradient as Rows, one row a slot."""
+        loss_sum, in_rows, in_grads, out_rows, out_grads = self.window_grads(context_ids, weight, out_ids)
+        keys = torch.cat([in_rows, out_rows + self.vocab_size])
+        uses = torch.cat([weight.reshape(-1), torch.ones_like(out_rows, dtype=in_grads.dtype)])
+        packed = torch.cat([in_grads, out_grads])
+        packed = torch.cat([packed, torch.div(keys, KEY_SPLIT, rounding_mode="floor").unsqueeze(1).to(packed.dtype),
+                            torch.remainder(keys, KEY_SPLIT).unsqueeze(1).to(packed.dtype), uses.unsqueeze(1)], 1)
+        return Rows(packed, torch.stack([loss_sum, weight.sum()]))
+
+    @torch.no_grad()
+    def apply_rows(self, rows, lr):
+        """window_step's second phase as tensor ops: SGD from Rows, each row scaled by its uses over all of them."""
+        packed = rows.packed if rows.segments is None else torch.cat([rows.packed[a:b] for a, b in rows.segments])
+        dim, vocab = self.embed_size, self.vocab_size
+        keys = packed[:, dim].long() * KEY_SPLIT + packed[:, dim + 1].long()
+        grads = packed[:, :dim] * self.row_damping(keys, packed[:, dim + 2], 2 * vocab)
+        is_in = (keys < vocab).unsqueeze(1)
+        # in rows into in_embed, out rows into out_embed: the other table's rows add zeros (no host sync to split them)
+        self.apply_sparse_grads(keys.clamp(max=vocab - 1), grads * is_in, (keys - vocab).clamp(min=0), grads * ~is_in,
+                                lr)
 
     def row_damping(self, rows, weights, n_rows=None):
         """Per-entry factor min(1, MAX_SUMMED_GRADIENTS / k), k the weighted count of the entry's row in rows.
@@ -267,10 +309,6 @@ class RNNSGNS(nn.Module):
     def embeddings(self, batch_size=8192):
         """The V x d center vectors of the vocabulary, encoded in large batches without gradients."""
         return self._encode_all(self.center_encoder, self.word_chars, self.word_lengths, batch_size)
-
-    def context_embeddings(self, batch_size=8192):
-        """The V x d context vectors (the other encoder)."""
-        return self._encode_all(self.context_encoder, self.word_chars, self.word_lengths, batch_size)
 
     def embed_words(self, words, batch_size=8192):
         """Center vectors (len(words) x d) for any strings, in the vocabulary or not."""

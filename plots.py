@@ -68,32 +68,6 @@ def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]], p
     return _save_atomically(figure, path)
 
 
-def plot_loss_and_scores(history: Mapping[str, Sequence[tuple[float, float]]], loss_tag: str,
-                         score_tags: Sequence[str], path, title: str | None = None) -> Path:
-    """One panel: the ``loss_tag`` curve on the left axis and the ``score_tags``
-    curves (benchmark scores) on a shared right axis, over the epochs of a run,
-    so one can see whether the loss falls as the scores rise."""
-    missing = [tag for tag in (loss_tag, *score_tags) if not history.get(tag)]
-    if missing:
-        raise PlotError("no points for: " + ", ".join(missing))
-    figure, loss_axis = plt.subplots(figsize=(6.4, 3.8))
-    score_axis = loss_axis.twinx()
-    lines = []
-    for axis, tag, color, style in [(loss_axis, loss_tag, "black", "-"),
-                                    *((score_axis, tag, f"C{i}", "--") for i, tag in enumerate(score_tags))]:
-        epochs, values = zip(*sorted((float(e), float(v)) for e, v in history[tag]))
-        lines += axis.plot(epochs, values, style, color=color, marker="o", markersize=3, label=tag)
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel(loss_tag)
-    score_axis.set_ylabel("benchmark score")
-    loss_axis.grid(True, alpha=0.3)
-    loss_axis.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
-    if title:
-        loss_axis.set_title(title, fontsize=10)
-    figure.tight_layout()
-    return _save_atomically(figure, path)
-
-
 def project_2d(vectors: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     """Return an ``n x 2`` projection of the rows of ``vectors``."""
     matrix = np.asarray(vectors, dtype=np.float64)
@@ -135,3 +109,27 @@ def plot_projection(words: Sequence[str], vectors: np.ndarray, path, method: str
     axis.set_yticks([])
     figure.tight_layout()
     return _save_atomically(figure, path)
+
+
+def plot_words(asked: Sequence[str], words: Sequence[str], vectors: np.ndarray, path, method: str = "pca",
+               lowercase: bool = True, embed_fn=None) -> tuple[Path, list[str], list[str]]:
+    """The projection of the ``asked`` words, as trainer.py and evaluate.py draw it.
+
+    A word is looked up lowercased when ``lowercase`` (as the corpus was read); one not in
+    ``words`` takes a vector from ``embed_fn`` (a list of words -> their vectors) where the
+    model has one (rnn: from its spelling), else is left out. Returns (the picture, the words
+    drawn, the words left out); raises PlotError when fewer than 2 words remain.
+    """
+    index: dict[str, int] = {}
+    for word_id, word in enumerate(words):
+        index.setdefault(word, word_id)  # the first (most frequent) id of a word listed twice
+    keys = list(dict.fromkeys(word.lower() if lowercase else word for word in asked))
+    chosen = [key for key in keys if key in index]
+    missing = [key for key in keys if key not in index]
+    rows = [np.asarray(vectors[index[key]]) for key in chosen]
+    if missing and embed_fn is not None:
+        chosen, rows = chosen + missing, rows + list(np.asarray(embed_fn(missing)))
+        missing = []
+    if len(chosen) < 2:
+        raise PlotError("--plot-words needs at least 2 known words; not in the vocabulary: " + " ".join(missing))
+    return plot_projection(chosen, np.asarray(rows), path, method), chosen, missing

@@ -187,7 +187,9 @@ def add_evaluation_flags(parser):
                         "--eval-interval epochs")
     g.add_argument("--eval-interval", type=int, default=1, help="epochs between evaluations on the files above")
     g.add_argument("--plot-words", nargs="+", default=[], metavar="WORD",
-                   help="words to draw in a 2-D PCA projection, saved as projection.png in the run directory")
+                   help="words to draw in a 2-D PCA projection, saved as projection.png in the run directory "
+                        "(looked up lowercased, as evaluate.py --plot-words does; the rnn model draws words "
+                        "outside the vocabulary too, from their spelling)")
     g.add_argument("--export-projector", default=None, metavar="DIR",
                    help="also write TensorBoard projector files vectors.tsv and metadata.tsv into DIR")
 
@@ -872,7 +874,9 @@ def finish_run(run):
         print(f"vectors written to {args.export}")
     run.writer.close()
     if distributed.is_main():
-        write_pictures(args, run.run_dir, state["history"], run.corpus.words, vectors)
+        # rnn: words not in the vocabulary get vectors from their spelling
+        embed_fn = (lambda ws: run.model.embed_words(ws).cpu().numpy()) if hasattr(run.model, "embed_words") else None
+        write_pictures(args, run.run_dir, state["history"], run.corpus.words, vectors, embed_fn)
     lowest = lowest_normalized_pip(state["history"])
     if lowest:
         print(f"lowest PIP loss (normalized): {lowest[1]:.4g} at epoch {lowest[0]} (checkpoint {run.run_dir / 'best.pt'})")
@@ -880,19 +884,21 @@ def finish_run(run):
     return 0
 
 
-def write_pictures(args, run_dir, history, words, vectors):
-    """Training curves, the chosen words' projection and projector files, at the end of a run."""
+def write_pictures(args, run_dir, history, words, vectors, embed_fn=None):
+    """Training curves, the chosen words' projection and projector files, at the end of a run.
+    embed_fn: a list of words -> their vectors, for a model that embeds unseen words (rnn)."""
     import plots
     if any(history.get(tag) for tag in plots.CURVE_ORDER):
         print(f"curves: {plots.plot_training_curves(history, run_dir / 'curves.png')}")
     if args.plot_words:
-        index = {w: i for i, w in enumerate(words)}
-        chosen = [w for w in args.plot_words if w in index]
-        missing = sorted(set(args.plot_words) - set(chosen))
-        if missing:
-            print(f"warning: not in the vocabulary, left out of the plot: {' '.join(missing)}")
-        if len(chosen) >= 2:
-            picture = plots.plot_projection(chosen, vectors[[index[w] for w in chosen]], run_dir / "projection.png")
+        try:
+            picture, _, missing = plots.plot_words(args.plot_words, words, vectors, run_dir / "projection.png",
+                                                   embed_fn=embed_fn)
+        except plots.PlotError as err:
+            print(f"warning: no projection: {err}")
+        else:
+            if missing:
+                print(f"warning: not in the vocabulary, left out of the plot: {' '.join(missing)}")
             print(f"projection: {picture}")
     if args.export_projector:
         write_output("--export-projector", args.export_projector, run_dir,

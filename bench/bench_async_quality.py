@@ -22,8 +22,7 @@ import torch
 from bench_distributed import launch
 from bench_speed import quality
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from paths import GUTENBERG, ROOT
 import evaluate  # noqa: E402
 
 
@@ -50,7 +49,7 @@ def train(trainer, ranks, exchange, args, run_dir):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "corpora" / "gutenberg",
+    p.add_argument("--dataset", type=Path, default=GUTENBERG,
                    help="corpus folder or file")
     p.add_argument("--cache-dir", type=Path, default=ROOT / "data" / "cache", help="corpus cache of the trainer")
     p.add_argument("--trainer", type=Path, default=ROOT / "trainer.py", help="the trainer.py to measure")

@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from paths import GUTENBERG, ROOT
 import distributed  # noqa: E402
 
 
@@ -55,7 +54,7 @@ def corpus_subset(source, words, folder):
 
 def add_corpus_arguments(parser):
     """The corpus flags of the distributed benches: which books, how many words, where the cache is."""
-    parser.add_argument("--dataset", type=Path, default=ROOT.parent / "shared" / "corpora" / "gutenberg",
+    parser.add_argument("--dataset", type=Path, default=GUTENBERG,
                         help="folder of Gutenberg .txt files with MANIFEST.tsv")
     parser.add_argument("--words", type=int, default=400_000,
                         help="corpus size: first books up to this many words (0: all)")

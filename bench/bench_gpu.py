@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from paths import EVAL, GUTENBERG, ROOT
 import evaluate  # noqa: E402
 
 SEED_REPORTED_EPOCH_S = 28.6  # the original sgns_pytorch's README: SGNS, d=200, batch 8192, one GTX 1080
@@ -34,11 +33,11 @@ SEED_REPORTED_EPOCH_S = 28.6  # the original sgns_pytorch's README: SGNS, d=200,
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "corpora" / "gutenberg"),
+    p.add_argument("--dataset", default=str(GUTENBERG),
                    help="the shared corpus (about 3M tokens)")
     p.add_argument("--seed-dataset", default=None,
                    help="a corpus of about 1M tokens for the original sgns_pytorch's setting (default: skip that setting)")
-    p.add_argument("--eval-dir", default=str(ROOT.parent / "shared" / "eval"),
+    p.add_argument("--eval-dir", default=str(EVAL),
                    help="folder with wordsim353.tsv, simlex999.tsv and questions-words.txt")
     p.add_argument("--epochs", type=int, default=5, help="epochs of each full run")
     p.add_argument("--device", default="cuda", help="torch device")

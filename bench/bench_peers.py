@@ -28,13 +28,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from paths import GUTENBERG, PEERS, ROOT
 import data  # noqa: E402
 import evaluate  # noqa: E402
 from bench_speed import quality, run_child  # noqa: E402
 
-SHARED = ROOT.parent / "shared"
 TOOLS = ("ours", "pword2vec-blas", "pword2vec", "word2vec", "gensim")
 DIMS = (50, 100, 200, 300)
 
@@ -153,13 +151,13 @@ def compare(args, dim, neg, corpus_txt, n_tokens, tmp):
 def build_peers(args):
     needed = {"pword2vec-blas": "pWord2Vec_blas", "pword2vec": "pWord2Vec", "word2vec": "word2vec"}
     if any(not (Path(args.peers_dir) / needed[t]).exists() for t in args.tools if t in needed) or args.rebuild:
-        subprocess.run(["bash", str(SHARED / "peers" / "build.sh"), args.peers_dir], check=True,
+        subprocess.run(["bash", str(PEERS / "build.sh"), args.peers_dir], check=True,
                        stdout=subprocess.DEVNULL)
 
 
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=str(SHARED / "corpora" / "gutenberg"), help="corpus to train on")
+    parser.add_argument("--dataset", default=str(GUTENBERG), help="corpus to train on")
     parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"), help="our corpus cache folder")
     parser.add_argument("--settings", nargs="+", type=parse_setting, default=[(100, 5), (200, 10)],
                         metavar="D[:K]", help=f"dimension D in {DIMS} and negatives K (default 5 up to d=100, "

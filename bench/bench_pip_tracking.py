@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -32,14 +31,10 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-sys.path.insert(0, str(REPO))
-
+from paths import EVAL, GUTENBERG, NLTK_DATA, ROOT as REPO
 import pip_loss  # noqa: E402
 import trainer  # noqa: E402
 
-EVAL = SHARED / "eval"
 BENCHMARKS = {"WS353": "Similarity/wordsim353", "SimLex": "Similarity/simlex999", "MEN": "Similarity/men3000",
               "analogy": "Analogy accuracy"}
 TRIAL_TAGS = ("trial: oracle after best scale", "trial: Frobenius-normalised", "trial: RMS cosine difference",
@@ -47,8 +42,8 @@ TRIAL_TAGS = ("trial: oracle after best scale", "trial: Frobenius-normalised", "
 METRICS = ("Train loss", "PIP loss", "PIP loss (oracle)", "PIP loss (normalized)") + TRIAL_TAGS
 INITIAL = {}  # the PIP losses of the run in progress on its vectors as initialised
 SETTINGS = {
-    "shared-d100": ["--dataset", str(SHARED / "corpora" / "gutenberg"), "--embed-size", "100", "--epochs", "10"],
-    "shared-d200-neg10": ["--dataset", str(SHARED / "corpora" / "gutenberg"), "--embed-size", "200",
+    "shared-d100": ["--dataset", str(GUTENBERG), "--embed-size", "100", "--epochs", "10"],
+    "shared-d200-neg10": ["--dataset", str(GUTENBERG), "--embed-size", "200",
                           "--neg-sample-size", "10", "--epochs", "10"],
     "nltk-gutenberg-d50": ["--dataset", "gutenberg", "--embed-size", "50", "--epochs", "10"],
     "readme-first-command": ["--dataset", "gutenberg", "--epochs", "5"],
@@ -200,15 +195,39 @@ def print_table(rows, results):
                 print(f"  {metric:32s} " + " ".join(f"{values[e]:.4g}" for e in sorted(values)))
 
 
+def plot_loss_and_scores(history, loss_tag, score_tags, path, title=None):
+    """One panel: the loss_tag curve (tag -> [(epoch, value)] in history) on the left axis and the
+    score_tags curves (benchmark scores) on a shared right axis, so one sees whether the loss falls
+    as the scores rise. Raises plots.PlotError naming the tags without points."""
+    import plots  # before pyplot: it selects matplotlib's headless backend
+    missing = [tag for tag in (loss_tag, *score_tags) if not history.get(tag)]
+    if missing:
+        raise plots.PlotError("no points for: " + ", ".join(missing))
+    figure, loss_axis = plots.plt.subplots(figsize=(6.4, 3.8))
+    score_axis = loss_axis.twinx()
+    lines = []
+    for axis, tag, color, style in [(loss_axis, loss_tag, "black", "-"),
+                                    *((score_axis, tag, f"C{i}", "--") for i, tag in enumerate(score_tags))]:
+        epochs, values = zip(*sorted((float(e), float(v)) for e, v in history[tag]))
+        lines += axis.plot(epochs, values, style, color=color, marker="o", markersize=3, label=tag)
+    loss_axis.set(xlabel="epoch", ylabel=loss_tag, title=title or "")
+    score_axis.set_ylabel("benchmark score")
+    loss_axis.grid(True, alpha=0.3)
+    loss_axis.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
+    plots.plt.close(figure)
+    return Path(path)
+
+
 def plot_run(run_dir, path):
     """The README's picture: a run's normalized PIP loss beside its MEN rho and analogy accuracy."""
-    import plots
     ckpt = torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)
     run = ckpt["args"]
     title = (f"{Path(str(run['dataset'])).name}, d={run['embed_size']}, {run['neg_sample_size']} negatives, "
              f"{ckpt['epoch']} epochs")
     history = ckpt["history"]
-    return plots.plot_loss_and_scores(history, "PIP loss (normalized)", [BENCHMARKS["MEN"], BENCHMARKS["analogy"]],
+    return plot_loss_and_scores(history, "PIP loss (normalized)", [BENCHMARKS["MEN"], BENCHMARKS["analogy"]],
                                       path, title)
 
 
@@ -226,7 +245,7 @@ def main():
     if args.plot:
         print(f"picture: {plot_run(args.plot, REPO / 'img' / 'pip-tracking.png')}")
         return
-    os.environ.setdefault("NLTK_DATA", str(SHARED / "nltk_data"))
+    os.environ.setdefault("NLTK_DATA", str(NLTK_DATA))
     add_trial_losses()
     record_initial_losses(INITIAL)
     results, rows = {}, []

@@ -23,9 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+from paths import EVAL, GUTENBERG, ROOT as REPO
 import evaluate  # noqa: E402
 
 SIMILARITY_SETS = [  # (column label, file name in the eval folder)
@@ -44,9 +42,9 @@ def fail(message: str):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "corpora" / "gutenberg"),
+    parser.add_argument("--dataset", default=str(GUTENBERG),
                         help="corpus folder or file, as trainer.py --dataset takes it")
-    parser.add_argument("--eval-dir", default=str(REPO.parent / "shared" / "eval"),
+    parser.add_argument("--eval-dir", default=str(EVAL),
                         help="folder holding the similarity .tsv files and questions-words.txt")
     parser.add_argument("--epochs", type=int, default=5, help="epochs for both models")
     parser.add_argument("--workers", type=int, default=2, help="gensim worker threads")

@@ -20,14 +20,11 @@
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
+from paths import GUTENBERG, ROOT
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import engines  # noqa: E402
@@ -37,7 +34,7 @@ from model import RNN_DEFAULTS, RNNSGNS  # noqa: E402
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", default=str(ROOT.parent / "shared" / "corpora" / "gutenberg"),
+    p.add_argument("--dataset", default=str(GUTENBERG),
                    help="corpus folder or file")
     p.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"), help="corpus cache folder")
     p.add_argument("--threads", type=int, default=1,
@@ -76,7 +73,9 @@ def epoch_batches(token_ids, sentence_starts, counts, batch_size, seed, device, 
     n_batches = -(-len(kept) // max(1, batch_size // (WINDOW + 1)))
 
     def batches():
-        for center, context, _ in data.iter_pair_batches(kept, starts, WINDOW, batch_size, rng):
+        per_batch = max(1, batch_size // (WINDOW + 1))  # centers: a center has WINDOW + 1 pairs on average
+        for lo in range(0, len(kept), per_batch):
+            center, context = data.window_pairs(kept, starts, lo, min(lo + per_batch, len(kept)), WINDOW, rng)
             negs = sampler.sample((len(center), NEGATIVES), rng)
             yield tuple(torch.from_numpy(a).to(device) for a in (center, context, negs))
     return n_batches, batches()

@@ -18,12 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from paths import EVAL, GUTENBERG, ROOT
 import data  # noqa: E402
 import evaluate  # noqa: E402
-
-EVAL = ROOT.parent / "shared" / "eval"
 
 
 # Linux counts the memory a process had when it forked into its child's peak RSS, so the
@@ -146,7 +143,7 @@ def memory_scaling(args, tmp, repeat=20):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default=str(ROOT.parent / "shared" / "corpora" / "gutenberg"),
+    parser.add_argument("--dataset", default=str(GUTENBERG),
                         help="corpus to train on")
     parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"), help="corpus cache folder")
     parser.add_argument("--threads", type=int, default=2, help="threads for gensim and for us")

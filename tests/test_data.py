@@ -268,23 +268,6 @@ def test_window_sizes_are_uniform_and_pairs_stay_in_sentence():
     assert np.array_equal(pairs_per_center[reach > 0], 2 * reach[reach > 0])
 
 
-def test_pair_batches_cover_the_epoch_and_resume_mid_way():
-    kept = np.random.default_rng(0).integers(0, 50, size=3000).astype(np.uint32)
-    starts = np.arange(0, 3000, 30)
-    batches = list(data.iter_pair_batches(kept, starts, 3, 64, np.random.default_rng(5)))
-    assert batches[-1][2] == 3000
-    assert 40 < np.mean([len(b[0]) for b in batches]) < 90  # about batch_size pairs each
-    rng = np.random.default_rng(5)
-    head = []
-    for batch in data.iter_pair_batches(kept, starts, 3, 64, rng):
-        head.append(batch)
-        if len(head) == 10:
-            break
-    tail = list(data.iter_pair_batches(kept, starts, 3, 64, rng, start_center=head[-1][2]))
-    for a, b in zip(head + tail, batches):
-        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-
-
 def test_sentence_blocks_are_shuffled_whole_reproducibly_and_anew_each_epoch():
     rng = np.random.default_rng(0)
     lengths = rng.integers(1, 60, 400)

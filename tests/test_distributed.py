@@ -105,19 +105,61 @@ def _sync_worker(rank, world_size, out_dir):
     adam = torch.optim.SparseAdam(list(adam_model.parameters()), lr=0.01)
     strategy = distributed.SyncRanks(gloo_world(rank, world_size))
     assert strategy.wrap(adam_model) is adam_model  # sparse gradients: the row exchange, not DDP
+    compiled, tensor_ops = engines.CompiledStep(sgd), engines.TensorStep(sgd_tensors)
     stats, tensor_stats = [], []
     for i, (batch, window) in enumerate(zip(batches, windows)):
         last = i == len(batches) - 1
         local_window = [split(t, rank, world_size, last) for t in window]
-        cpu_step = distributed.sync_window_step(sgd, *local_window, lr=0.1, max_windows=len(window[0]))
-        stats.append(cpu_step[:2])  # the CPU's compiled step
-        tensor_step = distributed._sync_window_step_tensors(sgd_tensors, *local_window, lr=0.1)  # the GPUs' step
-        tensor_stats.append([float(tensor_step[0]), float(tensor_step[1])])
+        rows, _ = strategy.gather_rows(compiled, local_window, len(window[0]), 0)  # the CPU's compiled step
+        compiled.apply(rows, 0.1)
+        stats.append(rows.stats)
+        rows, _ = distributed._exchange_rows_all_gather(tensor_ops, local_window, len(window[0]), 0)  # the GPUs'
+        tensor_ops.apply(rows, 0.1)
+        tensor_stats.append([float(rows.stats[0]), float(rows.stats[1])])
         local = [split(t, rank, world_size, last) for t in batch]
         engines._autograd_step(autograd_engine(adam_model, adam, strategy), local, 0.01, 0)
     torch.save({"sgd": sgd.state_dict(), "sgd_tensors": sgd_tensors.state_dict(), "adam": adam_model.state_dict(),
                 "stats": torch.tensor(stats, dtype=torch.float64),
                 "tensor_stats": torch.tensor(tensor_stats, dtype=torch.float64)}, out_dir / f"rank{rank}.pt")
+
+
+def _sync_triton_worker(rank, world_size, out_dir):
+    model_module.MAX_SUMMED_GRADIENTS = SMALL_CAP
+    model = start_model()
+    step = engines.TritonStep(model)
+    for i, window in enumerate(hand_made_windows(2, 12)):
+        local_window = [split(t, rank, world_size, last=i == 1) for t in window]
+        rows, stop = distributed._exchange_rows_all_gather(step, local_window, len(window[0]), 2 * rank)
+        step.apply(rows, 0.1)
+        assert stop == 2 * (world_size - 1)  # the largest signal of all ranks
+    torch.save({"model": model.state_dict(), "stats": rows.stats}, out_dir / f"rank{rank}.pt")
+
+
+def test_a_sync_run_on_gpus_steps_with_the_triton_kernels(tmp_path, monkeypatch):
+    """The window step is chosen once per device: a GPU where Triton runs takes the Triton step,
+    whatever the distribution, and --sync only exchanges its rows between its grads and its apply
+    (GPUs' exchange, Triton's interpreter here): all ranks end equal to one process on the global batch."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(engines, "_triton_usable", lambda device: True)
+    if not torch.cuda.is_available():  # Triton's interpreter, in the ranks from their start
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert type(engines.choose_window_step(start_model(), torch.device("cuda"))) is engines.TritonStep
+    # no strategy replaces the step: window_epoch hands the engine's step to strategy.gather_rows
+    assert not any(hasattr(s, "window_step") for s in (distributed.OneProcess, distributed.SyncRanks,
+                                                       distributed.AsyncRanks))
+    run_ranks(_sync_triton_worker, tmp_path)
+    monkeypatch.setattr(model_module, "MAX_SUMMED_GRADIENTS", SMALL_CAP)
+    reference = start_model()
+    for i, window in enumerate(hand_made_windows(2, 12)):
+        if i == 1:  # all but rank 1's rows, as in the ranks' last step
+            window = [t[0::2] for t in window]
+        expected_stats = reference.window_step(*window, lr=0.1)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for key, expected in reference.state_dict().items():
+        assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key])
+        torch.testing.assert_close(ranks[0]["model"][key], expected, atol=1e-5, rtol=1e-5)
+        assert not torch.equal(expected, start_model().state_dict()[key])
+    torch.testing.assert_close(ranks[0]["stats"], expected_stats, rtol=1e-5, atol=1e-4)
 
 
 def autograd_engine(model, optimizer, strategy, train_model=None):
@@ -465,8 +507,8 @@ def _ddp_worker(rank, world_size, out_dir):
     # uneven shares: rank r takes rows r::world_size; rank 1 has no pairs at the last step and joins early
     my_steps = len(batches) - 1 if rank == 1 else len(batches)
     after_each_step = []
-    with strategy.uneven_steps(ddp):
-        for step in range(strategy.steps_to_run(len(batches), my_steps)):
+    with strategy.uneven_steps(ddp, len(batches), my_steps) as steps_to_run:
+        for step in range(steps_to_run):
             local = [t[rank::world_size] for t in batches[step]]
             engines._autograd_step(engine, local, 0.01, 0)
             after_each_step.append({k: v.clone() for k, v in model.state_dict().items()})

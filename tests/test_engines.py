@@ -71,3 +71,21 @@ def test_compiled_window_step_equals_the_tensor_step_even_after_an_unfinished_on
         torch.testing.assert_close(compiled.state_dict()[key], value, atol=1e-6, rtol=1e-6)
         assert not torch.equal(value, small_model(seed=7).state_dict()[key])
     assert (rows.slot == -1).all() and (rows.tally == 0).all()  # left clean for the next step
+
+
+def test_the_tensor_step_in_two_phases_equals_the_tensor_step(monkeypatch):
+    """TensorStep's grads (a row per slot) then apply, as a --sync run without Triton calls them, give
+    model.window_step's update (the row cap biting, at 2) and its [loss sum, pairs]."""
+    monkeypatch.setattr(engines.models, "MAX_SUMMED_GRADIENTS", 2)
+    two_phases, reference = small_model(seed=3), small_model(seed=3)
+    gen = torch.Generator().manual_seed(3)
+    step = engines.TensorStep(two_phases)
+    for _ in range(3):
+        out_ids, context_ids = torch.randint(0, 12, (6, 3), generator=gen), torch.randint(0, 12, (6, 4), generator=gen)
+        weight = (torch.rand(6, 4, generator=gen) < 0.7).float()
+        rows = step.grads(context_ids, weight, out_ids)
+        step.apply(rows, 0.1)
+        torch.testing.assert_close(rows.stats, reference.window_step(context_ids, weight, out_ids, 0.1))
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(two_phases.state_dict()[key], value, atol=1e-6, rtol=1e-6)
+        assert not torch.equal(value, small_model(seed=3).state_dict()[key])

@@ -1,5 +1,5 @@
-"""gpu_kernel's Triton step against the tensor step (model.SGNS.window_step). Without a GPU, Triton's
-interpreter runs the same kernels on the CPU."""
+"""gpu_kernel's Triton step (engines.TritonStep) against the tensor step (model.SGNS.window_step). Without a
+GPU, Triton's interpreter runs the same kernels on the CPU."""
 import os
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels are defined, so before the import
 pytest.importorskip("triton")
+import engines  # noqa: E402
 import gpu_kernel  # noqa: E402
 import model as models  # noqa: E402
 
@@ -40,8 +41,7 @@ def test_triton_step_equals_the_tensor_step(monkeypatch, cap, dim):
     start = {key: value.clone() for key, value in triton_model.state_dict().items()}
     for lr in (0.2, torch.tensor(0.1, device=DEVICE)):
         expected = expected_model.window_step(*window, lr)
-        stats = gpu_kernel.window_step(triton_model.in_embed.weight.data, triton_model.out_embed.weight.data,
-                                       *window, lr, cap)
+        stats = engines.TritonStep(triton_model)(*window, lr)  # the cap: models.MAX_SUMMED_GRADIENTS
         torch.testing.assert_close(stats, expected, rtol=1e-5, atol=1e-5)
     for key, value in expected_model.state_dict().items():
         torch.testing.assert_close(triton_model.state_dict()[key], value, rtol=1e-5, atol=1e-6)
@@ -52,8 +52,7 @@ def test_triton_step_equals_the_tensor_step(monkeypatch, cap, dim):
 def test_no_windows_change_nothing():
     model, (context_ids, weight, out_ids) = random_case(seed=1)
     start = model.in_embed.weight.detach().clone()
-    stats = gpu_kernel.window_step(model.in_embed.weight.data, model.out_embed.weight.data, context_ids[:0],
-                                   weight[:0], out_ids[:0], 0.1, 32)
+    stats = engines.TritonStep(model)(context_ids[:0], weight[:0], out_ids[:0], 0.1)
     assert stats.tolist() == [0.0, 0.0] and torch.equal(model.in_embed.weight, start)
 
 
@@ -61,18 +60,17 @@ def test_no_windows_change_nothing():
 def test_the_engine_takes_the_triton_step_on_a_gpu_unless_told_not_to():
     """On a GPU the window loop's step runs gpu_kernel (--gpu-kernel, the default) and gives the
     weights of the tensor step; --no-gpu-kernel runs the tensor step."""
-    import engines
     device = torch.device(DEVICE)
-    assert engines.choose_window_step(random_case(seed=2)[0], device, gpu_kernel=False).__name__ == "window_step"
+    assert isinstance(engines.choose_window_step(random_case(seed=2)[0], device, gpu_kernel=False), engines.TensorStep)
     with_kernel, window = random_case(seed=2)
     tensor_ops, _ = random_case(seed=2)
     launched = []
-    real = gpu_kernel.window_step
-    gpu_kernel.window_step = lambda *a: launched.append(1) or real(*a)
+    real = gpu_kernel.window_rows
+    gpu_kernel.window_rows = lambda *a: launched.append(1) or real(*a)
     try:
         engines.choose_window_step(with_kernel, device)(*window, 0.1)
     finally:
-        gpu_kernel.window_step = real
+        gpu_kernel.window_rows = real
     tensor_ops.window_step(*window, 0.1)
     assert launched
     for key, value in tensor_ops.state_dict().items():

@@ -74,18 +74,6 @@ def test_training_curves_empty_history_is_an_error(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_loss_and_scores_plot(tmp_path):
-    history = {"PIP loss (normalized)": [(1, 0.7), (2, 0.5), (3, 0.4)],
-               "Similarity/men3000": [(1, 0.25), (2, 0.35), (3, 0.41)],
-               "Analogy accuracy": [(2, 0.07), (1, 0.03), (3, 0.09)], "Epoch time": [(1, 9.0)]}
-    path = plots.plot_loss_and_scores(history, "PIP loss (normalized)", ["Similarity/men3000", "Analogy accuracy"],
-                                      tmp_path / "tracking.png", title="a run")
-    assert_valid_nonblank_png(path)
-    with pytest.raises(plots.PlotError, match="Similarity/simlex999"):
-        plots.plot_loss_and_scores(history, "PIP loss (normalized)", ["Similarity/simlex999"], tmp_path / "x.png")
-    assert not (tmp_path / "x.png").exists()
-
-
 def test_pca_projection_matches_reference():
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(12, 5)) * np.array([5.0, 3.0, 1.0, 0.5, 0.1])
@@ -123,3 +111,22 @@ def test_projection_rejects_bad_input(tmp_path):
         plots.plot_projection(["a"], np.eye(1), tmp_path / "p.png")
     with pytest.raises(plots.PlotError):
         plots.plot_projection(["a", "b"], np.eye(2), tmp_path / "p.png", method="umap")
+
+
+def test_plot_words_lowercases_and_embeds_unseen_words_where_the_model_can(tmp_path):
+    """trainer.py and evaluate.py draw words through plot_words: the same case handling, and a word
+    outside the vocabulary gets the model's vector from its spelling (rnn) or is left out."""
+    words, vectors = ["cat", "dog", "car"], np.arange(15, dtype=np.float32).reshape(3, 5)
+    path, chosen, missing = plots.plot_words(["Cat", "DOG", "cats", "dog"], words, vectors, tmp_path / "a.png")
+    assert chosen == ["cat", "dog"] and missing == ["cats"]
+    assert_valid_nonblank_png(path)
+    asked = []
+    _, chosen, missing = plots.plot_words(["Cat", "cats"], words, vectors, tmp_path / "b.png",
+                                          embed_fn=lambda ws: asked.extend(ws) or np.ones((len(ws), 5)))
+    assert chosen == ["cat", "cats"] and missing == [] and asked == ["cats"]
+    _, chosen, _ = plots.plot_words(["Cat", "cat", "dog"], ["Cat", "cat", "dog"], vectors, tmp_path / "c.png",
+                                    lowercase=False)
+    assert chosen == ["Cat", "cat", "dog"]
+    with pytest.raises(plots.PlotError, match="cats"):
+        plots.plot_words(["cat", "cats"], words, vectors, tmp_path / "d.png")
+    assert not (tmp_path / "d.png").exists()

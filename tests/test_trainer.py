@@ -254,6 +254,17 @@ def test_evaluation_scalars_and_pictures(tmp_path, corpus_file):
     assert (projector / "vectors.tsv").exists() and (projector / "metadata.tsv").exists()
 
 
+def test_plot_words_of_an_rnn_run_draws_unseen_words_from_their_spelling(tmp_path, corpus_file, capsys):
+    """The trainer plots words as evaluate.py does (plots.plot_words): case folded, and an rnn model's
+    words outside the vocabulary drawn from their spelling, not left out."""
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "1", "--run-name", "r", "--model-name", "rnn",
+                                  "--char-embed-size", "4", "--hidden-size", "8", "--pip-interval", "0",
+                                  "--plot-words", "CAT", "dog", "dogz")) == 0
+    out = capsys.readouterr().out
+    assert "left out" not in out and "no projection" not in out
+    assert (tmp_path / "runs" / "r" / "projection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 class EagerGraphs:
     """Stands in for engines.WindowGraphs on the CPU: the same calls, each step run eagerly (lr as a tensor,
     as a graph reads it)."""
