@@ -78,7 +78,6 @@ def test_corpus_words_in_other_scripts_and_the_cache_key(tmp_path):
     corpus = load(tmp_path, write_corpus(tmp_path, text))
     assert dict(zip(corpus.words, corpus.counts.tolist())) == {"café": 2, "istanbul": 2, "हिन्दी": 2, "भाषा": 1,
                                                                "שָׁלוֹם": 1}
-    assert data.CACHE_FORMAT >= 4  # the word rule changed: caches of the old tokeniser rebuild
 
 
 def test_vocabulary_sorted_by_count_and_encoding_round_trip(tmp_path):

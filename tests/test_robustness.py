@@ -903,12 +903,20 @@ def test_flags_given_with_resume_that_it_cannot_change_are_named_in_a_warning(tm
         trainer.parse_args([*launch, "--resume", str(run_dir), "--epochs", "2"])
 
 
-@pytest.mark.parametrize("damage", ["missing", "malformed", "latin-1", "analogy-malformed"])
+@pytest.mark.parametrize("damage", ["missing", "malformed", "latin-1", "analogy-malformed", "nan", "inf", "fifo",
+                                    "analogy-fifo"])
 def test_evaluation_files_are_read_before_training(tmp_path, capsys, corpus_file, damage):
-    """#4: a missing, malformed or non-UTF-8 evaluation file stops the run before its corpus is read."""
+    """#4: a missing, malformed or non-UTF-8 evaluation file stops the run before its corpus is read;
+    issue 32 #6 and #8: so does a score that is not finite, or a FIFO (which would block forever)."""
     eval_file = tmp_path / "pairs.tsv"
     flag = "--eval-analogy" if damage.startswith("analogy") else "--eval-similarity"
-    if damage == "malformed":
+    if damage in ("nan", "inf"):
+        eval_file.write_text(f"cat\tdog\t3\ncat\tmouse\t{damage}\n")
+        needles = [f"{eval_file}:2", "not a finite number"]
+    elif damage.endswith("fifo"):
+        os.mkfifo(eval_file)
+        needles = [str(eval_file), "not a regular file"]
+    elif damage == "malformed":
         eval_file.write_text("cat\tdog\t3\ncat\tdog\n")
         needles = [f"{eval_file}:2", "expected 'word1<TAB>word2<TAB>score'"]
     elif damage == "latin-1":
