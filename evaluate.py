@@ -457,8 +457,8 @@ def load_vectors(path, warn: Callable[[str], None] = lambda message: print(messa
     words, vectors = [keyed.index_to_key[row] for row in listed], np.asarray(keyed.vectors[listed], dtype=np.float32)
     if len(listed) < len(keyed.index_to_key):
         names = ", ".join(repr(word) for word in dict.fromkeys(duplicates.words)) or "(unnamed)"
-        warn(f"warning: {path}: {len(keyed.index_to_key) - len(listed)} vector(s) of a word listed before "
-             f"ignored, the first vector of each word kept: {names}")
+        warn(f"warning: {path} lists words more than once ({names}): the first vector of each is used, "
+             f"{len(keyed.index_to_key) - len(listed)} later one(s) ignored")
     _check_finite(words, vectors, path)
     return words, vectors
 
