@@ -1230,3 +1230,29 @@ def test_sighup_is_left_ignored_under_nohup_and_handlers_come_back_after_trainin
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) == signals._handle
     assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
+PAUSED_IMPORT = """
+import runpy, sys, time
+class PauseAtNumpy:  # a slow import, made certain: the script's imports are under way when Ctrl-C comes
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            print("importing numpy", flush=True)
+            time.sleep(60)
+sys.meta_path.insert(0, PauseAtNumpy())
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script, args", [("evaluate.py", ["--vectors", "absent.txt"]),
+                                          ("pip_loss.py", ["--dataset", "absent.txt", "--select-dim"])])
+def test_ctrl_c_while_evaluate_or_pip_loss_import_is_exit_130_in_one_line(tmp_path, script, args):
+    """Issue 32 #12: Ctrl-C while numpy, scipy (and numba) load is a quiet exit 130, not a traceback."""
+    process = subprocess.Popen([sys.executable, "-c", PAUSED_IMPORT, str(ROOT / script), *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    assert process.stdout.readline() == "importing numpy\n"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err == f"{script}: interrupted\n"
+    assert list(tmp_path.iterdir()) == []
