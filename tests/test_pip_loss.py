@@ -386,7 +386,8 @@ def test_out_dir_that_is_a_file_is_refused_before_the_corpus_is_read(tmp_path, c
     monkeypatch.setattr(data, "load_corpus", lambda *a, **k: pytest.fail("corpus read before --out-dir was checked"))
     (tmp_path / "out").write_text("mine")
     code, output = run_main(cli_flags(tmp_path, small_corpus(tmp_path / "c.txt")), capsys)
-    assert code == 2 and output.err.strip() == f"error: --out-dir {tmp_path / 'out'}: {tmp_path / 'out'} is a file, not a folder"
+    out = tmp_path / "out"
+    assert code == 2 and output.err.strip() == f"error: --out-dir {out}: {out} is a file, not a folder"
     assert (tmp_path / "out").read_text() == "mine"
 
 
