@@ -6,6 +6,7 @@ arrays, so memory stays O(tokens) whatever the window or the number of epochs.
 """
 import bz2
 import codecs
+import functools
 import gzip
 import hashlib
 import itertools
@@ -14,6 +15,8 @@ import lzma
 import os
 import re
 import socket
+import sys
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +26,18 @@ import torch
 
 import fileio
 
-CACHE_FORMAT = 3  # bump when the cache layout or the tokeniser changes: old caches rebuild
+CACHE_FORMAT = 4  # bump when the cache layout or the tokeniser changes: old caches rebuild
 READ_BLOCK_BYTES = 8 << 20  # bytes tokenised at a time, so a large corpus never sits in memory as text
 STEPS_PER_DRAW = 32  # WindowBatches users draw this many steps' windows in one go: fewer, larger kernels
 SHUFFLE_BLOCK_TOKENS = 1000  # shuffle_sentence_blocks moves sentences in blocks of about this many tokens
 MAX_SENTENCE_TOKENS = 10_000  # longer "sentences" (text without punctuation) are cut, as gensim does
 
-# A word is a run of letters with apostrophes allowed inside it ("don't", "o'clock").
+# A word is a letter followed by letters and combining marks (Unicode categories L and M), with
+# apostrophes allowed inside it ("don't", "o'clock"); _word_token_re builds it for any script.
+# Numbers other than digits (², ½, Ⅻ: Nl, No) go on a word as they always did ("x²").
 # Sentence ends (. ! ? and blank lines) are matched too, as boundary markers.
-_TOKEN_RE = re.compile(r"[^\W\d_]+(?:'[^\W\d_]+)*|[.!?]|\n[ \t\r]*\n")
 _ASCII_TOKEN_RE = re.compile(r"[a-z]+(?:'[a-z]+)*|[.!?]|\n[ \t\r]*\n")  # the same on lowercase ASCII, faster
+_BEYOND_BMP_RE = re.compile("[\U00010000-\U0010ffff]")
 _MARKUP_RE = re.compile(r"<[^>\n]*>")
 _BOUNDARY_TOKENS = (".", "!", "?")
 
@@ -213,14 +218,23 @@ def _utf8_blocks(path, compression, encoding):
         yield rest.encode("utf-8", "surrogateescape")
 
 
+def _last_character_start(block):
+    """Where the last UTF-8 character of block starts: a cut there leaves every character whole,
+    the bytes of a character cut by the read going on with the next block, as a decoder keeps them."""
+    for back in range(1, min(4, len(block)) + 1):
+        if block[-back] & 0xC0 != 0x80:  # not a continuation byte 10xxxxxx
+            return len(block) - back
+    return len(block)  # no character start in the last 4 bytes: not UTF-8 there, cut anywhere
+
+
 def _read_blocks(path, compression=None, encoding="utf-8"):
     """Yield the file's text as UTF-8 bytes in blocks cut after a newline, so no word or character is split."""
     tail = b""
     for block in _utf8_blocks(path, compression, encoding):
         block = tail + block
         cut = block.rfind(b"\n") + 1
-        if cut == 0:  # no newline in 8 MB: cut at a space, else anywhere
-            cut = block.rfind(b" ") + 1 or len(block)
+        if cut == 0:  # no newline in 8 MB: cut at a space, else between two characters
+            cut = block.rfind(b" ") + 1 or _last_character_start(block)
         tail = block[cut:]
         yield block[:cut]
     if tail:
@@ -228,15 +242,60 @@ def _read_blocks(path, compression=None, encoding="utf-8"):
 
 
 def normalize(text):
-    """Lowercase, drop <markup>, unify apostrophes: the original sgns_pytorch's normalisation."""
-    text = text.lower().replace("\u2019", "'")
-    return _MARKUP_RE.sub(" ", text)
+    """Lowercase, drop <markup>, unify apostrophes: the original sgns_pytorch's normalisation.
+
+    Other scripts are lowercased then put in NFC, so a decomposed "café" is the composed one and
+    a capital with a mark lowercases to one character where one exists. The dot of a capital
+    "İ" is its case, not a mark: "İstanbul" becomes "istanbul", as Turkish lowercases it.
+    """
+    text = text.lower()
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+        if "\u0307" in text:  # "İ".lower() is "i" + COMBINING DOT ABOVE
+            text = text.replace("i\u0307", "i")
+    return _MARKUP_RE.sub(" ", text.replace("\u2019", "'"))
+
+
+def _category_ranges(categories, top):
+    """Regex class ranges of the code points up to top whose Unicode category starts with one of categories."""
+    ranges, start = [], None
+    for code in range(top + 2):
+        inside = code <= top and unicodedata.category(chr(code)).startswith(categories)
+        if inside and start is None:
+            start = code
+        elif not inside and start is not None:
+            ranges.append(f"\\U{start:08x}-\\U{code - 1:08x}")
+            start = None
+    return "".join(ranges)
+
+
+@functools.cache
+def _word_token_re(top):
+    """The token regex with its character classes listed up to code point top, and every code
+    point above top taken as a letter. Built on first use (enumerating categories takes a while).
+
+    re scans the ranges above the Basic Multilingual Plane one by one for every character that
+    is not a word character, where those below it are one table lookup: tokenize splits text with
+    top = U+FFFF and re-splits the rare tokens that hold a character above it with the exact one.
+    """
+    beyond = f"\\U{top + 1:08x}-\\U{sys.maxunicode:08x}" if top < sys.maxunicode else ""
+    letter = f"[{_category_ranges(('L',), top)}{beyond}]"
+    letter_or_mark = f"[{_category_ranges(('L', 'M', 'Nl', 'No'), top)}{beyond}]"
+    word = f"{letter}{letter_or_mark}*"
+    return re.compile(f"{word}(?:'{word})*|[.!?]|\\n[ \\t\\r]*\\n")
 
 
 def tokenize(text):
     """Word tokens and sentence-boundary markers ('.', '!', '?' or a blank line) of raw text."""
     text = normalize(text)
-    return (_ASCII_TOKEN_RE if text.isascii() else _TOKEN_RE).findall(text)
+    if text.isascii():
+        return _ASCII_TOKEN_RE.findall(text)
+    tokens = _word_token_re(0xFFFF).findall(text)
+    if _BEYOND_BMP_RE.search(text):
+        exact = _word_token_re(sys.maxunicode)
+        tokens = [piece for token in tokens
+                  for piece in (exact.findall(token) if _BEYOND_BMP_RE.search(token) else (token,))]
+    return tokens
 
 
 def sentences(text):

@@ -17,16 +17,25 @@ Run as a script it reads a checkpoint (``--checkpoint``) or a word2vec file
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import logging
 import math
 import mmap
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Iterable, NoReturn, Sequence
 
-import numpy as np
-from scipy.stats import spearmanr
+if __name__ == "__main__":  # Ctrl-C while numpy and scipy load: nothing is written yet
+    signal.signal(signal.SIGINT, lambda signum, frame: (os.write(2, b"evaluate.py: interrupted\n"),
+                                                        os._exit(128 + signum)))
+
+import numpy as np  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
+
+import fileio  # noqa: E402
 
 
 EmbedFn = Callable[[list], np.ndarray]
@@ -51,6 +60,17 @@ class EvaluationInputError(ValueError):
 # Reading evaluation files
 # --------------------------------------------------------------------------
 
+def _check_regular_file(path, what: str) -> None:
+    """Refuse a FIFO, a device or a folder before it is opened (a FIFO would block until a writer
+    comes); a missing file is left to open(), whose error callers report."""
+    try:
+        fileio.check_input_path(path, what)
+    except fileio.PathKindError as error:
+        raise EvaluationInputError(str(error)) from None
+    except FileNotFoundError:
+        pass
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -69,6 +89,7 @@ def load_pairs(path) -> list[tuple[str, str, float]]:
     """
     pairs: list[tuple[str, str, float]] = []
     seen_first_row = False
+    _check_regular_file(path, "similarity file")
     with open(path, encoding="utf-8") as handle:
         for line_number, raw_line in enumerate(handle, start=1):
             line = raw_line.strip()
@@ -86,6 +107,9 @@ def load_pairs(path) -> list[tuple[str, str, float]]:
                     continue  # header line such as "word1 word2 score"
                 raise EvaluationInputError(
                     f"{path}:{line_number}: score {fields[2]!r} is not a number")
+            if not math.isfinite(float(fields[2])):  # NaN has no rank; infinity is no human score
+                raise EvaluationInputError(
+                    f"{path}:{line_number}: score {fields[2]!r} is not a finite number")
             pairs.append((fields[0], fields[1], float(fields[2])))
     return pairs
 
@@ -97,6 +121,7 @@ def load_analogies(path) -> list[tuple[str, list[tuple[str, str, str, str]]]]:
     meaning a:b :: c:d. Questions before any section line go to section "default".
     """
     sections: list[tuple[str, list[tuple[str, str, str, str]]]] = []
+    _check_regular_file(path, "analogy file")
     with open(path, encoding="utf-8") as handle:
         for line_number, raw_line in enumerate(handle, start=1):
             line = raw_line.strip()
@@ -395,26 +420,59 @@ def neighbors(words: Sequence[str], vectors: np.ndarray, query_words: Iterable[s
 # Loading and exporting vectors
 # --------------------------------------------------------------------------
 
-def load_vectors(path) -> tuple[list[str], np.ndarray]:
-    """Read a word2vec file (text, or binary when the name ends in ``.bin``)."""
+def load_vectors(path, warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr)
+                 ) -> tuple[list[str], np.ndarray]:
+    """Read a word2vec file (text, or binary when the name ends in ``.bin``).
+
+    A word listed twice keeps its first vector, as gensim does (and as a word's most frequent
+    occurrence comes first); ``warn`` is told which words were listed more than once.
+    """
     from gensim.models import KeyedVectors
 
     path = Path(path)
-    if not path.is_file():
-        raise EvaluationInputError(f"vectors file not found: {path}")
+    try:
+        fileio.check_input_path(path, "vectors file")
+    except (FileNotFoundError, fileio.PathKindError) as error:
+        raise EvaluationInputError(str(error)) from None
     binary = path.suffix == ".bin"
+    duplicates = _GensimDuplicates()
+    gensim_logger = logging.getLogger("gensim.models.keyedvectors")
+    gensim_logger.addHandler(duplicates)
     try:
         keyed = KeyedVectors.load_word2vec_format(str(path), binary=binary)
     except Exception as error:  # gensim raises assorted errors on malformed files
         raise EvaluationInputError(
             f"cannot read word2vec file {path}: {type(error).__name__}: {error}") from error
+    finally:
+        gensim_logger.removeHandler(duplicates)
+    if not keyed.index_to_key or not keyed.vector_size:
+        raise EvaluationInputError(f"{path} holds no vectors: its header announces "
+                                   f"{len(keyed.index_to_key)} words of {keyed.vector_size} dimensions")
     if _holds_more_words(path, binary, len(keyed.index_to_key), keyed.vector_size):
         raise EvaluationInputError(
             f"{path} holds more than the {len(keyed.index_to_key)} words its header announces; "
             f"correct the word count on its first line")
-    words, vectors = list(keyed.index_to_key), np.asarray(keyed.vectors, dtype=np.float32)
+    # gensim leaves None and a zero vector in the slot of each duplicate it skipped
+    listed = [row for row, word in enumerate(keyed.index_to_key) if word is not None]
+    words, vectors = [keyed.index_to_key[row] for row in listed], np.asarray(keyed.vectors[listed], dtype=np.float32)
+    if len(listed) < len(keyed.index_to_key):
+        names = ", ".join(repr(word) for word in dict.fromkeys(duplicates.words)) or "(unnamed)"
+        warn(f"warning: {path} lists words more than once ({names}): the first vector of each is used, "
+             f"{len(keyed.index_to_key) - len(listed)} later one(s) ignored")
     _check_finite(words, vectors, path)
     return words, vectors
+
+
+class _GensimDuplicates(logging.Handler):
+    """Collects the words gensim reports as duplicates while it reads a word2vec file."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.words: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("duplicate word") and record.args:
+            self.words.append(str(record.args[0]))
 
 
 def _holds_more_words(path: Path, binary: bool, n_words: int, dim: int) -> bool:
@@ -450,7 +508,10 @@ def read_checkpoint(path) -> dict:
     """The checkpoint dict of a run directory or checkpoint file (weights only, no pickle)."""
     import checkpoint
     try:
+        fileio.check_input_path(resolve_checkpoint_path(path), "checkpoint")
         return checkpoint.read(path)
+    except (FileNotFoundError, fileio.PathKindError) as error:
+        raise EvaluationInputError(str(error)) from None
     except checkpoint.CheckpointError as error:
         raise EvaluationInputError(str(error)) from error
 
@@ -598,6 +659,42 @@ def _has_uppercase(words: Sequence[str]) -> bool:
     return any(word != word.lower() for word in words)
 
 
+def _exit_130_on_ctrl_c(main: Callable[..., int]) -> Callable[..., int]:
+    """Ctrl-C ends main with one line and exit 130, not a traceback; every file is written
+    atomically, so what was written before it is whole."""
+    @functools.wraps(main)
+    def interruptible(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("evaluate.py: interrupted; files already written are complete", file=sys.stderr)
+            return 128 + signal.SIGINT
+    return interruptible
+
+
+def _check_paths(args, source_path: Path, similarity_files, analogy_file) -> None:
+    """Every input a regular file and no output over one of them (through links), before any work."""
+    inputs = {f"the {'--checkpoint' if args.checkpoint else '--vectors'} file": source_path}
+    if args.checkpoint:  # a picture written over the run's files would end the run
+        inputs.update({f"the run's {name}": source_path.parent / name
+                       for name in ("checkpoint.pt", "best.pt", "args.json")})
+    fileio.check_input_path(source_path, next(iter(inputs)))
+    for number, path in enumerate(similarity_files, start=1):
+        inputs[f"similarity file {number}"] = fileio.check_input_path(path, "similarity file")
+    if analogy_file:
+        inputs["the analogy file"] = fileio.check_input_path(analogy_file, "analogy file")
+    outputs = {}
+    if args.plot_words:
+        outputs["--plot-out"] = _plot_path(args, source_path)
+    if args.plot_curves is not None:
+        outputs["--plot-curves"] = _curves_path(args.plot_curves, source_path)
+    if args.export_projector:
+        outputs.update({f"--export-projector ({name})": Path(args.export_projector) / name
+                        for name in ("vectors.tsv", "metadata.tsv")})
+    fileio.check_outputs_apart(outputs, inputs)
+
+
+@_exit_130_on_ctrl_c
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.plot_curves is not None and not args.checkpoint:
@@ -606,20 +703,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail("--topn must be at least 1")
     if args.restrict_vocab < 0:
         _fail("--restrict-vocab must be >= 0")
+    similarity_files = args.similarity or []
+    analogy_file = args.analogy
+    if not similarity_files and not analogy_file and not args.no_default_eval:
+        similarity_files, analogy_file = default_eval_files()
+    source_path = resolve_checkpoint_path(args.checkpoint) if args.checkpoint else Path(args.vectors)
+    try:
+        _check_paths(args, source_path, similarity_files, analogy_file)
+    except (OSError, ValueError) as error:  # missing, a FIFO or a folder; an output over an input
+        _fail(str(error))
 
     try:
         checkpoint = None
         if args.checkpoint:
             checkpoint = read_checkpoint(args.checkpoint)
             words, vectors, embed_fn, lowercase = load_checkpoint(checkpoint)
-            source_path = resolve_checkpoint_path(args.checkpoint)
         else:
             words, vectors = load_vectors(args.vectors)
             embed_fn = None
             # A word2vec file does not record how it was tokenised: lowercase
             # the evaluation words only when the vocabulary has no capitals.
             lowercase = not _has_uppercase(words)
-            source_path = Path(args.vectors)
     except EvaluationInputError as error:
         _fail(str(error))
 
@@ -629,22 +733,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.remove_top:
         vectors, embed_fn = _post_processed(vectors, embed_fn, args.remove_top)
 
-    similarity_files = args.similarity or []
-    analogy_file = args.analogy
-    if not similarity_files and not analogy_file and not args.no_default_eval:
-        similarity_files, analogy_file = default_eval_files()
-
     report: dict = {}
     try:
         for path in similarity_files:
-            if not os.path.isfile(path):
-                _fail(f"similarity file not found: {path}")
-            report[Path(path).stem] = similarity(words, vectors, load_pairs(path),
+            pairs = load_pairs(path)
+            if not pairs:  # as the trainer's --eval-similarity: a score of nothing is no score
+                _fail(f"{path}: no word pairs in it")
+            report[Path(path).stem] = similarity(words, vectors, pairs,
                                                  lowercase=lowercase, embed_fn=embed_fn)
         if analogy_file:
-            if not os.path.isfile(analogy_file):
-                _fail(f"analogy file not found: {analogy_file}")
-            report["analogy"] = analogy(words, vectors, analogy_file,
+            sections = load_analogies(analogy_file)
+            if not any(questions for _, questions in sections):
+                _fail(f"{analogy_file}: no questions in it")
+            report["analogy"] = analogy(words, vectors, sections,
                                         restrict_vocab=args.restrict_vocab,
                                         method=args.analogy_method, lowercase=lowercase)
     except (EvaluationInputError, UnicodeDecodeError) as error:
@@ -684,8 +785,7 @@ def _post_processed(vectors, embed_fn, n_directions):
 def _plot_words(args, words, vectors, embed_fn, lowercase, source_path: Path) -> dict:
     import plots
 
-    out = Path(args.plot_out) if args.plot_out else \
-        source_path.parent / f"projection-{args.plot_method}.png"
+    out = _plot_path(args, source_path)
     try:
         _, chosen, missing = plots.plot_words(args.plot_words, words, vectors, out, args.plot_method, lowercase,
                                               embed_fn)
@@ -694,10 +794,20 @@ def _plot_words(args, words, vectors, embed_fn, lowercase, source_path: Path) ->
     return {"path": str(out), "words": len(chosen), "skipped": missing}
 
 
+def _plot_path(args, source_path: Path) -> Path:
+    """--plot-out, by default projection-<method>.png beside the vectors."""
+    return Path(args.plot_out) if args.plot_out else source_path.parent / f"projection-{args.plot_method}.png"
+
+
+def _curves_path(out, source_path: Path) -> Path:
+    """--plot-curves' PATH, by default training-curves.png in the run folder."""
+    return Path(out) if out else source_path.parent / "training-curves.png"
+
+
 def _plot_curves(out, checkpoint: dict, source_path: Path) -> dict:
     import plots
 
-    out = Path(out) if out else source_path.parent / "training-curves.png"
+    out = _curves_path(out, source_path)
     history = checkpoint.get("history") or {}
     try:
         plots.plot_training_curves(history, out)

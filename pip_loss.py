@@ -21,12 +21,18 @@ the normalized loss needs are evaluated with d x d Gram matrices and sparse-time
 """
 import math
 import os
+import signal
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
-import scipy.sparse as sp
-from numba import njit, prange
+if __name__ == "__main__":  # Ctrl-C while numpy, scipy and numba load: nothing is written yet
+    signal.signal(signal.SIGINT, lambda signum, frame: (os.write(2, b"pip_loss.py: interrupted\n"),
+                                                        os._exit(128 + signum)))
+
+import numpy as np  # noqa: E402
+import scipy.sparse as sp  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 # Token positions processed per chunk when counting co-occurrences. Each chunk holds a few
 # int64 arrays of this length per window offset, so memory stays around a few hundred MB
@@ -583,6 +589,9 @@ def select_dimension(token_ids, vocab_size, window, neg, sentence_starts=None, a
     """
     started = time.perf_counter()
     full = sppmi(token_ids, vocab_size, window, neg, sentence_starts)
+    if full.nnz == 0:
+        raise ValueError(f"every PMI of the corpus is below log({neg:g}): the SPPMI matrix is empty, so every "
+                         "dimension would fit it; use a smaller --neg (word2vec uses 5 to 20)")
     (ids_1, starts_1), (ids_2, starts_2) = split_sentences_in_two(token_ids, sentence_starts, seed)
     half_1 = sppmi(ids_1, vocab_size, window, neg, starts_1)
     half_2 = sppmi(ids_2, vocab_size, window, neg, starts_2)
@@ -610,7 +619,8 @@ def plot_curve(curve, best_dim, path, title):
     ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    import fileio
+    fileio.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -647,26 +657,57 @@ def _parse_args(argv):
     for name in ("vocab_size", "window", "max_dim", "trials"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not args.neg > 0:
-        parser.error("--neg must be positive")
+    if not (math.isfinite(args.neg) and args.neg > 0):
+        parser.error(f"--neg must be a positive number, got {args.neg:g}")
+    if not 0 <= args.alpha <= 1:  # NaN fails too
+        parser.error(f"--alpha must be between 0 and 1 (E = U D^alpha; 0.5 is SGNS's), got {args.alpha:g}")
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     return args
 
 
+def _check_paths(args, data):
+    """Before the corpus is read: --out-dir can be a folder we write into, and neither file written
+    there is the corpus or inside its folder (through links). Raises ValueError or DatasetError."""
+    import fileio
+    out_dir = Path(args.out_dir)
+    existing = next(path for path in (out_dir, *out_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out-dir {out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out-dir {out_dir}: folder {existing} is not writable")
+    source = data.resolve_dataset(args.dataset, args.data_dir)
+    inputs = {f"the corpus file {path}": path for path in source.files}
+    if Path(source.name).is_dir():
+        inputs["the corpus folder"] = source.name
+    fileio.check_outputs_apart({"--out-dir's curve": out_dir / "pip_select_dim.png",
+                                "--out-dir's curve data": out_dir / "pip_select_dim.json"}, inputs)
+
+
 def main(argv=None):
-    """Entry point; user mistakes print one line and exit with status 2."""
+    """Entry point; user mistakes print one line and exit with status 2, Ctrl-C exits 130."""
+    try:
+        return _select_dim(_parse_args(argv))
+    except KeyboardInterrupt:
+        print("pip_loss.py: interrupted; files already written are complete", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def _select_dim(args):
     import json
-    args = _parse_args(argv)
     try:
         import data  # only the command line needs the corpus reader
     except ImportError as err:
         print(f"error: cannot import data.py: {err}", file=sys.stderr)
         return 2
-    out_dir = args.out_dir or os.path.join("saved", "runs", time.strftime("select-dim-%Y%m%d-%H%M%S"))
+    import fileio
+    out_dir = args.out_dir = args.out_dir or os.path.join("saved", "runs", time.strftime("select-dim-%Y%m%d-%H%M%S"))
     started = time.perf_counter()
     try:
+        _check_paths(args, data)
         corpus = data.load_corpus(dataset=args.dataset, data_dir=args.data_dir, cache_dir=args.cache_dir,
                                   min_count=args.min_count)
-    except (getattr(data, "DatasetError", OSError), OSError) as err:
+    except (data.DatasetError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     vocab_size = min(args.vocab_size, len(corpus.words))
@@ -687,11 +728,11 @@ def main(argv=None):
         title = (f"{os.path.basename(os.path.normpath(str(corpus.name)))}: V={vocab_size}, window={args.window}, k={args.neg:g}, "
                  f"alpha={args.alpha:g} -> d={best}")
         plot_curve(curve, best, png, title)
-        with open(os.path.join(out_dir, "pip_select_dim.json"), "w") as f:
-            json.dump({"best_dim": best, "dims": dims.tolist(), "losses": losses.tolist(),
-                       "sigma": curve.sigma, "vocab_size": vocab_size, "window": args.window,
-                       "neg": args.neg, "alpha": args.alpha, "trials": args.trials, "seed": args.seed,
-                       "corpus_hash": corpus.hash}, f)
+        summary = {"best_dim": best, "dims": dims.tolist(), "losses": losses.tolist(),
+                   "sigma": curve.sigma, "vocab_size": vocab_size, "window": args.window,
+                   "neg": args.neg, "alpha": args.alpha, "trials": args.trials, "seed": args.seed,
+                   "corpus_hash": corpus.hash}
+        fileio.atomic_write(Path(out_dir) / "pip_select_dim.json", lambda tmp: tmp.write_text(json.dumps(summary)))
     except OSError as err:
         print(f"error: cannot write the curve: {err}", file=sys.stderr)
         return 2
@@ -701,4 +742,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on main reports Ctrl-C in one line
     sys.exit(main())

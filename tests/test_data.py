@@ -46,6 +46,40 @@ def test_normalisation_and_sentences():
         ["a", "cat", "and", "a", "dog"], ["the", "end"]]
 
 
+@pytest.mark.parametrize("text, words", [
+    ("हिन्दी भाषा", ["हिन्दी", "भाषा"]),  # vowel signs and virama are marks inside the word
+    ("שָׁלוֹם עֲלֵיכֶם", ["שָׁלוֹם", "עֲלֵיכֶם"]),  # pointed Hebrew
+    ("İstanbul'da İSTANBUL istanbul ılık", ["istanbul'da", "istanbul", "istanbul", "ılık"]),  # Turkish dotted I
+    ("I\u0307stanbul", ["istanbul"]),  # the same capital, decomposed
+    ("cafe\u0301 Cafe\u0301 café", ["café", "café", "café"]),  # decomposed Latin is the composed word
+    ("J\u030c", ["\u01f0"]),  # lowercase then NFC: j + caron composes, J + caron has no precomposed form
+    ("x² ½ 3rd \u0301a", ["x²", "rd", "a"]),  # a word starts with a letter; ² goes on it, as before
+    ("\U0001d400bc \U00010428\U0001d167x a'\U0001f600b", ["\U0001d400bc", "\U00010428\U0001d167x", "a", "b"]),
+])
+def test_words_are_a_letter_then_letters_and_marks_in_every_script(text, words):
+    import unicodedata
+    assert data.sentences(text) == [words]
+    assert all(unicodedata.is_normalized("NFC", word) for word in words)
+
+
+def test_word_classes_match_unicode_categories():
+    import unicodedata
+    exact = data._word_token_re(sys.maxunicode)
+    letter_start = [chr(c) for c in range(0, sys.maxunicode + 1, 7)
+                    if exact.fullmatch(chr(c) * 2) and chr(c) not in ".!?"]
+    assert letter_start and all(unicodedata.category(char)[0] == "L" for char in letter_start)
+    assert sum(unicodedata.category(chr(c))[0] == "L" for c in range(0, sys.maxunicode + 1, 7)) == len(letter_start)
+    marks = [chr(c) for c in range(0x300, 0x2000) if unicodedata.category(chr(c))[0] == "M"]
+    assert all(exact.fullmatch("a" + mark) and not exact.fullmatch(mark + "a") for mark in marks)
+
+
+def test_corpus_words_in_other_scripts(tmp_path):
+    text = "हिन्दी भाषा। हिन्दी\nשָׁלוֹם cafe\u0301 café İstanbul istanbul\n"
+    corpus = load(tmp_path, write_corpus(tmp_path, text))
+    assert dict(zip(corpus.words, corpus.counts.tolist())) == {"café": 2, "istanbul": 2, "हिन्दी": 2, "भाषा": 1,
+                                                               "שָׁלוֹם": 1}
+
+
 def test_vocabulary_sorted_by_count_and_encoding_round_trip(tmp_path):
     corpus = load(tmp_path, write_corpus(tmp_path))
     counts = collections.Counter(w for s in data.sentences(TEXT) for w in s)
@@ -164,6 +198,22 @@ def test_utf16_utf32_and_compressed_files_read_as_their_text(tmp_path, monkeypat
     assert corpus.words == expected.words and "café" in corpus.words and "日本語" in corpus.words
     assert np.array_equal(corpus.token_ids, expected.token_ids)
     assert np.array_equal(corpus.sentence_starts, expected.sentence_starts)
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_a_line_longer_than_a_read_block_is_cut_between_characters(tmp_path, monkeypatch, encoding):
+    line = "漢字仮名交じり文ですー" * 40 + "ü" * 30  # no space, no newline; 3- and 2-byte characters
+    path = tmp_path / "long.txt"
+    path.write_bytes(line.encode(encoding))
+    monkeypatch.setattr(data, "READ_BLOCK_BYTES", 64)  # 64 is no multiple of 3: reads end inside characters
+    compression, found = data._file_format(path)
+    blocks = list(data._read_blocks(path, compression, found))
+    assert len(blocks) > 10 and b"".join(blocks).decode("utf-8") == line
+    assert all(block.decode("utf-8") for block in blocks)  # each block whole characters: strict decode
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "bytes were not valid UTF-8" warning
+        corpus = load(tmp_path, path)
+    assert corpus.decode_warning is None and "".join(decode(corpus)[0]) == line
 
 
 def test_undecodable_utf16_bytes_are_counted_and_replaced(tmp_path):

@@ -467,3 +467,124 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, word2vec_file, args, capsys,
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert len(error.strip().splitlines()) == 1, error
+
+
+def main_exit(args, capsys):
+    """(exit code, stderr) of evaluate.main(args), in process."""
+    try:
+        code = evaluate.main([str(a) for a in args])
+    except SystemExit as error:
+        code = error.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output", [
+    ["--plot-words", "x0", "y0", "--plot-out", "{vectors}"],
+    ["--plot-words", "x0", "y0", "--plot-out", "{link}"],  # a link to the vectors, resolved
+    ["--plot-words", "x0", "y0", "--plot-out", "{pairs}"],
+    ["--export-projector", "{folder}"],  # its vectors.tsv is the vectors file
+])
+def test_an_output_over_an_input_is_refused_before_anything_is_read(tmp_path, word2vec_file, output, capsys,
+                                                                    monkeypatch):
+    folder = tmp_path / "tb"
+    folder.mkdir()
+    vectors = folder / "vectors.tsv"
+    vectors.write_bytes(word2vec_file.read_bytes())
+    link = tmp_path / "link.png"
+    link.symlink_to(vectors)
+    pairs = write(tmp_path / "pairs.tsv", "x0\ty0\t9\nx1\ty2\t1\n")
+    before = {path: path.read_bytes() for path in (vectors, pairs)}
+    monkeypatch.setattr(evaluate, "load_vectors", lambda *a: pytest.fail("read before the paths were checked"))
+    args = ["--vectors", vectors, "--similarity", pairs] + [
+        str(a).format(vectors=vectors, link=link, pairs=pairs, folder=folder) for a in output]
+    code, err = main_exit(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "choose another output path" in err, err
+    assert {path: path.read_bytes() for path in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.png", "pairs.tsv", "tb", "vectors.txt"]
+    assert sorted(p.name for p in folder.iterdir()) == ["vectors.tsv"]
+
+
+def test_a_plot_of_a_checkpoint_never_replaces_the_run_files(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(b"x")
+    (run_dir / "args.json").write_text("{}")
+    code, err = main_exit(["--checkpoint", run_dir, "--no-default-eval", "--plot-words", "a", "b",
+                           "--plot-out", run_dir / "args.json"], capsys)
+    assert code == 2 and "the run's args.json" in err and len(err.strip().splitlines()) == 1
+    assert (run_dir / "args.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("which", ["--vectors", "--similarity", "--analogy", "--checkpoint"])
+def test_a_fifo_or_a_folder_as_input_is_one_line_exit_2_without_blocking(tmp_path, word2vec_file, which, capsys):
+    import os
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer comes
+    source = ["--checkpoint", fifo] if which == "--checkpoint" else \
+        ["--vectors", fifo] if which == "--vectors" else ["--vectors", word2vec_file, which, fifo]
+    code, err = main_exit(source, capsys)
+    assert code == 2 and "not a regular file" in err and str(fifo) in err and len(err.strip().splitlines()) == 1
+    if which in ("--similarity", "--analogy"):
+        code, err = main_exit(["--vectors", word2vec_file, which, tmp_path], capsys)
+        assert code == 2 and "is a folder" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_trainer_loaders_refuse_a_fifo_too(tmp_path):
+    import os
+    fifo = tmp_path / "pairs.tsv"
+    os.mkfifo(fifo)
+    for load in (evaluate.load_pairs, evaluate.load_analogies):
+        with pytest.raises(evaluate.EvaluationInputError, match="not a regular file"):
+            load(fifo)
+
+
+@pytest.mark.parametrize("score", ["nan", "NaN", "inf", "-inf", "1e999"])
+def test_a_score_that_is_not_finite_is_refused_naming_its_line(tmp_path, score):
+    path = write(tmp_path / "pairs.tsv", f"word1\tword2\tscore\na\tb\t1\nc\td\t{score}\n")
+    with pytest.raises(evaluate.EvaluationInputError, match=rf"pairs.tsv:3: score '{score}' is not a finite number"):
+        evaluate.load_pairs(path)
+
+
+@pytest.mark.parametrize("content, flag", [("", "--similarity"), ("word1\tword2\tscore\n", "--similarity"),
+                                           ("# only a comment\n\n", "--similarity"),
+                                           ("nan\tb\tnan\n", "--similarity"),
+                                           (": family\n", "--analogy"), ("", "--analogy")])
+def test_empty_header_only_or_nan_evaluation_files_are_one_line_exit_2(tmp_path, word2vec_file, content, flag,
+                                                                       capsys):
+    path = write(tmp_path / "eval.txt", content)
+    code, err = main_exit(["--vectors", word2vec_file, flag, path, "--json"], capsys)
+    assert code == 2 and str(path) in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("name", ["vectors.txt", "vectors.bin"])
+def test_a_word_listed_twice_keeps_its_first_vector_with_a_warning(tmp_path, name, small_space):
+    words, vectors = small_space
+    listed = list(zip(words, vectors))
+    listed.insert(5, ("w3", vectors[7]))  # w3 again, with another vector
+    if name.endswith(".bin"):  # a binary record is "word " then d float32s
+        body = b"".join(word.encode() + b" " + vector.tobytes() for word, vector in listed)
+    else:
+        body = "".join(f"{word} {' '.join(map(str, vector))}\n" for word, vector in listed).encode()
+    path = tmp_path / name
+    path.write_bytes(f"{len(listed)} {vectors.shape[1]}\n".encode() + body)
+    warned = []
+    loaded_words, loaded = evaluate.load_vectors(path, warn=warned.append)
+    assert loaded_words == words and loaded.shape == vectors.shape
+    np.testing.assert_allclose(loaded, vectors, rtol=1e-5, atol=1e-5)  # w3 keeps its first vector
+    assert len(warned) == 1 and "'w3'" in warned[0] and "first vector" in warned[0]
+
+
+def test_a_zero_words_header_is_a_clear_error(tmp_path, capsys):
+    path = write(tmp_path / "zero.txt", "0 0\n")
+    code, err = main_exit(["--vectors", path, "--no-default-eval", "--neighbors", "a"], capsys)
+    assert code == 2 and "holds no vectors" in err and "--remove-top" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_is_one_line_exit_130(tmp_path, word2vec_file, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "similarity", interrupted)
+    pairs = write(tmp_path / "pairs.tsv", "x0\ty0\t9\nx1\ty2\t1\n")
+    code, err = main_exit(["--vectors", word2vec_file, "--similarity", pairs], capsys)
+    assert code == 130 and err.strip() == "evaluate.py: interrupted; files already written are complete"

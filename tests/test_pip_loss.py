@@ -340,3 +340,86 @@ def test_select_dimension_on_a_token_stream():
                                                      max_dim=30, n_trials=2)
     assert 1 <= best <= 30 and len(dims) == 30 and np.all(np.isfinite(losses))
     assert best >= 2  # two blocks need at least two dimensions
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: values, paths and Ctrl-C refused or reported in one line
+
+def small_corpus(path):
+    topics = [["cat", "dog", "mouse", "the"], ["car", "bus", "train", "a"]]  # words co-occur within a topic
+    rng = np.random.default_rng(0)
+    path.write_text("\n".join(" ".join(rng.choice(topics[i % 2], 8)) + "." for i in range(300)))
+    return path
+
+
+def cli_flags(tmp_path, corpus, *extra):
+    return ["--dataset", str(corpus), "--select-dim", "--vocab-size", "8", "--max-dim", "3", "--trials", "1",
+            "--min-count", "1", "--cache-dir", str(tmp_path / "cache"), "--out-dir", str(tmp_path / "out"), *extra]
+
+
+def run_main(argv, capsys):
+    try:
+        code = pip_loss.main(argv)
+    except SystemExit as error:
+        code = error.code
+    return code, capsys.readouterr()
+
+
+@pytest.mark.parametrize("flags", [["--alpha", "nan"], ["--alpha", "inf"], ["--alpha", "-0.5"], ["--alpha", "2"],
+                                   ["--neg", "inf"], ["--neg", "nan"], ["--neg", "0"], ["--seed", "-1"]])
+def test_meaningless_values_are_refused_naming_the_flag_before_the_corpus_is_read(tmp_path, capsys, flags):
+    code, output = run_main(cli_flags(tmp_path, tmp_path / "absent.txt", *flags), capsys)
+    last = output.err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("pip_loss.py: error: " + flags[0]), output.err
+    assert "Traceback" not in output.err and not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_shift_that_empties_the_sppmi_matrix_is_one_line_exit_2(tmp_path, capsys):
+    code, output = run_main(cli_flags(tmp_path, small_corpus(tmp_path / "c.txt"), "--neg", "1e30"), capsys)
+    assert code == 2 and output.err.strip().startswith("error: every PMI of the corpus is below log(1e+30)")
+    assert len(output.err.strip().splitlines()) == 1 and "expected PIP loss" not in output.out
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_dir_that_is_a_file_is_refused_before_the_corpus_is_read(tmp_path, capsys, monkeypatch):
+    import data
+    monkeypatch.setattr(data, "load_corpus", lambda *a, **k: pytest.fail("corpus read before --out-dir was checked"))
+    (tmp_path / "out").write_text("mine")
+    code, output = run_main(cli_flags(tmp_path, small_corpus(tmp_path / "c.txt")), capsys)
+    out = tmp_path / "out"
+    assert code == 2 and output.err.strip() == f"error: --out-dir {out}: {out} is a file, not a folder"
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+@pytest.mark.parametrize("place", ["inside the corpus folder", "a link to the corpus"])
+def test_an_output_over_the_corpus_is_refused_before_the_corpus_is_read(tmp_path, capsys, monkeypatch, place):
+    import data
+    monkeypatch.setattr(data, "load_corpus", lambda *a, **k: pytest.fail("corpus read before the outputs were checked"))
+    folder = tmp_path / "books"
+    folder.mkdir()
+    corpus = small_corpus(folder / "c.txt")
+    flags = cli_flags(tmp_path, folder if place == "inside the corpus folder" else corpus)
+    if place == "inside the corpus folder":
+        flags[flags.index("--out-dir") + 1] = str(folder / "curves")
+    else:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "pip_select_dim.json").symlink_to(corpus)
+    before = corpus.read_bytes()
+    code, output = run_main(flags, capsys)
+    assert code == 2 and len(output.err.strip().splitlines()) == 1 and "choose another output path" in output.err
+    assert corpus.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["c.txt"]
+
+
+def test_ctrl_c_is_one_line_exit_130(tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pip_loss, "select_dimension", interrupted)
+    code, output = run_main(cli_flags(tmp_path, small_corpus(tmp_path / "c.txt")), capsys)
+    assert code == 130 and output.err.strip() == "pip_loss.py: interrupted; files already written are complete"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_command_line_writes_its_curve(tmp_path, capsys):
+    code, output = run_main(cli_flags(tmp_path, small_corpus(tmp_path / "c.txt"), "--neg", "1"), capsys)
+    assert code == 0, output.err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["pip_select_dim.json", "pip_select_dim.png"]

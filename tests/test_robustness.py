@@ -903,12 +903,20 @@ def test_flags_given_with_resume_that_it_cannot_change_are_named_in_a_warning(tm
         trainer.parse_args([*launch, "--resume", str(run_dir), "--epochs", "2"])
 
 
-@pytest.mark.parametrize("damage", ["missing", "malformed", "latin-1", "analogy-malformed"])
+@pytest.mark.parametrize("damage", ["missing", "malformed", "latin-1", "analogy-malformed", "nan", "inf", "fifo",
+                                    "analogy-fifo"])
 def test_evaluation_files_are_read_before_training(tmp_path, capsys, corpus_file, damage):
-    """#4: a missing, malformed or non-UTF-8 evaluation file stops the run before its corpus is read."""
+    """#4: a missing, malformed or non-UTF-8 evaluation file stops the run before its corpus is read;
+    issue 32 #6 and #8: so does a score that is not finite, or a FIFO (which would block forever)."""
     eval_file = tmp_path / "pairs.tsv"
     flag = "--eval-analogy" if damage.startswith("analogy") else "--eval-similarity"
-    if damage == "malformed":
+    if damage in ("nan", "inf"):
+        eval_file.write_text(f"cat\tdog\t3\ncat\tmouse\t{damage}\n")
+        needles = [f"{eval_file}:2", "not a finite number"]
+    elif damage.endswith("fifo"):
+        os.mkfifo(eval_file)
+        needles = [str(eval_file), "not a regular file"]
+    elif damage == "malformed":
         eval_file.write_text("cat\tdog\t3\ncat\tdog\n")
         needles = [f"{eval_file}:2", "expected 'word1<TAB>word2<TAB>score'"]
     elif damage == "latin-1":
@@ -1222,3 +1230,29 @@ def test_sighup_is_left_ignored_under_nohup_and_handlers_come_back_after_trainin
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) == signals._handle
     assert signal.getsignal(signal.SIGINT) is before and signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
+PAUSED_IMPORT = """
+import runpy, sys, time
+class PauseAtNumpy:  # a slow import, made certain: the script's imports are under way when Ctrl-C comes
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            print("importing numpy", flush=True)
+            time.sleep(60)
+sys.meta_path.insert(0, PauseAtNumpy())
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script, args", [("evaluate.py", ["--vectors", "absent.txt"]),
+                                          ("pip_loss.py", ["--dataset", "absent.txt", "--select-dim"])])
+def test_ctrl_c_while_evaluate_or_pip_loss_import_is_exit_130_in_one_line(tmp_path, script, args):
+    """Issue 32 #12: Ctrl-C while numpy, scipy (and numba) load is a quiet exit 130, not a traceback."""
+    process = subprocess.Popen([sys.executable, "-c", PAUSED_IMPORT, str(ROOT / script), *args], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    assert process.stdout.readline() == "importing numpy\n"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err == f"{script}: interrupted\n"
+    assert list(tmp_path.iterdir()) == []
