@@ -1,10 +1,14 @@
 """Train SGNS word vectors: python trainer.py --help"""
 import argparse
+import atexit
 import functools
+import gc
+import json
 import math
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -17,6 +21,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds): not
 if "--multi-node" in sys.argv:  # c10d logs every failed connection with a C++ stack trace; we report it in
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # one line (read when torch loads: set it first)
 
+gc.disable()  # collections during the imports find almost nothing and take a quarter of their time
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -28,6 +33,9 @@ import engines  # noqa: E402
 import export  # noqa: E402
 import fileio  # noqa: E402
 from model import RNN_DEFAULTS, build_model, parameter_count  # noqa: E402
+
+gc.freeze()  # the imports' 200,000 objects live as long as the process: no full collection (nor the one
+gc.enable()  # at exit) walks them again
 
 RNN_BATCH_SIZE = 65536  # see --batch-size
 # Flags a resumed run may change; everything else comes from the saved run.
@@ -882,9 +890,9 @@ def finish_run(run):
 
 def write_pictures(args, run_dir, history, words, vectors):
     """Training curves, the chosen words' projection and projector files, at the end of a run."""
-    import plots
-    if any(history.get(tag) for tag in plots.CURVE_ORDER):
-        print(f"curves: {plots.plot_training_curves(history, run_dir / 'curves.png')}")
+    pictures = {}
+    if history:  # every epoch logs its train loss
+        pictures["curves"] = str(run_dir / "curves.png")
     if args.plot_words:
         index = {w: i for i, w in enumerate(words)}
         chosen = [w for w in args.plot_words if w in index]
@@ -892,12 +900,49 @@ def write_pictures(args, run_dir, history, words, vectors):
         if missing:
             print(f"warning: not in the vocabulary, left out of the plot: {' '.join(missing)}")
         if len(chosen) >= 2:
-            picture = plots.plot_projection(chosen, vectors[[index[w] for w in chosen]], run_dir / "projection.png")
-            print(f"projection: {picture}")
+            pictures.update(projection=str(run_dir / "projection.png"), words=chosen,
+                            vectors=vectors[[index[w] for w in chosen]].tolist())
+    if pictures:
+        draw_pictures(dict(pictures, history=history))
+        for name in ("curves", "projection"):
+            if name in pictures:
+                print(f"{name}: {pictures[name]}")
     if args.export_projector:
         write_output("--export-projector", args.export_projector, run_dir,
                      lambda: export.write_projector_files(words, vectors, args.export_projector))
         print(f"projector files written to {args.export_projector}")
+
+
+# Matplotlib's import and the drawing take most of a second: a child process draws the pictures,
+# each written atomically, and the command line exits without waiting for it.
+PICTURES_CHILD = """
+import json, sys
+job = json.load(sys.stdin)
+sys.path.insert(0, job["root"])
+import plots
+if "curves" in job:
+    plots.plot_training_curves(job["history"], job["curves"])
+if "projection" in job:
+    plots.plot_projection(job["words"], job["vectors"], job["projection"])
+"""
+WAIT_FOR_PICTURES = True  # for callers of main(); the command line does not wait
+DRAWING = []  # the children drawing, held until the process exits (a dropped Popen warns that it still runs)
+
+
+def draw_pictures(job):
+    """Draw the pictures job names (plots.py) in a child process; wait for it unless the command line runs."""
+    errors_to = subprocess.PIPE if WAIT_FOR_PICTURES else subprocess.DEVNULL
+    child = subprocess.Popen([sys.executable, "-c", PICTURES_CHILD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=errors_to, text=True, start_new_session=True)  # a later Ctrl-C leaves it be
+    job = json.dumps(dict(job, root=str(Path(__file__).resolve().parent)))
+    if not WAIT_FOR_PICTURES:
+        with child.stdin:
+            child.stdin.write(job)
+        DRAWING.append(child)
+        return
+    _, errors = child.communicate(job)
+    if child.returncode:
+        raise OSError(f"the pictures could not be drawn: {(errors.strip().splitlines() or ['?'])[-1]}")
 
 
 def write_output(flag, path, run_dir, write):
@@ -925,6 +970,15 @@ def install_cli_reporting():
     """Process-wide: warnings and errors of background threads as one line, for the command line only."""
     warnings.formatwarning = _one_line_warning  # users get the message, not our source line
     threading.excepthook = sys.unraisablehook = _one_line_background_error
+
+
+def exit_without_teardown(code):
+    """Exit once main is done: its files are written and closed, and the interpreter's teardown
+    (collections over torch's objects, torch's operator registry unwound) takes a third of a second."""
+    atexit._run_exitfuncs()  # the exit hooks still run (tensorboardX's, the standard library's)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank_settings(args):
@@ -959,4 +1013,5 @@ def main(argv=None):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on main reports Ctrl-C in one line
     install_cli_reporting()
-    sys.exit(main())
+    WAIT_FOR_PICTURES = False
+    exit_without_teardown(main())

@@ -134,10 +134,11 @@ for owner, name, label in {stages!r}:
           name.split(".")[-1], label)
 signal.signal(signal.SIGINT, signal.default_int_handler)
 trainer.install_cli_reporting()
+trainer.WAIT_FOR_PICTURES = False
 code = trainer.main({argv!r})
 stages["in Python"] = [clock()[i] - start[i] for i in (0, 1)]
 print(json.dumps(stages), flush=True)
-sys.exit(code)
+trainer.exit_without_teardown(code)
 """
 STAGES = (("trainer", "Run.__init__", "set-up (corpus, model, engine)"),
           ("engines", "Engine._warm_up", "  of which numba's cached kernels"), ("engines", "Engine.run", "epochs"),
@@ -169,7 +170,8 @@ def outside_epochs(args, tmp, runs=3):
         wall, cpu, out = timed_child(cmd)
         epochs = sum(float(t) for t in re.findall(r"epoch time ([0-9.e+-]+)", out))
         print(f"  wall {wall:.2f} s - epochs {epochs:.2f} s = {wall - epochs:.2f} s outside; CPU {cpu:.2f} s in all")
-    wall, cpu, out = timed_child([sys.executable, "-c", STAGES_CHILD.format(root=str(ROOT), argv=argv, stages=STAGES)])
+    child = STAGES_CHILD.format(root=str(ROOT), argv=argv, stages=STAGES)
+    wall, cpu, out = timed_child([sys.executable, "-c", child])
     spent = json.loads(out.strip().splitlines()[-1])
     in_python = spent.pop("in Python")
     rows = [("imports", *spent["imports"])] + [(label, *spent.get(label, (0.0, 0.0))) for *_, label in STAGES]
