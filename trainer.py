@@ -22,6 +22,7 @@ if "--multi-node" in sys.argv:  # c10d logs every failed connection with a C++ s
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # one line (read when torch loads: set it first)
 
 gc.disable()  # collections during the imports find almost nothing and take a quarter of their time
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -691,8 +692,21 @@ def read_evaluation_file(flag, path, load, count, what):
 def make_writer(run_dir):
     if not distributed.is_main():
         return distributed.NullWriter()
-    from tensorboardX import SummaryWriter  # imports that only the rank that logs pays
-    return SummaryWriter(str(run_dir))
+    return summary_writer_class()(str(run_dir))
+
+
+def summary_writer_class():
+    """tensorboardX's SummaryWriter (imported only by the rank that logs), without the S3 support
+    it imports boto3 for where boto3 is installed (a longer import than its own): run folders are local."""
+    hide = "boto3" not in sys.modules
+    if hide:
+        sys.modules["boto3"] = None  # `import boto3` raises ImportError: tensorboardX leaves S3 out
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["boto3"]
+    return SummaryWriter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -798,7 +812,7 @@ def on_epoch_end(run, progress, epoch, epoch_time):
     args, state = run.args, run.state
     # A NaN can reach the weights in an update after the last loss was computed: never
     # evaluate or checkpoint such weights.
-    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+    if not all(all_finite(p) for p in run.model.parameters()):
         raise FloatingPointError(f"the weights became NaN or infinite in epoch {epoch + 1}, "
                                  f"by step {state['global_step']}")
     vectors = functools.cache(run.vectors)  # one copy for the PIP loss, the evaluation and the snapshot
@@ -824,6 +838,13 @@ def on_epoch_end(run, progress, epoch, epoch_time):
         n = min(args.projector_words, len(run.corpus.words))
         export.write_projector_snapshot(run.run_dir, run.corpus.words[:n], vectors()[:n].numpy(), epoch + 1)
     return early_stop
+
+
+def all_finite(tensor):
+    """torch.isfinite(tensor).all(), by numpy on the CPU, where it costs a small part of torch's."""
+    if tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+        return bool(np.isfinite(tensor.detach().numpy()).all())
+    return bool(torch.isfinite(tensor).all())
 
 
 def early_stop_reason(args, epoch, lowest):
@@ -975,6 +996,8 @@ def install_cli_reporting():
 def exit_without_teardown(code):
     """Exit once main is done: its files are written and closed, and the interpreter's teardown
     (collections over torch's objects, torch's operator registry unwound) takes a third of a second."""
+    if sys.getprofile() or sys.gettrace():  # a profiler or a debugger writes its report after the script ends
+        sys.exit(code)
     atexit._run_exitfuncs()  # the exit hooks still run (tensorboardX's, the standard library's)
     sys.stdout.flush()
     sys.stderr.flush()
