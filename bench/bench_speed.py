@@ -178,7 +178,8 @@ def outside_epochs(args, tmp, runs=3):
     top = [row for row in rows if row[0][0] != " "]
     rows.append(("other (checks, progress, logging)", *(in_python[i] - sum(r[i + 1] for r in top) for i in (0, 1))))
     rows.append(("Python's start and exit", wall - in_python[0], cpu - in_python[1]))
-    print(f"  one run, stage by stage: wall {wall:.2f} s, outside the epochs {wall - spent['epochs'][0]:.2f} s")
+    print(f"  one run, stage by stage: wall {wall:.2f} s, outside the epochs {wall - spent['epochs'][0]:.2f} s "
+          "(the pictures' child process, which draws after the exit, not counted)")
     print(f"    {'':36}{'wall s':>7}{'CPU s':>7}")
     for label, wall_s, cpu_s in rows:
         print(f"    {label:36}{wall_s:7.2f}{cpu_s:7.2f}")
