@@ -37,10 +37,14 @@ def _prefer_512_bit_vectors():
     work), and the kernel's passes over the rows run faster on the wider ones (bench/RESULTS.md).
     Numba reads the CPU features when it first compiles or loads a kernel, so this runs at import;
     features the user chose (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES) are left alone."""
-    if numba.config.CPU_NAME is None and numba.config.CPU_FEATURES is None:
+    if numba.config.CPU_NAME is not None or numba.config.CPU_FEATURES is not None:
+        return
+    try:
         features = llvm.get_host_cpu_features()
-        if features.get("avx512f"):
-            numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
+    except RuntimeError:  # LLVM cannot list this CPU's features: numba's defaults stand
+        return
+    if features.get("avx512f"):
+        numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
 
 
 _prefer_512_bit_vectors()
