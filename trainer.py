@@ -934,8 +934,8 @@ def write_pictures(args, run_dir, history, words, vectors):
         print(f"projector files written to {args.export_projector}")
 
 
-# Matplotlib's import and the drawing take most of a second: a child process draws the pictures,
-# each written atomically, and the command line exits without waiting for it.
+# Matplotlib's import and the drawing take longer than the rest of a run's end: a child process
+# draws the pictures, each written atomically, and the command line exits without waiting for it.
 PICTURES_CHILD = """
 import json, sys
 job = json.load(sys.stdin)
@@ -947,7 +947,7 @@ if "projection" in job:
     plots.plot_projection(job["words"], job["vectors"], job["projection"])
 """
 WAIT_FOR_PICTURES = True  # for callers of main(); the command line does not wait
-DRAWING = []  # the children drawing, held until the process exits (a dropped Popen warns that it still runs)
+PICTURE_CHILDREN = []  # held until the process exits: a dropped Popen warns that its child still runs
 
 
 def draw_pictures(job):
@@ -959,7 +959,7 @@ def draw_pictures(job):
     if not WAIT_FOR_PICTURES:
         with child.stdin:
             child.stdin.write(job)
-        DRAWING.append(child)
+        PICTURE_CHILDREN.append(child)
         return
     _, errors = child.communicate(job)
     if child.returncode:
