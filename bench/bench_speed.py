@@ -141,7 +141,7 @@ print(json.dumps(stages), flush=True)
 trainer.exit_without_teardown(code)
 """
 STAGES = (("trainer", "Run.__init__", "set-up (corpus, model, engine)"),
-          ("engines", "Engine._warm_up", "  of which numba's cached kernels"), ("engines", "Engine.run", "epochs"),
+          ("engines", "Engine._warm_up", "  of which numba's first kernel load"), ("engines", "Engine.run", "epochs"),
           ("trainer", "on_epoch_end", "epoch ends"), ("checkpoint", "save", "  of which checkpoints"),
           ("export", "write_projector_snapshot", "  of which projector snapshot"), ("trainer", "finish_run", "run end"),
           ("export", "write_word2vec", "  of which --export"), ("trainer", "write_pictures", "  of which pictures"))
