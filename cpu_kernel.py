@@ -24,12 +24,32 @@ import math
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 from model import KEY_SPLIT
+
+
+def _prefer_512_bit_vectors():
+    """Let LLVM vectorise the row loops with 512-bit vectors on AVX-512 CPUs: it keeps to 256-bit
+    ones there by default (a tuning for the first AVX-512 chips, which slowed their clock on wide
+    work), and the kernel's passes over the rows run faster on the wider ones (bench/RESULTS.md).
+    Numba reads the CPU features when it first compiles or loads a kernel, so this runs at import;
+    features the user chose (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES) are left alone."""
+    if numba.config.CPU_NAME is not None or numba.config.CPU_FEATURES is not None:
+        return
+    try:
+        features = llvm.get_host_cpu_features()
+    except RuntimeError:  # LLVM cannot list this CPU's features: numba's defaults stand
+        return
+    if features.get("avx512f"):
+        numba.config.CPU_FEATURES = features.flatten() + ",-prefer-256-bit"
+
+
+_prefer_512_bit_vectors()
 
 _LCG_MUL = np.uint64(25214903917)  # word2vec's linear congruential generator
 _LCG_ADD = np.uint64(11)

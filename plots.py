@@ -9,15 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import matplotlib
+import numpy as np
 
-# Select the non-interactive backend before pyplot is imported anywhere:
-# training runs on headless machines where a GUI backend would fail.
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (must follow matplotlib.use)
-import numpy as np  # noqa: E402
-
-import fileio  # noqa: E402
+import fileio
 
 # Panels in this order when present, the headline first: the normalized PIP loss
 # is the one that falls as the vectors improve. Each loss gets its own axes
@@ -30,11 +24,21 @@ class PlotError(ValueError):
     """The plot cannot be made from these inputs (reported in one line by CLIs)."""
 
 
+def _pyplot():
+    """matplotlib's pyplot on the non-interactive backend, imported only when a picture is drawn:
+    choosing words to plot needs none of it, and training runs on headless machines where a GUI
+    backend would fail."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def _save_atomically(figure, path) -> Path:
     try:
         fileio.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
-        plt.close(figure)
+        _pyplot().close(figure)
     return Path(path)
 
 
@@ -51,7 +55,7 @@ def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]], p
     if not tags:
         raise PlotError("no training history to plot (none of: " + ", ".join(CURVE_ORDER) + ")")
 
-    figure, axes = plt.subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4), squeeze=False)
+    figure, axes = _pyplot().subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4), squeeze=False)
     for axis, tag in zip(axes[0], tags):
         points = sorted((float(epoch), float(value)) for epoch, value in history[tag])
         epochs = [epoch for epoch, _ in points]
@@ -100,7 +104,7 @@ def plot_projection(words: Sequence[str], vectors: np.ndarray, path, method: str
     if len(words) != len(vectors):
         raise PlotError(f"{len(words)} words but {len(vectors)} vectors")
     coords = project_2d(vectors, method)
-    figure, axis = plt.subplots(figsize=(7, 6))
+    figure, axis = _pyplot().subplots(figsize=(7, 6))
     axis.scatter(coords[:, 0], coords[:, 1], s=18, color="tab:blue")
     for word, (x, y) in zip(words, coords):
         axis.annotate(word, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=9)
@@ -111,14 +115,14 @@ def plot_projection(words: Sequence[str], vectors: np.ndarray, path, method: str
     return _save_atomically(figure, path)
 
 
-def plot_words(asked: Sequence[str], words: Sequence[str], vectors: np.ndarray, path, method: str = "pca",
-               lowercase: bool = True, embed_fn=None) -> tuple[Path, list[str], list[str]]:
-    """The projection of the ``asked`` words, as trainer.py and evaluate.py draw it.
+def words_to_plot(asked: Sequence[str], words: Sequence[str], vectors: np.ndarray, lowercase: bool = True,
+                  embed_fn=None) -> tuple[list[str], np.ndarray, list[str]]:
+    """The ``asked`` words that can be drawn and their vectors, as trainer.py and evaluate.py choose them.
 
     A word is looked up lowercased when ``lowercase`` (as the corpus was read); one not in
     ``words`` takes a vector from ``embed_fn`` (a list of words -> their vectors) where the
-    model has one (rnn: from its spelling), else is left out. Returns (the picture, the words
-    drawn, the words left out); raises PlotError when fewer than 2 words remain.
+    model has one (rnn: from its spelling), else is left out. Returns (the words drawn, their
+    vectors, the words left out); raises PlotError when fewer than 2 words remain.
     """
     index: dict[str, int] = {}
     for word_id, word in enumerate(words):
@@ -132,4 +136,11 @@ def plot_words(asked: Sequence[str], words: Sequence[str], vectors: np.ndarray, 
         missing = []
     if len(chosen) < 2:
         raise PlotError("--plot-words needs at least 2 known words; not in the vocabulary: " + " ".join(missing))
-    return plot_projection(chosen, np.asarray(rows), path, method), chosen, missing
+    return chosen, np.asarray(rows), missing
+
+
+def plot_words(asked: Sequence[str], words: Sequence[str], vectors: np.ndarray, path, method: str = "pca",
+               lowercase: bool = True, embed_fn=None) -> tuple[Path, list[str], list[str]]:
+    """words_to_plot, drawn by plot_projection: (the picture, the words drawn, the words left out)."""
+    chosen, rows, missing = words_to_plot(asked, words, vectors, lowercase, embed_fn)
+    return plot_projection(chosen, rows, path, method), chosen, missing

@@ -1,10 +1,14 @@
 """Train SGNS word vectors: python trainer.py --help"""
 import argparse
+import atexit
 import functools
+import gc
+import json
 import math
 import os
 import shlex
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -17,6 +21,8 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds): not
 if "--multi-node" in sys.argv:  # c10d logs every failed connection with a C++ stack trace; we report it in
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # one line (read when torch loads: set it first)
 
+gc.disable()  # collections during the imports find almost nothing and take a quarter of their time
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -28,6 +34,9 @@ import engines  # noqa: E402
 import export  # noqa: E402
 import fileio  # noqa: E402
 from model import RNN_DEFAULTS, build_model, parameter_count  # noqa: E402
+
+gc.freeze()  # the imports' 200,000 objects live as long as the process: no full collection (nor the one
+gc.enable()  # at exit) walks them again
 
 RNN_BATCH_SIZE = 65536  # see --batch-size
 # Flags a resumed run may change; everything else comes from the saved run.
@@ -685,8 +694,21 @@ def read_evaluation_file(flag, path, load, count, what):
 def make_writer(run_dir):
     if not distributed.is_main():
         return distributed.NullWriter()
-    from tensorboardX import SummaryWriter  # imports that only the rank that logs pays
-    return SummaryWriter(str(run_dir))
+    return summary_writer_class()(str(run_dir))
+
+
+def summary_writer_class():
+    """tensorboardX's SummaryWriter (imported only by the rank that logs), without the S3 support
+    it imports boto3 for where boto3 is installed (a longer import than its own): run folders are local."""
+    hide = "boto3" not in sys.modules
+    if hide:
+        sys.modules["boto3"] = None  # `import boto3` raises ImportError: tensorboardX leaves S3 out
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["boto3"]
+    return SummaryWriter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -792,7 +814,7 @@ def on_epoch_end(run, progress, epoch, epoch_time):
     args, state = run.args, run.state
     # A NaN can reach the weights in an update after the last loss was computed: never
     # evaluate or checkpoint such weights.
-    if not all(torch.isfinite(p).all() for p in run.model.parameters()):
+    if not all(all_finite(p) for p in run.model.parameters()):
         raise FloatingPointError(f"the weights became NaN or infinite in epoch {epoch + 1}, "
                                  f"by step {state['global_step']}")
     vectors = functools.cache(run.vectors)  # one copy for the PIP loss, the evaluation and the snapshot
@@ -818,6 +840,13 @@ def on_epoch_end(run, progress, epoch, epoch_time):
         n = min(args.projector_words, len(run.corpus.words))
         export.write_projector_snapshot(run.run_dir, run.corpus.words[:n], vectors()[:n].numpy(), epoch + 1)
     return early_stop
+
+
+def all_finite(tensor):
+    """torch.isfinite(tensor).all(), by numpy on the CPU, where it costs a small part of torch's."""
+    if tensor.device.type == "cpu" and tensor.dtype == torch.float32:
+        return bool(np.isfinite(tensor.detach().numpy()).all())
+    return bool(torch.isfinite(tensor).all())
 
 
 def early_stop_reason(args, epoch, lowest):
@@ -887,23 +916,60 @@ def finish_run(run):
 def write_pictures(args, run_dir, history, words, vectors, embed_fn=None):
     """Training curves, the chosen words' projection and projector files, at the end of a run.
     embed_fn: a list of words -> their vectors, for a model that embeds unseen words (rnn)."""
-    import plots
-    if any(history.get(tag) for tag in plots.CURVE_ORDER):
-        print(f"curves: {plots.plot_training_curves(history, run_dir / 'curves.png')}")
+    pictures = {}
+    if history:  # every epoch logs its train loss
+        pictures["curves"] = str(run_dir / "curves.png")
     if args.plot_words:
+        import plots
         try:
-            picture, _, missing = plots.plot_words(args.plot_words, words, vectors, run_dir / "projection.png",
-                                                   embed_fn=embed_fn)
+            chosen, rows, missing = plots.words_to_plot(args.plot_words, words, vectors, embed_fn=embed_fn)
         except plots.PlotError as err:
             print(f"warning: no projection: {err}")
         else:
             if missing:
                 print(f"warning: not in the vocabulary, left out of the plot: {' '.join(missing)}")
-            print(f"projection: {picture}")
+            pictures.update(projection=str(run_dir / "projection.png"), words=chosen, vectors=rows.tolist())
+    if pictures:
+        draw_pictures(dict(pictures, history=history))
+        for name in ("curves", "projection"):
+            if name in pictures:
+                print(f"{name}: {pictures[name]}")
     if args.export_projector:
         write_output("--export-projector", args.export_projector, run_dir,
                      lambda: export.write_projector_files(words, vectors, args.export_projector))
         print(f"projector files written to {args.export_projector}")
+
+
+# Matplotlib's import and the drawing take longer than the rest of a run's end: a child process
+# draws the pictures, each written atomically, and the command line exits without waiting for it.
+PICTURES_CHILD = """
+import json, sys
+job = json.load(sys.stdin)
+sys.path.insert(0, job["root"])
+import plots
+if "curves" in job:
+    plots.plot_training_curves(job["history"], job["curves"])
+if "projection" in job:
+    plots.plot_projection(job["words"], job["vectors"], job["projection"])
+"""
+WAIT_FOR_PICTURES = True  # for callers of main(); the command line does not wait
+PICTURE_CHILDREN = []  # held until the process exits: a dropped Popen warns that its child still runs
+
+
+def draw_pictures(job):
+    """Draw the pictures job names (plots.py) in a child process; wait for it unless the command line runs."""
+    errors_to = subprocess.PIPE if WAIT_FOR_PICTURES else subprocess.DEVNULL
+    child = subprocess.Popen([sys.executable, "-c", PICTURES_CHILD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=errors_to, text=True, start_new_session=True)  # a later Ctrl-C leaves it be
+    job = json.dumps(dict(job, root=str(Path(__file__).resolve().parent)))
+    if not WAIT_FOR_PICTURES:
+        with child.stdin:
+            child.stdin.write(job)
+        PICTURE_CHILDREN.append(child)
+        return
+    _, errors = child.communicate(job)
+    if child.returncode:
+        raise OSError(f"the pictures could not be drawn: {(errors.strip().splitlines() or ['?'])[-1]}")
 
 
 def write_output(flag, path, run_dir, write):
@@ -931,6 +997,17 @@ def install_cli_reporting():
     """Process-wide: warnings and errors of background threads as one line, for the command line only."""
     warnings.formatwarning = _one_line_warning  # users get the message, not our source line
     threading.excepthook = sys.unraisablehook = _one_line_background_error
+
+
+def exit_without_teardown(code):
+    """Exit once main is done: its files are written and closed, and the interpreter's teardown
+    (collections over torch's objects, torch's operator registry unwound) takes a third of a second."""
+    if sys.getprofile() or sys.gettrace():  # a profiler or a debugger writes its report after the script ends
+        sys.exit(code)
+    atexit._run_exitfuncs()  # the exit hooks still run (tensorboardX's, the standard library's)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank_settings(args):
@@ -965,4 +1042,5 @@ def main(argv=None):
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on main reports Ctrl-C in one line
     install_cli_reporting()
-    sys.exit(main())
+    WAIT_FOR_PICTURES = False
+    exit_without_teardown(main())

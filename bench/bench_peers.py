@@ -1,13 +1,21 @@
 """Speed, memory and quality of our trainer against the C/C++ peers and gensim, one tool after another.
 
     python bench/bench_peers.py [--settings 100:5 200:10] [--tools ours pword2vec-blas ...]
-                                [--threads 2] [--repeats 1] [--epochs 5]
+                                [--threads 2] [--repeats 1] [--epochs 5] [--corpus-repeats 1]
 
 Builds the peers with ../shared/peers/build.sh (word2vec C; pWord2Vec with plain loops and with
-OpenBLAS sgemm), then trains every tool on the same tokens: our corpus cache is written out as
-one sentence a line, which the peers and gensim read (a newline ends a sentence for all of
-them), while our trainer reads the corpus folder through that very cache. Skip-gram with
-negative sampling, window 5, sample 1e-3, min count 5, linear learning rate from --lr (0.025).
+OpenBLAS sgemm; fastText), then trains every tool on the same tokens: our corpus cache is written
+out as one sentence a line, which the peers and gensim read (a newline ends a sentence for all of
+them), while our trainer reads the corpus folder through that very cache. With --corpus-repeats N
+every tool reads that text N times over, ours too (its cache built in the temporary folder before
+any clock starts). Skip-gram with negative sampling, window 5, sample 1e-3, min count 5, linear
+learning rate from --lr (0.025); fastText without character n-grams (-minn 0 -maxn 0 -bucket 0),
+the same model as the others.
+
+Every tool runs at its best: OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE, which some machines set and
+which can pin OpenBLAS to slower kernels, are removed from the environment. The first lines name
+the CPU, its vector ISA (AVX2, AVX-512) and the OpenBLAS core pWord2Vec_blas runs on (as
+OPENBLAS_VERBOSE=2 makes OpenBLAS print it).
 
 For each tool and setting (d:negatives) it prints the wall time of the whole process, from
 start to exit (our corpus cache built beforehand, PIP loss off), corpus words/s (corpus tokens
@@ -33,7 +41,10 @@ import data  # noqa: E402
 import evaluate  # noqa: E402
 from bench_speed import quality, run_child  # noqa: E402
 
-TOOLS = ("ours", "pword2vec-blas", "pword2vec", "word2vec", "gensim")
+TOOLS = ("ours", "pword2vec-blas", "pword2vec", "word2vec", "fasttext", "gensim")
+PEER_BINARIES = {"pword2vec-blas": "pWord2Vec_blas", "pword2vec": "pWord2Vec", "word2vec": "word2vec",
+                 "fasttext": "fasttext"}
+SLOWING_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # pin OpenBLAS's kernels and blocking: unset for every tool
 DIMS = (50, 100, 200, 300)
 
 GENSIM_CHILD = """
@@ -60,21 +71,59 @@ def parse_setting(text):
     return int(dim), int(neg) if neg else (5 if int(dim) <= 100 else 10)
 
 
-def write_corpus_text(corpus, path):
-    """Our tokens, one sentence a line, space-separated: what the peers and gensim read."""
+def write_corpus_text(corpus, path, repeats=1):
+    """Our tokens, one sentence a line, space-separated, repeats times over: what the peers and gensim read."""
     bounds = list(corpus.sentence_starts) + [len(corpus.token_ids)]
     words = corpus.words
+    text = "".join(" ".join(words[i] for i in corpus.token_ids[lo:hi]) + "\n"
+                   for lo, hi in zip(bounds[:-1], bounds[1:]))
     with open(path, "w") as out:
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            out.write(" ".join(words[i] for i in corpus.token_ids[lo:hi]))
-            out.write("\n")
+        for _ in range(repeats):
+            out.write(text)
+
+
+def tool_env(args):
+    """The environment every tool runs in: ours, without what slows OpenBLAS."""
+    env = {k: v for k, v in os.environ.items() if k not in SLOWING_ENV}
+    return {**env, "OMP_NUM_THREADS": str(args.threads)}
+
+
+def describe_machine(args):
+    """The CPU, its widest vector ISA and the OpenBLAS core pWord2Vec_blas picks in tool_env."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                               if line.startswith(name)), "?")
+    flags = set(field("flags").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    extras = " ".join(sorted(f for f in flags if f.startswith(("avx512", "amx"))))
+    print(f"CPU: {field('model name')} (family {field('cpu family')}, model {field('model')}), {os.cpu_count()} "
+          f"cores visible; vector ISA: {isa}{f' ({extras})' if extras else ''}")
+    blas = Path(args.peers_dir) / PEER_BINARIES["pword2vec-blas"]
+    if blas.exists():
+        probe = subprocess.run([str(blas)], env={**tool_env(args), "OPENBLAS_VERBOSE": "2"}, capture_output=True,
+                               text=True)
+        core = next((line.split(":", 1)[1].strip() for line in (probe.stdout + probe.stderr).splitlines()
+                     if line.startswith("Core:")), "not printed")
+        unset = ", ".join(f"{k}={os.environ[k]}" for k in SLOWING_ENV if k in os.environ) or "none set here"
+        print(f"OpenBLAS core of pWord2Vec_blas: {core} (unset for every tool: {unset})")
+
+
+def warm_ours(corpus_txt, tmp):
+    """A short run of ours before any clock starts: a first run after a change compiles numba's
+    kernels into its cache, and no user pays that twice."""
+    sample = tmp / "warm-up.txt"
+    with open(corpus_txt) as text:
+        sample.write_text("".join(line for _, line in zip(range(2000), text)))
+    subprocess.run([sys.executable, str(ROOT / "trainer.py"), "--dataset", str(sample), "--cache-dir",
+                    str(tmp / "warm-up-cache"), "--epochs", "1", "--pip-interval", "0", "--quiet", "--log-dir",
+                    str(tmp / "runs"), "--export", str(tmp / "warm-up.vec")], check=True, capture_output=True)
 
 
 def tool_command(tool, args, dim, neg, corpus_txt, out, tmp):
     """The command line that trains `tool` and writes word2vec-format vectors to out."""
     if tool == "ours":
-        return [sys.executable, str(ROOT / "trainer.py"), "--dataset", args.dataset, "--cache-dir", args.cache_dir,
-                "--embed-size", str(dim), "--neg-sample-size", str(neg), "--epochs", str(args.epochs),
+        return [sys.executable, str(ROOT / "trainer.py"), "--dataset", args.ours_dataset, "--cache-dir",
+                args.ours_cache, "--embed-size", str(dim), "--neg-sample-size", str(neg), "--epochs", str(args.epochs),
                 "--window-size", "5", "--subsample-th", "1e-3", "--remove-th", "5", "--lr", str(args.lr),
                 "--num-threads", str(args.threads), "--seed", str(args.seed), "--pip-interval", "0", "--quiet",
                 "--log-dir", str(tmp / "runs"), "--export", str(out)]
@@ -82,7 +131,12 @@ def tool_command(tool, args, dim, neg, corpus_txt, out, tmp):
         return [sys.executable, "-c", GENSIM_CHILD.format(corpus=str(corpus_txt), dim=dim, neg=neg, alpha=args.lr,
                                                           threads=args.threads, epochs=args.epochs,
                                                           seed=args.seed, out=str(out))]
-    binary = {"pword2vec-blas": "pWord2Vec_blas", "pword2vec": "pWord2Vec", "word2vec": "word2vec"}[tool]
+    binary = PEER_BINARIES[tool]
+    if tool == "fasttext":
+        return [str(Path(args.peers_dir) / binary), "skipgram", "-input", str(corpus_txt), "-output",
+                str(out.with_suffix("")), "-dim", str(dim), "-ws", "5", "-neg", str(neg), "-t", "1e-3",
+                "-thread", str(args.threads), "-epoch", str(args.epochs), "-minCount", "5", "-minn", "0", "-maxn", "0",
+                "-bucket", "0", "-lr", str(args.lr), "-verbose", "0"]
     common = ["-train", str(corpus_txt), "-output", str(out), "-size", str(dim), "-window", "5",
               "-negative", str(neg), "-sample", "1e-3", "-threads", str(args.threads), "-iter", str(args.epochs),
               "-min-count", "5", "-binary", "0", "-alpha", str(args.lr)]
@@ -93,12 +147,12 @@ def tool_command(tool, args, dim, neg, corpus_txt, out, tmp):
 
 def run_tool(tool, args, dim, neg, corpus_txt, n_tokens, tmp):
     """Train once; returns the row of figures."""
-    out = tmp / f"{tool}-{dim}.txt"
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    wall, rss, _ = run_child(tool_command(tool, args, dim, neg, corpus_txt, out, tmp), env=env)
+    out = tmp / f"{tool}-{dim}.{'vec' if tool == 'fasttext' else 'txt'}"  # fastText adds .vec to its -output
+    wall, rss, _ = run_child(tool_command(tool, args, dim, neg, corpus_txt, out, tmp), env=tool_env(args))
     row = {"wall": wall, "words/s": n_tokens * args.epochs / wall, "rss": rss,
            **quality(*evaluate.load_vectors(out))}
     out.unlink()
+    out.with_suffix(".bin").unlink(missing_ok=True)
     return row
 
 
@@ -149,7 +203,7 @@ def compare(args, dim, neg, corpus_txt, n_tokens, tmp):
 
 
 def build_peers(args):
-    needed = {"pword2vec-blas": "pWord2Vec_blas", "pword2vec": "pWord2Vec", "word2vec": "word2vec"}
+    needed = PEER_BINARIES
     if any(not (Path(args.peers_dir) / needed[t]).exists() for t in args.tools if t in needed) or args.rebuild:
         subprocess.run(["bash", str(PEERS / "build.sh"), args.peers_dir], check=True,
                        stdout=subprocess.DEVNULL)
@@ -166,6 +220,8 @@ def get_parser():
     parser.add_argument("--threads", type=int, default=2, help="threads for every tool")
     parser.add_argument("--epochs", type=int, default=5, help="passes over the corpus")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each tool per setting, the tools alternating")
+    parser.add_argument("--corpus-repeats", type=int, default=1,
+                        help="every tool reads the corpus this many times over (6: about 18M tokens of the shared one)")
     parser.add_argument("--lr", type=float, default=0.025, help="starting learning rate of every tool")
     parser.add_argument("--seed", type=int, default=1, help="seed for ours and gensim (the peers have none)")
     parser.add_argument("--peers-dir", default="/tmp/sgns-peers", help="where build.sh puts the peers")
@@ -176,10 +232,17 @@ def get_parser():
 if __name__ == "__main__":
     args = get_parser().parse_args()
     build_peers(args)
+    describe_machine(args)
     corpus = data.load_corpus(args.dataset, cache_dir=args.cache_dir)  # built before any clock starts
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus_txt = tmp / "corpus.txt"
-        write_corpus_text(corpus, corpus_txt)
+        write_corpus_text(corpus, corpus_txt, args.corpus_repeats)
+        args.ours_dataset, args.ours_cache, n_tokens = args.dataset, args.cache_dir, len(corpus)
+        if args.corpus_repeats > 1:  # ours reads the very text the peers read, its cache built here and now
+            args.ours_dataset, args.ours_cache = str(corpus_txt), str(tmp / "cache")
+            n_tokens = len(data.load_corpus(args.ours_dataset, cache_dir=args.ours_cache))
+        if "ours" in args.tools:
+            warm_ours(corpus_txt, tmp)
         for dim, neg in args.settings:
-            compare(args, dim, neg, corpus_txt, len(corpus), tmp)
+            compare(args, dim, neg, corpus_txt, n_tokens, tmp)

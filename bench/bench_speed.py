@@ -8,9 +8,16 @@ peak RSS and WS353 / SimLex-999 / MEN / analogy for gensim's Word2Vec(sg=1) and 
 from process start to exit (corpus cache already built, PIP loss off), against gensim's
 training call alone. Then corpus building speed, cached loading time, and peak memory when
 the corpus is repeated 20 times. Each run is its own process so its peak RSS is its own.
+
+    python bench/bench_speed.py --skip 100 200 building memory   # start-up and tail only
+
+"outside the epochs": the wall and CPU time of `trainer.py --pip-interval 0 --export FILE` on a
+cached corpus (numba's cache warm) less the epoch times it prints, then where that time goes.
 """
 import argparse
 import json
+import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -99,6 +106,82 @@ def print_comparison(dim, neg, gensim, ours):
           f"MEN {ours['MEN'] - gensim['MEN']:+.3f}, analogy {100 * (ours['analogy'] - gensim['analogy']):+.1f} points")
 
 
+# Times the stages of one run of the trainer's command line, each by wrapping the function that
+# does it (wall and CPU seconds); the rest of the process is Python's start and exit.
+STAGES_CHILD = """
+import json, signal, sys, time
+clock = lambda: (time.perf_counter(), time.process_time())
+start = clock()
+sys.path.insert(0, {root!r})
+import trainer, checkpoint, engines, export
+stages = {{"imports": [clock()[i] - start[i] for i in (0, 1)]}}
+def timed(owner, name, label):
+    function = getattr(owner, name)
+    def wrapper(*args, **kwargs):
+        begin = clock()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent = stages.setdefault(label, [0.0, 0.0])
+            for i in (0, 1):
+                spent[i] += clock()[i] - begin[i]
+    setattr(owner, name, wrapper)
+for owner, name, label in {stages!r}:
+    timed(getattr(sys.modules[owner], name.split(".")[0]) if "." in name else sys.modules[owner],
+          name.split(".")[-1], label)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+trainer.install_cli_reporting()
+trainer.WAIT_FOR_PICTURES = False
+code = trainer.main({argv!r})
+stages["in Python"] = [clock()[i] - start[i] for i in (0, 1)]
+print(json.dumps(stages), flush=True)
+trainer.exit_without_teardown(code)
+"""
+STAGES = (("trainer", "Run.__init__", "set-up (corpus, model, engine)"),
+          ("engines", "Engine._warm_up", "  of which numba's first kernel load"), ("engines", "Engine.run", "epochs"),
+          ("trainer", "on_epoch_end", "epoch ends"), ("checkpoint", "save", "  of which checkpoints"),
+          ("export", "write_projector_snapshot", "  of which projector snapshot"), ("trainer", "finish_run", "run end"),
+          ("export", "write_word2vec", "  of which --export"), ("trainer", "write_pictures", "  of which pictures"))
+
+
+def cpu_seconds_of_children():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed_child(cmd):
+    """Run cmd; return (wall s, CPU s of the process and its threads, stdout)."""
+    cpu, start = cpu_seconds_of_children(), time.time()
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return time.time() - start, cpu_seconds_of_children() - cpu, out
+
+
+def outside_epochs(args, tmp, runs=3):
+    """Wall and CPU time of the trainer's whole process less its epochs, then a stage profile."""
+    argv = ["--dataset", args.dataset, "--cache-dir", args.cache_dir, "--num-threads", str(args.threads),
+            "--pip-interval", "0", "--export", str(tmp / "v.txt"), "--log-dir", str(tmp / "runs")]
+    cmd = [sys.executable, str(ROOT / "trainer.py"), *argv]
+    subprocess.run(cmd, capture_output=True, check=True)  # numba's cache and the corpus cache warm
+    print(f"\ntime outside the epochs: {' '.join(cmd[1:])}")
+    for _ in range(runs):
+        wall, cpu, out = timed_child(cmd)
+        epochs = sum(float(t) for t in re.findall(r"epoch time ([0-9.e+-]+)", out))
+        print(f"  wall {wall:.2f} s - epochs {epochs:.2f} s = {wall - epochs:.2f} s outside; CPU {cpu:.2f} s in all")
+    child = STAGES_CHILD.format(root=str(ROOT), argv=argv, stages=STAGES)
+    wall, cpu, out = timed_child([sys.executable, "-c", child])
+    spent = json.loads(out.strip().splitlines()[-1])
+    in_python = spent.pop("in Python")
+    rows = [("imports", *spent["imports"])] + [(label, *spent.get(label, (0.0, 0.0))) for *_, label in STAGES]
+    top = [row for row in rows if row[0][0] != " "]
+    rows.append(("other (checks, progress, logging)", *(in_python[i] - sum(r[i + 1] for r in top) for i in (0, 1))))
+    rows.append(("Python's start and exit", wall - in_python[0], cpu - in_python[1]))
+    print(f"  one run, stage by stage: wall {wall:.2f} s, outside the epochs {wall - spent['epochs'][0]:.2f} s "
+          "(the pictures' child process, which draws after the exit, not counted)")
+    print(f"    {'':36}{'wall s':>7}{'CPU s':>7}")
+    for label, wall_s, cpu_s in rows:
+        print(f"    {label:36}{wall_s:7.2f}{cpu_s:7.2f}")
+
+
 def corpus_building(args, tmp):
     cache = tmp / "fresh-cache"
     start = time.time()
@@ -147,7 +230,7 @@ if __name__ == "__main__":
                         help="corpus to train on")
     parser.add_argument("--cache-dir", default=str(ROOT / "data" / "cache"), help="corpus cache folder")
     parser.add_argument("--threads", type=int, default=2, help="threads for gensim and for us")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["100", "200", "building", "memory"],
+    parser.add_argument("--skip", nargs="*", default=[], choices=["100", "200", "building", "memory", "outside"],
                         help="parts to leave out")
     args = parser.parse_args()
     data.load_corpus(args.dataset, cache_dir=args.cache_dir)  # the strict comparison starts with a built cache
@@ -160,3 +243,5 @@ if __name__ == "__main__":
             corpus_building(args, tmp)
         if "memory" not in args.skip:
             memory_scaling(args, tmp)
+        if "outside" not in args.skip:
+            outside_epochs(args, tmp)

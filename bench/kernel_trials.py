@@ -4,6 +4,7 @@
     python bench/kernel_trials.py speed --dims 50 100 200 300 --rounds 5
     python bench/kernel_trials.py --threads 2 phases --dim 200 --negative 10
     python bench/kernel_trials.py export
+    python bench/kernel_trials.py widths --settings 100:5 300:10 --tokens 400000
 
 `quality` trains on the shared corpus as `trainer.py --engine kernel` did before the HogBatch
 kernel (same initialisation, subsampling, learning-rate schedule, chunks and seeds; the `baseline`
@@ -16,6 +17,9 @@ WS353 / SimLex / MEN / Rare Words rho and analogy accuracy, one JSON line per ru
 
 `phases` runs trainer.py and prints the wall and CPU time at each landmark from process start to
 exit; `export` times writing the vectors (gensim's writer against export.py's, and the projector snapshot).
+`widths` times the trainer's kernel (one thread, CPU seconds, best of 3) on a slice of the corpus
+with LLVM's 512-bit and 256-bit vectors (each in its own process, numba's cache in a temporary
+folder), and pWord2Vec_blas, one thread, on the same slice as text, in the same run.
 
 The loops here are bench-only copies of the per-pair kernel the trainer ran before it took the
 HogBatch window step (`baseline`: that kernel, bit for bit with one thread), with switches; the
@@ -466,6 +470,68 @@ def run_phases(args):
         previous_wall, previous_cpu = wall, cpu
 
 
+WIDTH_CHILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+import numpy as np, cpu_kernel, data
+sys.path.insert(0, {bench!r})
+from kernel_trials import speed_slice
+corpus = data.load_corpus({dataset!r}, cache_dir={cache!r})
+kept_ids, _, bounds = speed_slice(corpus, {tokens})
+steps = np.append(np.arange(0, len(kept_ids), 10_000), len(kept_ids))
+sampler = data.NegativeSampler(corpus.counts, 0.75)
+cpu_kernel.set_threads(1)
+start_in = (np.random.default_rng(1).random((len(corpus.words), {dim}), dtype=np.float32) - 0.5) / {dim}
+cpu_kernel.warm_up(start_in.copy(), np.zeros_like(start_in), sampler, 5, {negative})
+best = float("inf")
+for _ in range(3):
+    in_w, out_w = start_in.copy(), np.zeros_like(start_in)
+    began = time.process_time()
+    cpu_kernel.train(in_w, out_w, kept_ids, bounds, steps, 0, 1, np.linspace(0.025, 0.02, len(steps)), 5, {negative},
+                     sampler)
+    best = min(best, time.process_time() - began)
+print(best, len(kept_ids))
+"""
+
+
+def run_widths(args):
+    """The kernel's CPU time with 512-bit and 256-bit vectors, and pWord2Vec_blas's on the same slice."""
+    import dataclasses
+    import resource
+    import subprocess
+    import tempfile
+    from llvmlite import binding as llvm
+    from bench_peers import tool_env, write_corpus_text
+    features = llvm.get_host_cpu_features().flatten()
+    corpus = data.load_corpus(args.dataset, cache_dir=args.cache_dir)
+    starts = corpus.sentence_starts[corpus.sentence_starts < args.tokens]
+    with tempfile.TemporaryDirectory() as tmp:
+        text = Path(tmp) / "slice.txt"
+        write_corpus_text(dataclasses.replace(corpus, token_ids=corpus.token_ids[:args.tokens], sentence_starts=starts),
+                          text)
+        print(f"one thread, {args.tokens:,} corpus tokens, CPU s (ours: best of 3 passes; pWord2Vec_blas: its "
+              f"whole process, one pass, reading included)")
+        for dim, negative in args.settings:
+            row = []
+            for width in ("-prefer-256-bit", "+prefer-256-bit"):  # 512-bit vectors, then 256-bit
+                child = WIDTH_CHILD.format(root=str(ROOT), bench=str(ROOT / "bench"), dataset=args.dataset,
+                                           cache=args.cache_dir, tokens=args.tokens, dim=dim, negative=negative)
+                env = {**tool_env(args), "NUMBA_CPU_FEATURES": f"{features},{width}", "NUMBA_CACHE_DIR": tmp}
+                out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=True)
+                row.append(float(out.stdout.split()[0]))
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run([str(Path(args.peers_dir) / "pWord2Vec_blas"), "-train", str(text), "-output",
+                            str(Path(tmp) / "v.txt"), "-size", str(dim), "-window", "5", "-negative", str(negative),
+                            "-sample", "1e-3", "-threads", "1", "-iter", "1", "-min-count", "5", "-binary", "0",
+                            "-batch-size", "11", "-alpha", "0.025"], env=tool_env(args), capture_output=True,
+                           check=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            peer = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            print(f"d={dim}, {negative} negatives: ours 512-bit {row[0]:.3f}, 256-bit {row[1]:.3f} "
+                  f"({row[1] / row[0]:.2f}x); pWord2Vec_blas {peer:.3f} ({peer / row[0]:.2f}x ours 512-bit)",
+                  flush=True)
+
+
 def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default=str(ROOT.parent / "shared" / "corpora" / "gutenberg"))
@@ -483,6 +549,11 @@ def get_parser():
     speed.add_argument("--tokens", type=int, default=300_000, help="corpus tokens in the timed slice")
     export = commands.add_parser("export", help="CPU time of writing the vectors, gensim's way and export.py's")
     export.add_argument("--dims", nargs="+", type=int, default=[50, 100, 200, 300])
+    widths = commands.add_parser("widths", help="CPU time of the kernel with 512- and 256-bit vectors, and of "
+                                                "pWord2Vec_blas, one thread, on one slice")
+    widths.add_argument("--settings", nargs="+", type=parse_setting, default=[(100, 5), (300, 10)], metavar="D[:K]")
+    widths.add_argument("--tokens", type=int, default=400_000, help="corpus tokens in the slice")
+    widths.add_argument("--peers-dir", default="/tmp/sgns-peers", help="where ../shared/peers/build.sh put the peers")
     phases = commands.add_parser("phases", help="where a trainer.py run spends its time, start to exit")
     phases.add_argument("--dim", type=int, default=100)
     phases.add_argument("--negative", type=int, default=5)
@@ -503,3 +574,5 @@ if __name__ == "__main__":
         run_export(args)
     elif args.command == "phases":
         run_phases(args)
+    elif args.command == "widths":
+        run_widths(args)

@@ -3,6 +3,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +237,32 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path):
                              "--log-dir", str(tmp_path / "runs")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "nope.txt" in result.stderr
+
+
+def test_cli_exits_before_the_pictures_and_a_child_still_writes_them_whole(tmp_path, corpus_file):
+    argv = base_args(tmp_path, corpus_file, "--epochs", "1", "--run-name", "c", "--plot-words", "cat", "dog", "car")
+    result = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *argv], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    run_dir = tmp_path / "runs" / "c"
+    assert f"curves: {run_dir / 'curves.png'}" in result.stdout and f"done: {run_dir}" in result.stdout
+    deadline = time.time() + 120
+    pictures = [run_dir / "curves.png", run_dir / "projection.png"]
+    while not all(p.exists() for p in pictures) and time.time() < deadline:
+        time.sleep(0.2)
+    for picture in pictures:  # renamed into place only once whole
+        assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    time.sleep(0.5)  # the child's last rename is done; nothing of its temporary files is left
+    assert not [p.name for p in run_dir.iterdir() if ".tmp" in p.name]
+
+
+def test_all_finite_finds_nan_and_inf_on_every_path():
+    for dtype in (torch.float32, torch.float64):  # numpy's check, torch's
+        weights = torch.zeros(50, 8, dtype=dtype)
+        assert trainer.all_finite(weights)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            weights[49, 7] = bad
+            assert not trainer.all_finite(weights)
+            weights[49, 7] = 0.0
 
 
 def test_evaluation_scalars_and_pictures(tmp_path, corpus_file):
