@@ -24,7 +24,7 @@ class PlotError(ValueError):
     """The plot cannot be made from these inputs (reported in one line by CLIs)."""
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the non-interactive backend, imported only when a picture is drawn:
     choosing words to plot needs none of it, and training runs on headless machines where a GUI
     backend would fail."""
@@ -38,7 +38,7 @@ def _save_atomically(figure, path) -> Path:
     try:
         fileio.atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
-        _pyplot().close(figure)
+        pyplot().close(figure)
     return Path(path)
 
 
@@ -55,7 +55,7 @@ def plot_training_curves(history: Mapping[str, Sequence[tuple[float, float]]], p
     if not tags:
         raise PlotError("no training history to plot (none of: " + ", ".join(CURVE_ORDER) + ")")
 
-    figure, axes = _pyplot().subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4), squeeze=False)
+    figure, axes = pyplot().subplots(1, len(tags), figsize=(4.2 * len(tags), 3.4), squeeze=False)
     for axis, tag in zip(axes[0], tags):
         points = sorted((float(epoch), float(value)) for epoch, value in history[tag])
         epochs = [epoch for epoch, _ in points]
@@ -104,7 +104,7 @@ def plot_projection(words: Sequence[str], vectors: np.ndarray, path, method: str
     if len(words) != len(vectors):
         raise PlotError(f"{len(words)} words but {len(vectors)} vectors")
     coords = project_2d(vectors, method)
-    figure, axis = _pyplot().subplots(figsize=(7, 6))
+    figure, axis = pyplot().subplots(figsize=(7, 6))
     axis.scatter(coords[:, 0], coords[:, 1], s=18, color="tab:blue")
     for word, (x, y) in zip(words, coords):
         axis.annotate(word, (x, y), xytext=(3, 3), textcoords="offset points", fontsize=9)

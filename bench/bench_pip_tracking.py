@@ -199,11 +199,12 @@ def plot_loss_and_scores(history, loss_tag, score_tags, path, title=None):
     """One panel: the loss_tag curve (tag -> [(epoch, value)] in history) on the left axis and the
     score_tags curves (benchmark scores) on a shared right axis, so one sees whether the loss falls
     as the scores rise. Raises plots.PlotError naming the tags without points."""
-    import plots  # before pyplot: it selects matplotlib's headless backend
+    import plots
+    plt = plots.pyplot()  # matplotlib on its headless backend
     missing = [tag for tag in (loss_tag, *score_tags) if not history.get(tag)]
     if missing:
         raise plots.PlotError("no points for: " + ", ".join(missing))
-    figure, loss_axis = plots.plt.subplots(figsize=(6.4, 3.8))
+    figure, loss_axis = plt.subplots(figsize=(6.4, 3.8))
     score_axis = loss_axis.twinx()
     lines = []
     for axis, tag, color, style in [(loss_axis, loss_tag, "black", "-"),
@@ -216,7 +217,7 @@ def plot_loss_and_scores(history, loss_tag, score_tags, path, title=None):
     loss_axis.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
-    plots.plt.close(figure)
+    plt.close(figure)
     return Path(path)
 
 
