@@ -41,7 +41,7 @@ RUNTIME_ONLY = ("world", "argv")
 SHARED_BY_RANKS = ("model_name", "embed_size", "window_size", "neg_sample_size", "ns_exponent", "subsample_th",
                    "remove_th", "remove_stopwords", "lemmatize", "epochs", "batch_size", "optimizer", "lr", "seed",
                    "loop", "dist_mode", "sync_interval", "block_momentum", "char_embed_size", "hidden_size",
-                   "num_layer", "dropout", "bidirectional", "mlp_size")
+                   "num_layer", "dropout", "bidirectional", "mlp_size", "rnn_cell")
 SEED_LIMIT = 2 ** 64  # torch.manual_seed takes seeds below this
 NS_EXPONENT_RANGE = (-1.0, 1.0)  # 1: negatives by frequency, 0: uniform, below 0: rare words favoured
 
@@ -107,6 +107,8 @@ def add_rnn_flags(parser):
     g = parser.add_argument_group("rnn model (--model-name rnn)")
     g.add_argument("--char-embed-size", type=int, default=RNN_DEFAULTS["char_embed_size"],
                    help="size of the character embeddings fed to the LSTM")
+    g.add_argument("--rnn-cell", default=RNN_DEFAULTS["rnn_cell"], choices=["lstm", "gru"],
+                   help="the recurrent layer that reads a word's characters")
     g.add_argument("--hidden-size", type=int, default=RNN_DEFAULTS["hidden_size"], help="LSTM hidden state size")
     g.add_argument("--num-layer", type=int, default=RNN_DEFAULTS["num_layer"], help="stacked LSTM layers")
     g.add_argument("--dropout", type=float, default=RNN_DEFAULTS["dropout"],
@@ -132,9 +134,11 @@ def add_optimisation_flags(parser):
                         f"steps in the text a batch holds. Default: 4096 for sgns, {RNN_BATCH_SIZE} for rnn, whose "
                         f"step costs grow with the batch's distinct words, which grow much slower than the batch")
     g.add_argument("--engine", default="auto", choices=["auto", "kernel", "torch"],
-                   help="kernel: compiled word2vec-style CPU loop; torch: batched PyTorch steps (GPU, "
-                        "sparse_adam, adam, rnn, --multi-node --sync); auto picks kernel for sgns by SGD on the CPU, "
-                        "--multi-node --async included (README: which engine runs on your hardware)")
+                   help="kernel: compiled word2vec-style CPU loop (rnn: it trains the vectors, autograd the "
+                        "encoder, on one process); torch: batched PyTorch steps (GPU, sparse_adam, adam, "
+                        "--multi-node --sync, rnn on a GPU or several processes); auto picks kernel for sgns by SGD "
+                        "on the CPU, --multi-node --async included, and for rnn on one CPU process (README: which "
+                        "engine runs on your hardware)")
     g.add_argument("--num-threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
     g.add_argument("--seed", type=int, default=1,
                    help="random seed, 0 to 2**64-1 (runs are reproducible with --num-threads 1)")
@@ -244,7 +248,7 @@ def resolve_options(args):
                                         distribution, args.engine)
     if why_not:
         raise ValueError(why_not)
-    args.loop, args.engine = loop, "kernel" if loop == "kernel" else "torch"
+    args.loop, args.engine = loop, "kernel" if loop in ("kernel", "spelling") else "torch"
     if args.world and args.world.rank != 0:  # one voice: rank 0 shows progress
         args.quiet = True
 
