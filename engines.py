@@ -21,6 +21,7 @@ strategy the loops call (distributed.OneProcess, SyncRanks, AsyncRanks): before 
 sync point of --async), for a window step summed over ranks (--sync), around an autograd step,
 and at the end of the epoch.
 """
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -38,7 +39,6 @@ CENTERS_PER_KERNEL_CALL = 200_000
 # The rnn model's SGD rate for its tables (per-word input part, output table) at --lr's start,
 # word2vec's; the run's --lr is its encoder's.
 RNN_TABLE_LR = 0.025
-RNN_WORD_SHARE = 1.0
 
 # (model, optimizer, device type, distribution) -> loop; the first matching row wins, "*" matches
 # anything. distribution: "one" process, "multi-gpu" (DataParallel), or --multi-node "sync"/"async".
@@ -202,9 +202,9 @@ def spelling_epoch(engine, epoch):
     A step's input vectors (per-word part plus spelling) are written into the kernel's input
     table for the distinct words the step can touch; the compiled loop trains them and the
     output table by word2vec's SGD at the table rate (RNN_TABLE_LR, decayed as --lr); the
-    change of each input vector, the step's summed gradient times -rate, goes whole to the
-    per-word part and, through one backward pass over the distinct words, to the encoder,
-    which the run's optimizer steps at --lr. The encoder thus costs a forward and a backward
+    change of each input vector, the step's summed gradient times -rate, goes in part
+    (--word-share) to the per-word part and whole, through one backward pass over the distinct
+    words, to the encoder, which the run's optimizer steps at --lr. The encoder thus costs a forward and a backward
     pass per distinct word per step, not per pair.
     """
     args, strategy = engine.args, engine.strategy
@@ -230,7 +230,8 @@ def spelling_epoch(engine, epoch):
 def _spelling_step(engine, ids, kept_ids, sentence_bounds, bounds, step, base_seed, rates, encoder_lr):
     """One step of spelling_epoch on the distinct words ids; returns (loss sum, pairs)."""
     model, args, inputs = engine.model, engine.args, engine.inputs
-    spelled = model.spell(ids)
+    with _without_onednn():
+        spelled = model.spell(ids)
     with torch.no_grad():
         before = model.word_embed.weight[ids] + spelled
     inputs[ids.numpy()] = before.numpy()
@@ -239,14 +240,27 @@ def _spelling_step(engine, ids, kept_ids, sentence_bounds, bounds, step, base_se
                                      engine.sampler)
     change = torch.from_numpy(inputs[ids.numpy()]) - before
     with torch.no_grad():
-        model.word_embed.weight.index_add_(0, ids, change, alpha=RNN_WORD_SHARE)
+        model.word_embed.weight.index_add_(0, ids, change, alpha=args.word_share)
     for group in engine.optimizer.param_groups:
         group["lr"] = encoder_lr
     engine.optimizer.zero_grad(set_to_none=True)
     # the change is -rate times the summed gradient of the loss in each input vector
-    spelled.backward(-change / rates[0])
+    with _without_onednn():
+        spelled.backward(-change / rates[0])
     engine.optimizer.step()
     return float(losses[0]), int(pairs[0])
+
+
+@contextlib.contextmanager
+def _without_onednn():
+    """The recurrent layer by torch's own CPU code: oneDNN keeps a primitive (and its memory) per
+    input shape, and a step's words come in new shapes every step."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = was
 
 
 # ---------------------------------------------------------------------------------------------

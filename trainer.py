@@ -41,7 +41,7 @@ RUNTIME_ONLY = ("world", "argv")
 SHARED_BY_RANKS = ("model_name", "embed_size", "window_size", "neg_sample_size", "ns_exponent", "subsample_th",
                    "remove_th", "remove_stopwords", "lemmatize", "epochs", "batch_size", "optimizer", "lr", "seed",
                    "loop", "dist_mode", "sync_interval", "block_momentum", "char_embed_size", "hidden_size",
-                   "num_layer", "dropout", "bidirectional", "mlp_size", "rnn_cell")
+                   "num_layer", "dropout", "bidirectional", "mlp_size", "rnn_cell", "word_share")
 SEED_LIMIT = 2 ** 64  # torch.manual_seed takes seeds below this
 NS_EXPONENT_RANGE = (-1.0, 1.0)  # 1: negatives by frequency, 0: uniform, below 0: rare words favoured
 
@@ -113,8 +113,13 @@ def add_rnn_flags(parser):
     g.add_argument("--num-layer", type=int, default=RNN_DEFAULTS["num_layer"], help="stacked LSTM layers")
     g.add_argument("--dropout", type=float, default=RNN_DEFAULTS["dropout"],
                    help="dropout between LSTM layers and on the final hidden state, in training only")
-    g.add_argument("--bidirectional", action="store_true",
-                   help="also read words right to left; the two last states are concatenated")
+    g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=RNN_DEFAULTS["bidirectional"],
+                   help="read words both ways and concatenate the two last states: the backward reading ends on "
+                        "the word's start (its stem), the forward one on its end (inflections)")
+    g.add_argument("--word-share", type=float, default=0.25,
+                   help="on the CPU loop, the part of each step's change of a word's input vector that its "
+                        "per-word vector takes, in (0, 1]; the spelling encoder learns the whole change. Lower "
+                        "favours spelling (analogies, unseen words), higher the words' own meaning")
     g.add_argument("--mlp-size", type=int, default=RNN_DEFAULTS["mlp_size"],
                    help="width of the layer after the LSTM (default: --embed-size, i.e. one linear layer to d); "
                         "another width adds a tanh and a second linear layer to d")
@@ -304,6 +309,8 @@ def check_rnn_values(args):
         raise ValueError(f"--mlp-size must be positive, got {args.mlp_size}")
     if args.optimizer == "sparse_adam":
         raise ValueError("--optimizer sparse_adam is for sgns's embedding tables; use adam (or sgd) for rnn")
+    if not 0 < args.word_share <= 1:
+        raise ValueError(f"--word-share must be in (0, 1], got {args.word_share}")
 
 
 def check_device(name):

@@ -205,7 +205,8 @@ def test_is_character_is_an_alias_with_rnn_defaults():
 @pytest.mark.parametrize("argv", [["--model-name", "rnn", "--rnn-cell", "rnn"],
                                   ["--model-name", "rnn", "--optimizer", "sparse_adam"],
                                   ["--model-name", "rnn", "--hidden-size", "0"],
-                                  ["--model-name", "rnn", "--dropout", "1.5"]])
+                                  ["--model-name", "rnn", "--dropout", "1.5"],
+                                  ["--model-name", "rnn", "--word-share", "0"]])
 def test_bad_rnn_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         trainer.parse_args(argv)
@@ -234,8 +235,18 @@ def test_trainer_run_checkpoint_rebuilds_the_model(tmp_path, capsys):
     vectors = model.embed_words(["buss", "horsey"])
     assert torch.isfinite(vectors).all()
 
-    # evaluate.py rebuilds it too and embeds words the vocabulary lacks
+    # evaluate.py --embed: the vocabulary's words as --export wrote them, unseen ones from their spelling
     import evaluate
+    listed = tmp_path / "words.txt"
+    listed.write_text("buss\ncats\nhorsey\nthe\n")
+    embedded = tmp_path / "embedded.txt"
+    assert evaluate.main(["--checkpoint", str(run_dir), "--embed", str(listed), "--export", str(embedded)]) == 0
+    got_words, got = evaluate.load_vectors(embedded)
+    assert got_words == ["buss", "cats", "horsey", "the"]
+    np.testing.assert_allclose(got[[1, 3]], keyed[["cats", "the"]], rtol=0, atol=2e-6)
+    np.testing.assert_allclose(got[[0, 2]], vectors.numpy(), rtol=0, atol=1e-6)
+
+    # evaluate.py rebuilds it too and embeds words the vocabulary lacks
     words, table, embed_fn, _ = evaluate.load_checkpoint(run_dir)
     assert words == ckpt["words"] and embed_fn is not None
     np.testing.assert_allclose(embed_fn(["buss", "horsey"]), vectors.numpy(), rtol=1e-5, atol=1e-6)
@@ -274,3 +285,19 @@ def test_parameter_count_is_the_built_models_without_building_it(sizes):
     for name in ("sgns", "rnn"):
         built = build_model(name, len(words), 12, words=words, args=sizes)
         assert parameter_count(name, words, 12, sizes) == sum(p.numel() for p in built.parameters())
+
+
+def test_pip_loss_normalized_falls_over_the_epochs(tmp_path):
+    rng = np.random.default_rng(1)
+    stems = ["cat", "dog", "horse", "cow", "car", "bus", "train", "truck", "red", "blue", "green", "pink"]
+    topics = [[stem + end for stem in stems[i:i + 4] for end in ("", "s", "ish")] for i in (0, 4, 8)]
+    lines = [" ".join(rng.choice(topics[rng.integers(3)], 10)) + "." for _ in range(1500)]
+    (tmp_path / "topics.txt").write_text("\n".join(lines))
+    # one negative: with five, PMI's shift by log 5 leaves three topics' SPPMI matrix all zero
+    args = rnn_args(tmp_path, "--epochs", "3", "--run-name", "pip", "--pip-vocab", "36", "--subsample-th", "0",
+                    "--neg-sample-size", "1")
+    args[args.index("--dataset") + 1] = str(tmp_path / "topics.txt")
+    assert trainer.main(args) == 0
+    ckpt = torch.load(tmp_path / "runs" / "pip" / "checkpoint.pt", weights_only=True)
+    pip = [value for _, value in ckpt["history"]["PIP loss (normalized)"]]
+    assert pip[0] < 0.9 and pip[2] < pip[0], pip
