@@ -204,8 +204,8 @@ def spelling_epoch(engine, epoch):
     output table by word2vec's SGD at the table rate (RNN_TABLE_LR, decayed as --lr); the
     change of each input vector, the step's summed gradient times -rate, goes in part
     (--word-share) to the per-word part and whole, through one backward pass over the distinct
-    words, to the encoder, which the run's optimizer steps at --lr. The encoder thus costs a forward and a backward
-    pass per distinct word per step, not per pair.
+    words, to the encoder, which the run's optimizer steps at --lr. The encoder thus costs a
+    forward and a backward pass per distinct word per step, not per pair.
     """
     args, strategy = engine.args, engine.strategy
     kept_ids, starts, n_kept = engine.host_share(epoch.index, shuffled=False)
@@ -213,6 +213,13 @@ def spelling_epoch(engine, epoch):
     step_bounds = np.minimum(np.arange(epoch.n_steps + 1, dtype=np.int64) * epoch.per_step, len(kept_ids))
     sentence_bounds = np.append(starts, len(kept_ids)).astype(np.int64)
     base_seed = data.step_seed(args.seed, epoch.index, strategy.rank)
+    with _encoder_settings():
+        return _spelling_steps(engine, epoch, kept_ids, step_bounds, sentence_bounds, base_seed)
+
+
+def _spelling_steps(engine, epoch, kept_ids, step_bounds, sentence_bounds, base_seed):
+    """The steps of spelling_epoch from epoch.first_step; returns the stop signal, or 0."""
+    args, strategy = engine.args, engine.strategy
     for step in range(epoch.first_step, epoch.n_steps):
         stop = strategy.before_step(step, epoch.first_step, epoch.signal())
         if stop:
@@ -230,8 +237,7 @@ def spelling_epoch(engine, epoch):
 def _spelling_step(engine, ids, kept_ids, sentence_bounds, bounds, step, base_seed, rates, encoder_lr):
     """One step of spelling_epoch on the distinct words ids; returns (loss sum, pairs)."""
     model, args, inputs = engine.model, engine.args, engine.inputs
-    with _without_onednn():
-        spelled = model.spell(ids)
+    spelled = model.spell(ids)
     with torch.no_grad():
         before = model.word_embed.weight[ids] + spelled
     inputs[ids.numpy()] = before.numpy()
@@ -245,22 +251,25 @@ def _spelling_step(engine, ids, kept_ids, sentence_bounds, bounds, step, base_se
         group["lr"] = encoder_lr
     engine.optimizer.zero_grad(set_to_none=True)
     # the change is -rate times the summed gradient of the loss in each input vector
-    with _without_onednn():
-        spelled.backward(-change / rates[0])
+    spelled.backward(-change / rates[0])
     engine.optimizer.step()
     return float(losses[0]), int(pairs[0])
 
 
 @contextlib.contextmanager
-def _without_onednn():
-    """The recurrent layer by torch's own CPU code: oneDNN keeps a primitive (and its memory) per
-    input shape, and a step's words come in new shapes every step."""
-    was = torch.backends.mkldnn.enabled
+def _encoder_settings():
+    """The encoder on one torch thread, by torch's own CPU code: its operations are too small to
+    share among threads (the second one mostly waits), and oneDNN keeps a primitive (and its memory)
+    per input shape, where a step's words come in new shapes every step. The compiled loop keeps
+    its --num-threads threads (numba's own)."""
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = was
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
 
 
 # ---------------------------------------------------------------------------------------------
