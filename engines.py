@@ -12,7 +12,7 @@ ENGINES decides, from a run's model, optimizer, device and distribution, which l
 - autograd_epoch: torch.optim steps on (center, context) pairs by autograd: SparseAdam, Adam,
   the rnn model on a GPU or several processes, and --multi-gpu's DataParallel.
 
-All three run one epoch of this rank's share of the corpus in steps of one size: the kept
+All four run one epoch of this rank's share of the corpus in steps of one size: the kept
 centers that --batch-size pairs hold (a center has window + 1 pairs on average), split across
 ranks. A position inside an epoch is the number of steps done, and step i draws its random
 numbers from a generator seeded by (seed, epoch, rank, i) (a draw of window steps: by its first
@@ -36,8 +36,8 @@ from model import MAX_SUMMED_GRADIENTS
 # Most centers one call of the compiled kernel trains: the loop looks at signals and progress
 # between calls, so a call is kept short next to a human's patience.
 CENTERS_PER_KERNEL_CALL = 200_000
-# The rnn model's SGD rate for its tables (per-word input part, output table) at --lr's start,
-# word2vec's; the run's --lr is its encoder's.
+# The rnn model's SGD rate for its tables (per-word input part, output table) at the start of a
+# run, word2vec's, decayed as --lr is; --lr itself is the rnn encoder's.
 RNN_TABLE_LR = 0.025
 
 # (model, optimizer, device type, distribution) -> loop; the first matching row wins, "*" matches
@@ -62,7 +62,8 @@ def choose_loop(model_name, optimizer, device_type, distribution, engine="auto")
                 continue
             if engine == "kernel" and loop not in ("kernel", "spelling"):
                 return None, ("--engine kernel trains sgns by plain SGD on the CPU, on one process or with "
-                              "--multi-node --async; use --engine torch (or auto) for this run")
+                              "--multi-node --async, and rnn on one CPU process; use --engine torch (or auto) "
+                              "for this run")
             return loop, None
     raise AssertionError("ENGINES ends with a row that matches everything")
 

@@ -116,7 +116,7 @@ def _sgns_loss(center, context, negatives):
 
 PAD_CHAR, UNKNOWN_CHAR = 0, 1  # character ids reserved for padding and characters never seen
 # Defaults of the RNN flags, shared by the CLI and by checkpoints whose args lack a flag.
-RNN_DEFAULTS = {"char_embed_size": 32, "hidden_size": 64, "num_layer": 1, "dropout": 0.0,
+RNN_DEFAULTS = {"char_embed_size": 32, "hidden_size": 32, "num_layer": 1, "dropout": 0.0,
                 "bidirectional": True, "mlp_size": None, "rnn_cell": "lstm"}
 
 

@@ -29,7 +29,7 @@ import export  # noqa: E402
 import fileio  # noqa: E402
 from model import RNN_DEFAULTS, build_model, parameter_count  # noqa: E402
 
-RNN_BATCH_SIZE = 65536  # see --batch-size
+RNN_BATCH_SIZE = 131072  # see --batch-size
 # Flags a resumed run may change; everything else comes from the saved run.
 RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads",
                        "device", "cuda_graph", "gpu_kernel", "log_interval", "save_interval", "pip_interval", "export",
@@ -374,7 +374,7 @@ def make_model(args, corpus):
         optimizer = torch.optim.SparseAdam(list(model.parameters()), lr=args.lr)
     elif args.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    elif args.loop == "autograd":
+    elif args.loop in ("autograd", "spelling"):
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     return model, optimizer
 

@@ -301,3 +301,15 @@ def test_pip_loss_normalized_falls_over_the_epochs(tmp_path):
     ckpt = torch.load(tmp_path / "runs" / "pip" / "checkpoint.pt", weights_only=True)
     pip = [value for _, value in ckpt["history"]["PIP loss (normalized)"]]
     assert pip[0] < 0.9 and pip[2] < pip[0], pip
+
+
+def test_rnn_run_with_sgd_trains_the_encoder_too(tmp_path):
+    args = rnn_args(tmp_path, "--epochs", "1", "--run-name", "sgd", "--optimizer", "sgd", "--lr", "0.001",
+                    "--pip-interval", "0")
+    assert trainer.main(args) == 0
+    ckpt = torch.load(tmp_path / "runs" / "sgd" / "checkpoint.pt", weights_only=True)
+    trained = model_from_checkpoint(ckpt)
+    torch.manual_seed(ckpt["args"]["seed"])  # the run's initial weights, as the trainer drew them
+    start = build_model("rnn", len(ckpt["words"]), 8, words=ckpt["words"], args=ckpt["args"])
+    for name, weight in start.encoder.state_dict().items():
+        assert not torch.equal(weight, trained.encoder.state_dict()[name]) or name.endswith("char_embed.weight"), name
