@@ -21,6 +21,7 @@ strategy the loops call (distributed.OneProcess, SyncRanks, AsyncRanks): before 
 sync point of --async), for a window step summed over ranks (--sync), around an autograd step,
 and at the end of the epoch.
 """
+import concurrent.futures
 import contextlib
 import functools
 import math
@@ -111,6 +112,7 @@ class Engine:
         self.batches = self.graphs = self.inputs = None
         if loop == "spelling":  # the kernel's input table: rows refilled from the model before each step
             self.inputs = np.zeros((model.vocab_size, model.embed_size), dtype=np.float32)
+            self.pool = concurrent.futures.ThreadPoolExecutor(args.num_threads, thread_name_prefix="encoder")
         if loop == "window":
             self.batches = data.WindowBatches(corpus, self.keep_prob, self.sampler, args.window_size,
                                               args.neg_sample_size, self.device)
@@ -238,7 +240,9 @@ def _spelling_steps(engine, epoch, kept_ids, step_bounds, sentence_bounds, base_
 def _spelling_step(engine, ids, kept_ids, sentence_bounds, bounds, step, base_seed, rates, encoder_lr):
     """One step of spelling_epoch on the distinct words ids; returns (loss sum, pairs)."""
     model, args, inputs = engine.model, engine.args, engine.inputs
-    spelled = model.spell(ids)
+    parts = torch.tensor_split(ids, max(1, min(args.num_threads, len(ids))))
+    spelled_parts = list(engine.pool.map(model.spell, parts))
+    spelled = torch.cat(spelled_parts)
     with torch.no_grad():
         before = model.word_embed.weight[ids] + spelled
     inputs[ids.numpy()] = before.numpy()
@@ -250,19 +254,32 @@ def _spelling_step(engine, ids, kept_ids, sentence_bounds, bounds, step, base_se
         model.word_embed.weight.index_add_(0, ids, change, alpha=args.word_share)
     for group in engine.optimizer.param_groups:
         group["lr"] = encoder_lr
-    engine.optimizer.zero_grad(set_to_none=True)
     # the change is -rate times the summed gradient of the loss in each input vector
-    spelled.backward(-change / rates[0])
+    _encoder_gradient(engine, spelled_parts, torch.split(-change / rates[0], [len(p) for p in parts]))
     engine.optimizer.step()
     return float(losses[0]), int(pairs[0])
 
 
+def _encoder_gradient(engine, spelled_parts, grad_parts):
+    """Back-propagate each part on its own thread, then sum the parts' gradients in their order:
+    the same sum whatever thread finishes first."""
+    params = list(engine.model.encoder.parameters())
+
+    def backward(i):
+        return torch.autograd.grad(spelled_parts[i], params, grad_parts[i], allow_unused=True)
+    per_part = list(engine.pool.map(backward, range(len(spelled_parts))))
+    for j, param in enumerate(params):
+        grads = [grads[j] for grads in per_part if grads[j] is not None]
+        param.grad = functools.reduce(torch.add, grads) if grads else None
+
+
 @contextlib.contextmanager
 def _encoder_settings():
-    """The encoder on one torch thread, by torch's own CPU code: its operations are too small to
-    share among threads (the second one mostly waits), and oneDNN keeps a primitive (and its memory)
-    per input shape, where a step's words come in new shapes every step. The compiled loop keeps
-    its --num-threads threads (numba's own)."""
+    """Each of the encoder's operations on one torch thread, by torch's own CPU code: they are too
+    small to share among threads (the second one mostly waits), so the step's words are split among
+    --num-threads threads instead (Engine.pool); and oneDNN keeps a primitive (and its memory) per
+    input shape, where a step's words come in new shapes every step. The compiled loop keeps its
+    --num-threads threads (numba's own)."""
     threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     torch.set_num_threads(1)
     torch.backends.mkldnn.enabled = False

@@ -313,3 +313,23 @@ def test_rnn_run_with_sgd_trains_the_encoder_too(tmp_path):
     start = build_model("rnn", len(ckpt["words"]), 8, words=ckpt["words"], args=ckpt["args"])
     for name, weight in start.encoder.state_dict().items():
         assert not torch.equal(weight, trained.encoder.state_dict()[name]) or name.endswith("char_embed.weight"), name
+
+
+def test_encoder_gradient_in_parts_on_threads_equals_one_backward():
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    import engines
+    model = small_model(seed=4, bidirectional=True).double()
+    ids = torch.arange(len(WORDS))
+    grad = torch.randn(len(WORDS), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model.spell(ids).backward(grad)
+    expected = {name: p.grad.clone() for name, p in model.encoder.named_parameters()}
+    model.zero_grad()
+    parts = torch.tensor_split(ids, 3)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        engine = SimpleNamespace(model=model, pool=pool)
+        engines._encoder_gradient(engine, list(pool.map(model.spell, parts)),
+                                  torch.split(grad, [len(p) for p in parts]))
+    for name, param in model.encoder.named_parameters():
+        assert torch.allclose(param.grad, expected[name], rtol=1e-10, atol=1e-12), name
