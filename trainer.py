@@ -130,7 +130,7 @@ def add_optimisation_flags(parser):
     g.add_argument("--epochs", type=int, default=5, help="passes over the corpus")
     g.add_argument("--lr", type=float, default=None,
                    help="starting learning rate, decayed linearly to ~0 (default 0.025 for sgd, 0.001 for "
-                        "sparse_adam and adam)")
+                        "sparse_adam and adam); rnn on one CPU process: its encoder's, its tables taking 0.025")
     g.add_argument("--optimizer", default=None, choices=["sgd", "sparse_adam", "adam"],
                    help="sgd: plain SGD (on touched rows for sgns, as word2vec); sparse_adam: torch.optim.SparseAdam "
                         "(sgns); adam: torch.optim.Adam (dense). Default: sgd for sgns, adam for rnn")
