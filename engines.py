@@ -38,8 +38,9 @@ from model import MAX_SUMMED_GRADIENTS
 # between calls, so a call is kept short next to a human's patience.
 CENTERS_PER_KERNEL_CALL = 200_000
 # The rnn model's SGD rate for its tables (per-word input part, output table) at the start of a
-# run, word2vec's, decayed as --lr is; --lr itself is the rnn encoder's.
-RNN_TABLE_LR = 0.025
+# run, decayed as --lr is; --lr itself is the rnn encoder's. Twice word2vec's: the per-word part
+# takes only --word-share of each change (bench/RESULTS.md, RNN-SGNS).
+RNN_TABLE_LR = 0.05
 
 # (model, optimizer, device type, distribution) -> loop; the first matching row wins, "*" matches
 # anything. distribution: "one" process, "multi-gpu" (DataParallel), or --multi-node "sync"/"async".

@@ -116,7 +116,7 @@ def add_rnn_flags(parser):
     g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=RNN_DEFAULTS["bidirectional"],
                    help="read words both ways and concatenate the two last states: the backward reading ends on "
                         "the word's start (its stem), the forward one on its end (inflections)")
-    g.add_argument("--word-share", type=float, default=0.25,
+    g.add_argument("--word-share", type=float, default=0.125,
                    help="on the CPU loop, the part of each step's change of a word's input vector that its "
                         "per-word vector takes, in (0, 1]; the spelling encoder learns the whole change. Lower "
                         "favours spelling (analogies, unseen words), higher the words' own meaning")
@@ -130,7 +130,7 @@ def add_optimisation_flags(parser):
     g.add_argument("--epochs", type=int, default=5, help="passes over the corpus")
     g.add_argument("--lr", type=float, default=None,
                    help="starting learning rate, decayed linearly to ~0 (default 0.025 for sgd, 0.001 for "
-                        "sparse_adam and adam); rnn on one CPU process: its encoder's, its tables taking 0.025")
+                        "sparse_adam and adam); rnn on one CPU process: its encoder's, its tables taking 0.05")
     g.add_argument("--optimizer", default=None, choices=["sgd", "sparse_adam", "adam"],
                    help="sgd: plain SGD (on touched rows for sgns, as word2vec); sparse_adam: torch.optim.SparseAdam "
                         "(sgns); adam: torch.optim.Adam (dense). Default: sgd for sgns, adam for rnn")
