@@ -8,10 +8,12 @@ ENGINES decides, from a run's model, optimizer, device and distribution, which l
   compiled per-row loops on the CPU (cpu_kernel.TouchedRows), as Triton kernels on a GPU
   (gpu_kernel), or as the tensor ops of model.SGNS; on a GPU whole draws of steps replay as
   captured CUDA graphs;
+- spelling_epoch: the rnn model on one CPU process: the compiled loop trains the vectors of a
+  step's words, then the spelling encoder learns their summed change in one backward pass;
 - autograd_epoch: torch.optim steps on (center, context) pairs by autograd: SparseAdam, Adam,
-  the rnn model, and --multi-gpu's DataParallel.
+  the rnn model on a GPU or several processes, and --multi-gpu's DataParallel.
 
-All three run one epoch of this rank's share of the corpus in steps of one size: the kept
+All four run one epoch of this rank's share of the corpus in steps of one size: the kept
 centers that --batch-size pairs hold (a center has window + 1 pairs on average), split across
 ranks. A position inside an epoch is the number of steps done, and step i draws its random
 numbers from a generator seeded by (seed, epoch, rank, i) (a draw of window steps: by its first
@@ -20,6 +22,8 @@ strategy the loops call (distributed.OneProcess, SyncRanks, AsyncRanks): before 
 sync point of --async), between a window step's two phases (gather_rows: --sync applies every
 rank's rows), around an autograd step, and at the end of the epoch.
 """
+import concurrent.futures
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -35,6 +39,10 @@ from model import Rows
 # Most centers one call of the compiled kernel trains: the loop looks at signals and progress
 # between calls, so a call is kept short next to a human's patience.
 CENTERS_PER_KERNEL_CALL = 200_000
+# The rnn model's SGD rate for its tables (per-word input part, output table) at the start of a
+# run, decayed as --lr is; --lr itself is the rnn encoder's. Twice word2vec's: the per-word part
+# takes only --word-share of each change (bench/RESULTS.md, RNN-SGNS).
+RNN_TABLE_LR = 0.05
 
 # (model, optimizer, device type, distribution) -> loop; the first matching row wins, "*" matches
 # anything. distribution: "one" process, "multi-gpu" (DataParallel), or --multi-node "sync"/"async".
@@ -43,6 +51,7 @@ ENGINES = (
     ("sgns", "sgd", "cpu", "async", "kernel"),
     ("sgns", "sgd", "*", "multi-gpu", "autograd"),  # DataParallel cannot reduce sparse gradients
     ("sgns", "sgd", "*", "*", "window"),
+    ("rnn", "*", "cpu", "one", "spelling"),
     ("*", "*", "*", "*", "autograd"),
 )
 
@@ -53,11 +62,12 @@ def choose_loop(model_name, optimizer, device_type, distribution, engine="auto")
     key = (model_name, optimizer, device_type, distribution)
     for *row, loop in ENGINES:
         if all(want in ("*", have) for want, have in zip(row, key)):
-            if engine == "torch" and loop == "kernel":
+            if engine == "torch" and loop in ("kernel", "spelling"):
                 continue
-            if engine == "kernel" and loop != "kernel":
+            if engine == "kernel" and loop not in ("kernel", "spelling"):
                 return None, ("--engine kernel trains sgns by plain SGD on the CPU, on one process or with "
-                              "--multi-node --async; use --engine torch (or auto) for this run")
+                              "--multi-node --async, and rnn on one CPU process; use --engine torch (or auto) "
+                              "for this run")
             return loop, None
     raise AssertionError("ENGINES ends with a row that matches everything")
 
@@ -102,7 +112,10 @@ class Engine:
         self.sampler = data.NegativeSampler(corpus.counts, args.ns_exponent)
         self.keep_prob = data.keep_probabilities(corpus.counts, args.subsample_th)
         self.train_model = strategy.wrap(model) if loop == "autograd" else model
-        self.batches = self.graphs = None
+        self.batches = self.graphs = self.inputs = None
+        if loop == "spelling":  # the kernel's input table: rows refilled from the model before each step
+            self.inputs = np.zeros((model.vocab_size, model.embed_size), dtype=np.float32)
+            self.pool = concurrent.futures.ThreadPoolExecutor(args.num_threads, thread_name_prefix="encoder")
         if loop == "window":
             self.batches = data.WindowBatches(corpus, self.keep_prob, self.sampler, args.window_size,
                                               args.neg_sample_size, self.device)
@@ -113,19 +126,21 @@ class Engine:
 
     def _warm_up(self):
         """Have numba load (or compile) what the loop runs before the first epoch starts its clock."""
-        if self.loop == "kernel":
+        if self.loop in ("kernel", "spelling"):
             cpu_kernel.warm_up(*self._tables(), self.sampler, self.args.window_size, self.args.neg_sample_size)
         elif self.loop == "window" and self.device.type == "cpu":
             cpu_kernel.warm_up_rows()
         self.strategy.warm_up(self.device)
 
     def _tables(self):
-        return self.model.in_embed.weight.data.numpy(), self.model.out_embed.weight.data.numpy()
+        inputs = self.model.in_embed.weight.data.numpy() if self.inputs is None else self.inputs
+        return inputs, self.model.out_embed.weight.data.numpy()
 
     def run(self, epoch, first_step, report, signal):
         """Train one epoch from step first_step; returns the agreed stop signal, or 0 at its end."""
         per_step = centers_per_step(self.args.batch_size, self.args.window_size, self.strategy.world_size)
-        loop = {"kernel": kernel_epoch, "window": window_epoch, "autograd": autograd_epoch}[self.loop]
+        loop = {"kernel": kernel_epoch, "window": window_epoch, "spelling": spelling_epoch,
+                "autograd": autograd_epoch}[self.loop]
         self.strategy.on_epoch_start(self.model)
         stop = loop(self, Epoch(epoch, first_step, per_step, 0, report, signal))
         return self.strategy.on_epoch_end(stop)
@@ -182,6 +197,100 @@ def kernel_epoch(engine, epoch):
                          lrs[i + 1 - step])
         step = end
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The rnn model on the CPU: compiled SGD on the vectors, one encoder step per step
+
+def spelling_epoch(engine, epoch):
+    """One epoch of the rnn model (model.RNNSGNS) on one CPU process, a step at a time.
+
+    A step's input vectors (per-word part plus spelling) are written into the kernel's input
+    table for the distinct words the step can touch; the compiled loop trains them and the
+    output table by word2vec's SGD at the table rate (RNN_TABLE_LR, decayed as --lr); the
+    change of each input vector, the step's summed gradient times -rate, goes in part
+    (--word-share) to the per-word part and whole, through one backward pass over the distinct
+    words, to the encoder, which the run's optimizer steps at --lr. The encoder thus costs a
+    forward and a backward pass per distinct word per step, not per pair.
+    """
+    args, strategy = engine.args, engine.strategy
+    kept_ids, starts, n_kept = engine.host_share(epoch.index, shuffled=False)
+    epoch.n_steps = epoch_steps(n_kept, epoch.per_step, strategy.world_size)
+    step_bounds = np.minimum(np.arange(epoch.n_steps + 1, dtype=np.int64) * epoch.per_step, len(kept_ids))
+    sentence_bounds = np.append(starts, len(kept_ids)).astype(np.int64)
+    base_seed = data.step_seed(args.seed, epoch.index, strategy.rank)
+    with _encoder_settings():
+        return _spelling_steps(engine, epoch, kept_ids, step_bounds, sentence_bounds, base_seed)
+
+
+def _spelling_steps(engine, epoch, kept_ids, step_bounds, sentence_bounds, base_seed):
+    """The steps of spelling_epoch from epoch.first_step; returns the stop signal, or 0."""
+    args, strategy = engine.args, engine.strategy
+    for step in range(epoch.first_step, epoch.n_steps):
+        stop = strategy.before_step(step, epoch.first_step, epoch.signal())
+        if stop:
+            return stop
+        lo, hi = step_bounds[step], step_bounds[step + 1]
+        # contexts reach at most --window-size tokens beyond the step's centers
+        ids = np.unique(kept_ids[max(0, lo - args.window_size):hi + args.window_size]).astype(np.int64)
+        rates = [RNN_TABLE_LR * engine.lr(epoch, i) / args.lr for i in (step, step + 1)]
+        loss, pairs = _spelling_step(engine, torch.from_numpy(ids), kept_ids, sentence_bounds,
+                                     step_bounds[step:step + 2], step, base_seed, rates, engine.lr(epoch, step))
+        epoch.report(step + 1, loss, pairs, _step_words(engine, epoch, step), engine.lr(epoch, step))
+    return 0
+
+
+def _spelling_step(engine, ids, kept_ids, sentence_bounds, bounds, step, base_seed, rates, encoder_lr):
+    """One step of spelling_epoch on the distinct words ids; returns (loss sum, pairs)."""
+    model, args, inputs = engine.model, engine.args, engine.inputs
+    parts = torch.tensor_split(ids, max(1, min(args.num_threads, len(ids))))
+    spelled_parts = list(engine.pool.map(model.spell, parts))
+    spelled = torch.cat(spelled_parts)
+    with torch.no_grad():
+        before = model.word_embed.weight[ids] + spelled
+    inputs[ids.numpy()] = before.numpy()
+    losses, pairs = cpu_kernel.train(inputs, model.out_embed.weight.data.numpy(), kept_ids, sentence_bounds,
+                                     bounds, step, base_seed, rates, args.window_size, args.neg_sample_size,
+                                     engine.sampler)
+    change = torch.from_numpy(inputs[ids.numpy()]) - before
+    with torch.no_grad():
+        model.word_embed.weight.index_add_(0, ids, change, alpha=args.word_share)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = encoder_lr
+    # the change is -rate times the summed gradient of the loss in each input vector
+    _encoder_gradient(engine, spelled_parts, torch.split(-change / rates[0], [len(p) for p in parts]))
+    engine.optimizer.step()
+    return float(losses[0]), int(pairs[0])
+
+
+def _encoder_gradient(engine, spelled_parts, grad_parts):
+    """Back-propagate each part on its own thread, then sum the parts' gradients in their order:
+    the same sum whatever thread finishes first."""
+    params = list(engine.model.encoder.parameters())
+
+    def backward(i):
+        return torch.autograd.grad(spelled_parts[i], params, grad_parts[i], allow_unused=True)
+    per_part = list(engine.pool.map(backward, range(len(spelled_parts))))
+    for j, param in enumerate(params):
+        grads = [grads[j] for grads in per_part if grads[j] is not None]
+        param.grad = functools.reduce(torch.add, grads) if grads else None
+
+
+@contextlib.contextmanager
+def _encoder_settings():
+    """Each of the encoder's operations on one torch thread, by torch's own CPU code: they are too
+    small to share among threads (the second one mostly waits), so the step's words are split among
+    --num-threads threads instead (Engine.pool); and oneDNN keeps a primitive (and its memory) per
+    input shape, where a step's words come in new shapes every step. The compiled loop keeps its
+    --num-threads threads (numba's own)."""
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
 
 
 # ---------------------------------------------------------------------------------------------

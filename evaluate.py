@@ -630,6 +630,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "into PATH (default: training-curves.png in the run directory)")
     parser.add_argument("--export-projector", metavar="DIR", default=None,
                         help="write TensorBoard projector vectors.tsv and metadata.tsv into DIR")
+    parser.add_argument("--embed", metavar="WORDS_FILE", default=None,
+                        help="with --export: vectors for the words of this UTF-8 file (one a line, in its "
+                             "order), seen in training or not where the model spells words (rnn); no "
+                             "evaluation is run")
+    parser.add_argument("--export", metavar="OUT", default=None,
+                        help="with --embed: the word2vec file to write (text, or binary if it ends in .bin)")
     return parser
 
 
@@ -683,7 +689,9 @@ def _check_paths(args, source_path: Path, similarity_files, analogy_file) -> Non
         inputs[f"similarity file {number}"] = fileio.check_input_path(path, "similarity file")
     if analogy_file:
         inputs["the analogy file"] = fileio.check_input_path(analogy_file, "analogy file")
-    outputs = {}
+    if args.embed:
+        inputs["the --embed word list"] = fileio.check_input_path(args.embed, "--embed word list")
+    outputs = {"--export": args.export}
     if args.plot_words:
         outputs["--plot-out"] = _plot_path(args, source_path)
     if args.plot_curves is not None:
@@ -703,6 +711,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail("--topn must be at least 1")
     if args.restrict_vocab < 0:
         _fail("--restrict-vocab must be >= 0")
+    if (args.embed is None) != (args.export is None):
+        _fail("--embed WORDS_FILE and --export OUT go together")
     similarity_files = args.similarity or []
     analogy_file = args.analogy
     if not similarity_files and not analogy_file and not args.no_default_eval:
@@ -726,6 +736,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             lowercase = not _has_uppercase(words)
     except EvaluationInputError as error:
         _fail(str(error))
+    if args.embed:
+        return _embed_and_export(args, words, vectors, embed_fn, lowercase)
 
     if not 0 <= args.remove_top < vectors.shape[1]:
         _fail(f"--remove-top must be between 0 and {vectors.shape[1] - 1} (the vectors have "
@@ -771,6 +783,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(_json_safe(report), allow_nan=False))
     else:
         _print_report(report, len(words), vectors.shape[1], embed_fn is not None)
+    return 0
+
+
+def read_word_list(path) -> list[str]:
+    """The words of a file, one a line (surrounding spaces and blank lines ignored), in order."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except UnicodeDecodeError as error:
+        raise EvaluationInputError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from error
+    except OSError as error:
+        raise EvaluationInputError(f"{path}: {error.strerror or error}") from error
+    words = [line.strip() for line in lines if line.strip()]
+    for number, word in enumerate(words, start=1):
+        if any(ch.isspace() for ch in word):
+            raise EvaluationInputError(f"{path}: word {number} {word!r} holds a space; give one word a line")
+    if not words:
+        raise EvaluationInputError(f"{path}: no words in it")
+    return words
+
+
+def embed_word_list(query, words, vectors, embed_fn, lowercase) -> np.ndarray:
+    """Vectors for the query words in order: the model's own (embed_fn) where it spells words,
+    else rows of the vocabulary, every query word having to be in it."""
+    if embed_fn is not None:
+        return np.asarray(embed_fn(query), dtype=np.float32)
+    index = _word_index(words)
+    keys = [word.lower() if lowercase else word for word in query]
+    unseen = list(dict.fromkeys(key for key in keys if key not in index))
+    if unseen:
+        shown = " ".join(unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")
+        raise EvaluationInputError(f"{len(unseen)} word(s) not in the vocabulary, which has no vectors for "
+                                   f"unseen words (train with --model-name rnn for those): {shown}")
+    return vectors[[index[key] for key in keys]]
+
+
+def _embed_and_export(args, words, vectors, embed_fn, lowercase) -> int:
+    """--embed WORDS_FILE --export OUT: write the words' vectors, or fail with nothing written."""
+    import export
+    try:
+        query = read_word_list(args.embed)
+        found = embed_word_list(query, words, vectors, embed_fn, lowercase)
+    except EvaluationInputError as error:
+        _fail(f"--embed {error}")
+    if Path(args.export).is_dir():
+        _fail(f"--export {args.export} is a folder; give a file name")
+    try:
+        export.write_word2vec(args.export, query, found)
+    except OSError as error:
+        _fail(f"cannot write --export {args.export}: {error.strerror or error}")
+    print(f"{len(query)} vectors written to {args.export}")
     return 0
 
 

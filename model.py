@@ -158,8 +158,8 @@ def _sgns_loss(center, context, negatives):
 
 PAD_CHAR, UNKNOWN_CHAR = 0, 1  # character ids reserved for padding and characters never seen
 # Defaults of the RNN flags, shared by the CLI and by checkpoints whose args lack a flag.
-RNN_DEFAULTS = {"char_embed_size": 32, "hidden_size": 128, "num_layer": 1, "dropout": 0.0,
-                "bidirectional": False, "mlp_size": None}
+RNN_DEFAULTS = {"char_embed_size": 32, "hidden_size": 32, "num_layer": 1, "dropout": 0.0,
+                "bidirectional": True, "mlp_size": None, "rnn_cell": "lstm"}
 
 
 def normalize_word(word):
@@ -194,16 +194,17 @@ class CharVocab:
 
 
 class CharWordEncoder(nn.Module):
-    """Characters -> embedding -> LSTM -> last hidden state (both directions) -> linear -> d."""
+    """Characters -> embedding -> LSTM (or GRU) -> last hidden state (both directions) -> linear -> d."""
 
     def __init__(self, n_chars, embed_size, char_embed_size=32, hidden_size=128, num_layers=1, dropout=0.0,
-                 bidirectional=False, mlp_size=None):
+                 bidirectional=False, mlp_size=None, cell="lstm"):
         super().__init__()
         self.directions = 2 if bidirectional else 1
         self.char_embed = nn.Embedding(n_chars, char_embed_size, padding_idx=PAD_CHAR)
-        # nn.LSTM's own dropout acts between layers only (it warns when there is one layer).
-        self.lstm = nn.LSTM(char_embed_size, hidden_size, num_layers=num_layers, batch_first=True,
-                            dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
+        # the recurrent layer's own dropout acts between layers only (it warns when there is one layer)
+        recurrent = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        self.rnn = recurrent(char_embed_size, hidden_size, num_layers=num_layers, batch_first=True,
+                             dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
         self.dropout = nn.Dropout(dropout)
         features = hidden_size * self.directions
         mlp_size = mlp_size or embed_size
@@ -215,9 +216,9 @@ class CharWordEncoder(nn.Module):
     def forward(self, char_ids, lengths, packed=None):
         """char_ids N x L (padded), lengths N (>= 1) -> N x d.
 
-        Either way padding never enters a word's vector: each word's LSTM stops at its own
+        Either way padding never enters a word's vector: each word's recurrence stops at its own
         last character (and, backwards, starts there). `packed` (default: on CUDA only) runs
-        one packed-sequence call, which cuDNN does well; on the CPU, one plain LSTM call per
+        one packed-sequence call, which cuDNN does well; on the CPU, one plain call per
         word length is faster, mostly in the backward pass.
         """
         if packed is None:
@@ -227,13 +228,15 @@ class CharWordEncoder(nn.Module):
 
     def _top_states(self, h_n):
         """h_n (layers*directions) x N x H -> N x (directions*H): the top layer, directions side by side."""
+        if isinstance(h_n, tuple):  # an LSTM's (h_n, c_n)
+            h_n = h_n[0]
         return h_n[-self.directions:].transpose(0, 1).reshape(h_n.shape[1], -1)
 
     def _last_states_packed(self, char_ids, lengths):
         lengths = lengths.cpu()  # pack_padded_sequence wants them on the CPU
         char_ids = char_ids[:, :int(lengths.max())]  # no step over columns that are padding for all
         packed = pack_padded_sequence(self.char_embed(char_ids), lengths, batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstm(packed)  # h_n comes back in the input's order
+        _, h_n = self.rnn(packed)  # h_n comes back in the input's order
         return self._top_states(h_n)
 
     def _last_states_by_length(self, char_ids, lengths):
@@ -243,77 +246,83 @@ class CharWordEncoder(nn.Module):
         for length, count in zip(word_lengths.tolist(), counts.tolist()):
             rows = order[start:start + count]
             start += count
-            _, (h_n, _) = self.lstm(self.char_embed(char_ids[rows, :length]))
+            _, h_n = self.rnn(self.char_embed(char_ids[rows, :length]))
             parts.append(self._top_states(h_n))
         return torch.cat(parts)[torch.argsort(order)]  # back from length order to the input's order
 
 
 class RNNSGNS(nn.Module):
-    """SGNS where a word's vector is computed from its spelling by a character LSTM.
+    """SGNS where a word's input vector is composed from its spelling, as fastText composes it from n-grams.
 
-    One encoder gives center vectors (the embeddings users take away), another context and
-    negative vectors. Because vectors come from characters, words never seen in training get
-    vectors too (`embed_words`).
-
-    With `unique=True` (the default) a batch's distinct words are encoded once each and the
-    vectors gathered back to their positions: a batch of 4096 pairs with 5 negatives names
-    ~24,600 words but only a few thousand distinct ones. `unique=False` encodes every
-    position (the original sgns_pytorch's method): same loss and gradients, much slower.
+    A word's vector is a per-word vector (word_embed, words of the vocabulary) plus the
+    encoding of its characters by a recurrent encoder; a word never seen in training gets the
+    spelling part alone. Contexts and negatives come from a plain output table (out_embed).
+    The encoder is shared by all words, so what it learns from frequent words (endings,
+    stems) carries to rare and unseen ones.
     """
 
     def __init__(self, words, embed_size, char_embed_size=32, hidden_size=128, num_layers=1, dropout=0.0,
-                 bidirectional=False, mlp_size=None, unique=True):
+                 bidirectional=False, mlp_size=None, cell="lstm"):
         super().__init__()
         self.vocab_size, self.embed_size = len(words), embed_size
-        self.unique = unique
         self.char_vocab = CharVocab(words)
-        sizes = dict(char_embed_size=char_embed_size, hidden_size=hidden_size, num_layers=num_layers,
-                     dropout=dropout, bidirectional=bidirectional, mlp_size=mlp_size)
-        self.center_encoder = CharWordEncoder(len(self.char_vocab), embed_size, **sizes)
-        self.context_encoder = CharWordEncoder(len(self.char_vocab), embed_size, **sizes)
+        self.word_index = {normalize_word(w): i for i, w in enumerate(words)}
+        # dense gradients where autograd trains the tables (DataParallel and DDP reduce no sparse ones)
+        self.word_embed = nn.Embedding(len(words), embed_size)
+        self.out_embed = nn.Embedding(len(words), embed_size)
+        self.encoder = CharWordEncoder(len(self.char_vocab), embed_size, char_embed_size=char_embed_size,
+                                       hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
+                                       bidirectional=bidirectional, mlp_size=mlp_size, cell=cell)
+        with torch.no_grad():  # word2vec's start: inputs small and random, outputs zero
+            self.word_embed.weight.uniform_(-0.5 / embed_size, 0.5 / embed_size)
+            self.out_embed.weight.zero_()
         char_ids, lengths = self.char_vocab.encode(words)
         # The spelling of every word id. Not saved (persistent=False): the checkpoint's word list
         # rebuilds it, and it would double the checkpoint's size.
         self.register_buffer("word_chars", char_ids, persistent=False)
         self.register_buffer("word_lengths", lengths, persistent=False)
 
-    def encode_ids(self, encoder, ids):
-        """Vectors of word ids of any shape -> ids.shape + (d,)."""
-        flat = ids.reshape(-1)
-        if self.unique:
-            distinct, where = torch.unique(flat, return_inverse=True)
-            vectors = encoder(self.word_chars[distinct], self.word_lengths[distinct])[where]
-        else:
-            vectors = encoder(self.word_chars[flat], self.word_lengths[flat])
-        return vectors.reshape(*ids.shape, self.embed_size)
+    def spell(self, ids):
+        """The spelling part of distinct word ids (N) -> N x d, with gradients."""
+        return self.encoder(self.word_chars[ids], self.word_lengths[ids])
+
+    def input_vectors(self, ids):
+        """Input vectors of word ids of any shape -> ids.shape + (d,): each distinct word encoded once."""
+        distinct, where = torch.unique(ids.reshape(-1), return_inverse=True)
+        vectors = self.word_embed(distinct) + self.spell(distinct)
+        return vectors[where].reshape(*ids.shape, self.embed_size)
 
     def forward(self, center_ids, context_ids, neg_ids):
         """Mean SGNS loss over the pairs, as SGNS.forward."""
-        center = self.encode_ids(self.center_encoder, center_ids)
-        # Contexts and negatives share an encoder: one call, so words in both are encoded once.
-        outside = self.encode_ids(self.context_encoder, torch.cat([context_ids, neg_ids.reshape(-1)]))
-        context, negatives = outside[:len(context_ids)], outside[len(context_ids):].view(*neg_ids.shape, -1)
-        return _sgns_loss(center, context, negatives)
+        return _sgns_loss(self.input_vectors(center_ids), self.out_embed(context_ids), self.out_embed(neg_ids))
 
     @torch.no_grad()
-    def _encode_all(self, encoder, char_ids, lengths, batch_size):
+    def _spell_all(self, char_ids, lengths, batch_size):
         was_training = self.training
         self.eval()  # no dropout: the vectors users see are deterministic
         try:
-            parts = [encoder(char_ids[i:i + batch_size], lengths[i:i + batch_size])
+            parts = [self.encoder(char_ids[i:i + batch_size], lengths[i:i + batch_size])
                      for i in range(0, len(lengths), batch_size)]
         finally:
             self.train(was_training)
         return torch.cat(parts) if parts else char_ids.new_zeros((0, self.embed_size), dtype=torch.float32)
 
     def embeddings(self, batch_size=8192):
-        """The V x d center vectors of the vocabulary, encoded in large batches without gradients."""
-        return self._encode_all(self.center_encoder, self.word_chars, self.word_lengths, batch_size)
+        """The V x d input vectors of the vocabulary (per-word part plus spelling), without gradients."""
+        return self.word_embed.weight.detach() + self._spell_all(self.word_chars, self.word_lengths, batch_size)
 
     def embed_words(self, words, batch_size=8192):
-        """Center vectors (len(words) x d) for any strings, in the vocabulary or not."""
-        char_ids, lengths = self.char_vocab.encode(list(words))
-        return self._encode_all(self.center_encoder, char_ids.to(self.word_chars.device), lengths, batch_size)
+        """Input vectors (len(words) x d) for any strings: a word of the vocabulary gets the vector
+        embeddings() gives it, any other the encoding of its spelling alone."""
+        words = list(words)
+        char_ids, lengths = self.char_vocab.encode(words)
+        vectors = self._spell_all(char_ids.to(self.word_chars.device), lengths, batch_size)
+        known = [(row, self.word_index[normalize_word(w)]) for row, w in enumerate(words)
+                 if normalize_word(w) in self.word_index]
+        if known:
+            rows, ids = (torch.tensor(x, device=vectors.device) for x in zip(*known))
+            vectors[rows] += self.word_embed.weight.detach()[ids]
+        return vectors
 
 
 def build_model(model_name, vocab_size, embed_size, sparse=True, words=None, args=None, **kwargs):
@@ -336,16 +345,16 @@ def _rnn_sizes(args):
     args = {**RNN_DEFAULTS, **{k: v for k, v in (args or {}).items() if v is not None}}
     return dict(char_embed_size=args["char_embed_size"], hidden_size=args["hidden_size"],
                 num_layers=args["num_layer"], dropout=args["dropout"], bidirectional=bool(args["bidirectional"]),
-                mlp_size=args["mlp_size"])
+                mlp_size=args["mlp_size"], cell=args["rnn_cell"])
 
 
 def parameter_count(model_name, words, embed_size, args=None):
     """How many parameters build_model would make for this vocabulary, counted without allocating them."""
     if model_name != "rnn":
         return 2 * len(words) * embed_size
-    with torch.device("meta"):  # the two encoders' shapes only
+    with torch.device("meta"):  # the encoder's shapes only
         encoder = CharWordEncoder(len(CharVocab(words)), embed_size, **_rnn_sizes(args))
-    return 2 * sum(p.numel() for p in encoder.parameters())
+    return 2 * len(words) * embed_size + sum(p.numel() for p in encoder.parameters())
 
 
 def model_from_checkpoint(ckpt):

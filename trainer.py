@@ -38,7 +38,7 @@ from model import RNN_DEFAULTS, build_model, parameter_count  # noqa: E402
 gc.freeze()  # the imports' 200,000 objects live as long as the process: no full collection (nor the one
 gc.enable()  # at exit) walks them again
 
-RNN_BATCH_SIZE = 65536  # see --batch-size
+RNN_BATCH_SIZE = 131072  # see --batch-size
 # Flags a resumed run may change; everything else comes from the saved run.
 RESUMABLE_OVERRIDES = ("rank", "world_size", "init_method", "backend", "dist_timeout", "epochs", "num_threads",
                        "device", "cuda_graph", "gpu_kernel", "log_interval", "save_interval", "pip_interval", "export",
@@ -50,7 +50,7 @@ RUNTIME_ONLY = ("world", "argv")
 SHARED_BY_RANKS = ("model_name", "embed_size", "window_size", "neg_sample_size", "ns_exponent", "subsample_th",
                    "remove_th", "remove_stopwords", "lemmatize", "epochs", "batch_size", "optimizer", "lr", "seed",
                    "loop", "dist_mode", "sync_interval", "block_momentum", "char_embed_size", "hidden_size",
-                   "num_layer", "dropout", "bidirectional", "mlp_size")
+                   "num_layer", "dropout", "bidirectional", "mlp_size", "rnn_cell", "word_share")
 SEED_LIMIT = 2 ** 64  # torch.manual_seed takes seeds below this
 NS_EXPONENT_RANGE = (-1.0, 1.0)  # 1: negatives by frequency, 0: uniform, below 0: rare words favoured
 
@@ -116,12 +116,19 @@ def add_rnn_flags(parser):
     g = parser.add_argument_group("rnn model (--model-name rnn)")
     g.add_argument("--char-embed-size", type=int, default=RNN_DEFAULTS["char_embed_size"],
                    help="size of the character embeddings fed to the LSTM")
+    g.add_argument("--rnn-cell", default=RNN_DEFAULTS["rnn_cell"], choices=["lstm", "gru"],
+                   help="the recurrent layer that reads a word's characters")
     g.add_argument("--hidden-size", type=int, default=RNN_DEFAULTS["hidden_size"], help="LSTM hidden state size")
     g.add_argument("--num-layer", type=int, default=RNN_DEFAULTS["num_layer"], help="stacked LSTM layers")
     g.add_argument("--dropout", type=float, default=RNN_DEFAULTS["dropout"],
                    help="dropout between LSTM layers and on the final hidden state, in training only")
-    g.add_argument("--bidirectional", action="store_true",
-                   help="also read words right to left; the two last states are concatenated")
+    g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=RNN_DEFAULTS["bidirectional"],
+                   help="read words both ways and concatenate the two last states: the backward reading ends on "
+                        "the word's start (its stem), the forward one on its end (inflections)")
+    g.add_argument("--word-share", type=float, default=0.125,
+                   help="on the CPU loop, the part of each step's change of a word's input vector that its "
+                        "per-word vector takes, in (0, 1]; the spelling encoder learns the whole change. Lower "
+                        "favours spelling (analogies, unseen words), higher the words' own meaning")
     g.add_argument("--mlp-size", type=int, default=RNN_DEFAULTS["mlp_size"],
                    help="width of the layer after the LSTM (default: --embed-size, i.e. one linear layer to d); "
                         "another width adds a tanh and a second linear layer to d")
@@ -132,7 +139,7 @@ def add_optimisation_flags(parser):
     g.add_argument("--epochs", type=int, default=5, help="passes over the corpus")
     g.add_argument("--lr", type=float, default=None,
                    help="starting learning rate, decayed linearly to ~0 (default 0.025 for sgd, 0.001 for "
-                        "sparse_adam and adam)")
+                        "sparse_adam and adam); rnn on one CPU process: its encoder's, its tables taking 0.05")
     g.add_argument("--optimizer", default=None, choices=["sgd", "sparse_adam", "adam"],
                    help="sgd: plain SGD (on touched rows for sgns, as word2vec); sparse_adam: torch.optim.SparseAdam "
                         "(sgns); adam: torch.optim.Adam (dense). Default: sgd for sgns, adam for rnn")
@@ -141,9 +148,11 @@ def add_optimisation_flags(parser):
                         f"steps in the text a batch holds. Default: 4096 for sgns, {RNN_BATCH_SIZE} for rnn, whose "
                         f"step costs grow with the batch's distinct words, which grow much slower than the batch")
     g.add_argument("--engine", default="auto", choices=["auto", "kernel", "torch"],
-                   help="kernel: compiled word2vec-style CPU loop; torch: batched PyTorch steps (GPU, "
-                        "sparse_adam, adam, rnn, --multi-node --sync); auto picks kernel for sgns by SGD on the CPU, "
-                        "--multi-node --async included (README: which engine runs on your hardware)")
+                   help="kernel: compiled word2vec-style CPU loop (rnn: it trains the vectors, autograd the "
+                        "encoder, on one process); torch: batched PyTorch steps (GPU, sparse_adam, adam, "
+                        "--multi-node --sync, rnn on a GPU or several processes); auto picks kernel for sgns by SGD "
+                        "on the CPU, --multi-node --async included, and for rnn on one CPU process (README: which "
+                        "engine runs on your hardware)")
     g.add_argument("--num-threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
     g.add_argument("--seed", type=int, default=1,
                    help="random seed, 0 to 2**64-1 (runs are reproducible with --num-threads 1)")
@@ -255,7 +264,7 @@ def resolve_options(args):
                                         distribution, args.engine)
     if why_not:
         raise ValueError(why_not)
-    args.loop, args.engine = loop, "kernel" if loop == "kernel" else "torch"
+    args.loop, args.engine = loop, "kernel" if loop in ("kernel", "spelling") else "torch"
     if args.world and args.world.rank != 0:  # one voice: rank 0 shows progress
         args.quiet = True
 
@@ -311,6 +320,8 @@ def check_rnn_values(args):
         raise ValueError(f"--mlp-size must be positive, got {args.mlp_size}")
     if args.optimizer == "sparse_adam":
         raise ValueError("--optimizer sparse_adam is for sgns's embedding tables; use adam (or sgd) for rnn")
+    if not 0 < args.word_share <= 1:
+        raise ValueError(f"--word-share must be in (0, 1], got {args.word_share}")
 
 
 def check_device(name):
@@ -374,7 +385,7 @@ def make_model(args, corpus):
         optimizer = torch.optim.SparseAdam(list(model.parameters()), lr=args.lr)
     elif args.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    elif args.loop == "autograd":
+    elif args.loop in ("autograd", "spelling"):
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
     return model, optimizer
 

@@ -50,18 +50,19 @@ def test_pip_tracking_draws_the_loss_beside_the_scores(tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
-def test_rnn_bench_batches_cover_the_kept_stream():
+def test_rnn_bench_trains_and_scores_the_rnn_on_a_tiny_corpus(tmp_path, monkeypatch, capsys):
     import bench_rnn
     rng = np.random.default_rng(0)
-    token_ids = rng.integers(0, 50, 3000).astype(np.uint32)
-    counts = np.bincount(token_ids, minlength=50) + 1
-    n_batches, batches = bench_rnn.epoch_batches(token_ids, np.arange(0, 3000, 30), counts, 64, seed=1,
-                                                 device="cpu")
-    batches = list(batches)
-    assert 0 < len(batches) <= n_batches
-    for center, context, negs in batches:
-        assert len(center) == len(context) == len(negs) > 0 and negs.shape[1] == bench_rnn.NEGATIVES
-    assert 40 < np.mean([len(b[0]) for b in batches]) < 90  # about --batch-size pairs each
+    vocabulary = ["king", "queen", "man", "woman", "walked", "walking", "kindly", "kind", "happy", "unhappy"]
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(vocabulary, 12)) + "." for _ in range(400)))
+    monkeypatch.setattr(sys, "argv", ["bench_rnn.py", "--dataset", str(corpus), "--cache-dir", str(tmp_path / "cache"),
+                                      "--tools", "rnn", "--epochs", "1", "--threads", "1"])
+    bench_rnn.main()
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("rnn "))
+    assert len(row.split()) >= 10 and "nearest neighbours of words not in the vocabulary, rnn:" in out
+    assert "unkindly:" in out  # a word the corpus lacks gets neighbours from its spelling
 
 
 def test_distributed_bench_takes_the_first_books_up_to_its_word_count(tmp_path):

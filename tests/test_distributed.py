@@ -567,6 +567,24 @@ def test_two_trainer_processes_sync_run_and_only_rank_0_writes(tmp_path):
     assert ckpt["history"]["Train loss"][1][1] < ckpt["history"]["Train loss"][0][1]
 
 
+@pytest.mark.parametrize("mode", ["--sync", "--async"])
+def test_two_trainer_processes_train_the_rnn_model(tmp_path, mode):
+    """The rnn model on several processes trains by autograd steps (DDP for --sync), its loss falling."""
+    corpus_file = write_small_corpus(tmp_path / "small.txt")
+    init = f"tcp://127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen(trainer_cmd(tmp_path, corpus_file, "--epochs", "2", "--run-name", "d", "--model-name",
+                                          "rnn", "--hidden-size", "8", "--char-embed-size", "4", mode, "--multi-node",
+                                          "--init-method", init, "--rank", str(r), "--world-size", "2",
+                                          "--dist-timeout", "30"),
+                              env=clean_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    ckpt = torch.load(tmp_path / "runs" / "d" / "checkpoint.pt", weights_only=True)
+    assert ckpt["args"]["loop"] == "autograd" and ckpt["epoch"] == 2
+    assert ckpt["history"]["Train loss"][1][1] < ckpt["history"]["Train loss"][0][1]
+
+
 def test_torchrun_launch_async_completes(tmp_path):
     corpus_file = write_small_corpus(tmp_path / "small.txt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",

@@ -27,7 +27,10 @@ def small_model(seed, vocab=12, dim=6):
     (("sgns", "sgd", "cuda", "multi-gpu"), "auto", "autograd"),
     (("sgns", "sparse_adam", "cpu", "one"), "auto", "autograd"),
     (("sgns", "adam", "cuda", "sync"), "torch", "autograd"),
-    (("rnn", "adam", "cpu", "one"), "auto", "autograd"),
+    (("rnn", "adam", "cpu", "one"), "auto", "spelling"),
+    (("rnn", "adam", "cpu", "one"), "kernel", "spelling"),
+    (("rnn", "adam", "cpu", "one"), "torch", "autograd"),
+    (("rnn", "adam", "cuda", "one"), "auto", "autograd"),
     (("rnn", "sgd", "cpu", "async"), "auto", "autograd"),
 ])
 def test_the_engine_table_picks_one_loop_per_run(key, engine, loop):
@@ -35,7 +38,7 @@ def test_the_engine_table_picks_one_loop_per_run(key, engine, loop):
 
 
 @pytest.mark.parametrize("key", [("sgns", "sgd", "cpu", "sync"), ("sgns", "sgd", "cuda", "one"),
-                                 ("sgns", "sparse_adam", "cpu", "one"), ("rnn", "sgd", "cpu", "one")])
+                                 ("sgns", "sparse_adam", "cpu", "one"), ("rnn", "sgd", "cpu", "sync")])
 def test_engine_kernel_where_it_cannot_run_says_why(key):
     loop, why_not = engines.choose_loop(*key, "kernel")
     assert loop is None and "--engine kernel" in why_not

@@ -588,3 +588,59 @@ def test_ctrl_c_is_one_line_exit_130(tmp_path, word2vec_file, capsys, monkeypatc
     pairs = write(tmp_path / "pairs.tsv", "x0\ty0\t9\nx1\ty2\t1\n")
     code, err = main_exit(["--vectors", word2vec_file, "--similarity", pairs], capsys)
     assert code == 130 and err.strip() == "evaluate.py: interrupted; files already written are complete"
+
+
+# ---------------------------------------------------------------- --embed WORDS --export OUT
+
+def sgns_checkpoint_dir(tmp_path, words, vectors):
+    import torch
+
+    run_dir = tmp_path / "sgns-run"
+    run_dir.mkdir()
+    state = {"in_embed.weight": torch.from_numpy(vectors), "out_embed.weight": torch.zeros(vectors.shape)}
+    torch.save({"format": 1, "model_name": "sgns", "model": state, "words": words,
+                "args": {"embed_size": vectors.shape[1]}}, run_dir / "checkpoint.pt")
+    return run_dir
+
+
+def test_embed_writes_the_listed_words_in_order(tmp_path, small_space):
+    words, vectors = small_space
+    run_dir = sgns_checkpoint_dir(tmp_path, words, vectors)
+    listed = write(tmp_path / "words.txt", "w7\n\n  w2 \nW7\nw39\n")
+    out = tmp_path / "out.txt"
+    assert evaluate.main(["--checkpoint", str(run_dir), "--embed", str(listed), "--export", str(out)]) == 0
+    got_words, got = evaluate.load_vectors(out)
+    assert got_words == ["w7", "w2", "W7", "w39"]  # as listed: blank lines and spaces around words dropped
+    np.testing.assert_allclose(got, vectors[[7, 2, 7, 39]], atol=1e-6)
+
+
+@pytest.mark.parametrize("listed,flags,message", [
+    ("w1\nunseen1\nw2\nunseen2\n", [], "2 word(s) not in the vocabulary"),
+    ("\n\n", [], "no words"),
+    ("w1 w2\n", [], "holds a space"),
+    (None, [], "--embed word list not found"),
+    ("w1\n", ["--export"], "go together"),
+    ("w1\n", ["--outdir"], "is a folder"),
+])
+def test_embed_errors_are_one_line_exit_2_with_nothing_written(tmp_path, small_space, capsys, listed, flags,
+                                                               message):
+    words, vectors = small_space
+    run_dir = sgns_checkpoint_dir(tmp_path, words, vectors)
+    words_file = tmp_path / "words.txt"
+    if listed is not None:
+        write(words_file, listed)
+    out = tmp_path / "out.txt"
+    argv = ["--checkpoint", str(run_dir), "--embed", str(words_file), "--export", str(out)]
+    if flags == ["--export"]:  # --embed alone
+        argv = argv[:4]
+    elif flags == ["--outdir"]:
+        argv[-1] = str(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error, error
+    if "not in the vocabulary" in message:
+        assert "unseen1 unseen2" in error
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["sgns-run"] + (["words.txt"] if listed is not None else []))

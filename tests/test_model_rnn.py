@@ -1,4 +1,4 @@
-"""RNN-SGNS: character vocabulary, the char-LSTM word encoder, unique-word batching, trainer runs."""
+"""RNN-SGNS: character vocabulary, the spelling encoder, per-word plus spelling vectors, trainer runs."""
 import json
 import signal
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import trainer
-from model import PAD_CHAR, UNKNOWN_CHAR, CharVocab, RNNSGNS, build_model, model_from_checkpoint, parameter_count
+from model import (PAD_CHAR, UNKNOWN_CHAR, CharVocab, RNNSGNS, _sgns_loss, build_model, model_from_checkpoint,
+                   parameter_count)
 from reference import reference_loss
 from test_trainer import stop_after
 
@@ -59,10 +60,9 @@ def test_vector_is_the_same_alone_or_batched_with_longer_and_shorter_words(sizes
     assert torch.allclose(batched[2], alone, atol=1e-6)
     assert not torch.allclose(batched[1], alone, atol=1e-3)  # different words do get different vectors
     # both ways of running the LSTM (one packed call for CUDA, one call per length on the CPU) agree
-    for encoder in (model.center_encoder, model.context_encoder):
-        packed = encoder(model.word_chars, model.word_lengths, packed=True)
-        by_length = encoder(model.word_chars, model.word_lengths, packed=False)
-        assert torch.allclose(packed, by_length, atol=1e-6)
+    packed = model.encoder(model.word_chars, model.word_lengths, packed=True)
+    by_length = model.encoder(model.word_chars, model.word_lengths, packed=False)
+    assert torch.allclose(packed, by_length, atol=1e-6)
     # the vocabulary's vectors are each word encoded alone
     table = model.embeddings()
     for i, word in enumerate(WORDS):
@@ -81,37 +81,60 @@ def test_unseen_words_and_characters_get_finite_vectors():
 
 def test_dropout_only_in_training():
     model = small_model(dropout=0.5, num_layers=2)
+    with torch.no_grad():
+        model.out_embed.weight.normal_()  # outputs start at zero: every loss would be log 2 per term
     center, context, negs = random_batch(1)
     assert model(center, context, negs).item() != model(center, context, negs).item()
     first, second = model.embeddings(), model.embeddings()
     assert torch.equal(first, second)
 
 
-def loss_and_grads(model, batch):
-    model.zero_grad()
-    loss = model(*batch)
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+def test_unseen_word_gets_its_spelling_alone_deterministically():
+    model = small_model(seed=2)
+    with torch.no_grad():
+        model.word_embed.weight.normal_()  # a per-word part far from zero, as after training
+    spelled = model._spell_all(*model.char_vocab.encode(["cats", "catz"]), 8)
+    vectors = model.embed_words(["catz", "cats", "Catz", "catz"])
+    assert torch.equal(vectors[0], spelled[1]) and torch.equal(vectors[0], vectors[3])
+    assert torch.equal(vectors[2], vectors[0])  # normalised as the corpus is
+    # a word of the vocabulary: its per-word part plus its spelling, as embeddings() gives it
+    cats = WORDS.index("cats")
+    assert torch.allclose(vectors[1], spelled[0] + model.word_embed.weight[cats], atol=1e-6)
+    assert torch.allclose(vectors[1], model.embeddings()[cats], atol=1e-6)
+    # another model with the same weights (a checkpoint rebuilt) gives the same bits
+    twin = small_model(seed=9)
+    twin.load_state_dict(model.state_dict())
+    assert torch.equal(twin.embed_words(["catz", "cats"]), model.embed_words(["catz", "cats"]))
 
 
-@pytest.mark.parametrize("sizes", [{}, {"bidirectional": True, "num_layers": 2, "mlp_size": 7}])
-def test_unique_word_encoding_equals_per_occurrence(sizes):
+@pytest.mark.parametrize("sizes", [{}, {"bidirectional": True, "num_layers": 2, "mlp_size": 7, "cell": "gru"}])
+def test_loss_and_gradients_equal_the_per_occurrence_reference(sizes):
+    """Each distinct word encoded once gives the loss and gradients of encoding every occurrence."""
     model = small_model(seed=3, **sizes).double()
+    with torch.no_grad():
+        model.out_embed.weight.normal_()  # outputs start at zero, which would leave the inputs no gradient
     center, context, negs = random_batch(4, batch=10, neg=4)
-    negs[0, :2] = context[0]  # a word both context and negative, and repeated
     center[1] = center[0]
-    model.unique = True
-    unique_loss, unique_grads = loss_and_grads(model, (center, context, negs))
-    model.unique = False
-    each_loss, each_grads = loss_and_grads(model, (center, context, negs))
-    assert torch.allclose(unique_loss, each_loss, rtol=1e-12)
+    loss, grads = loss_and_grads(model, lambda: model(center, context, negs))
+
+    def per_occurrence():
+        each = model.word_embed(center) + model.encoder(model.word_chars[center], model.word_lengths[center])
+        return _sgns_loss(each, model.out_embed(context), model.out_embed(negs))
+    each_loss, each_grads = loss_and_grads(model, per_occurrence)
+    assert torch.allclose(loss, each_loss, rtol=1e-12)
     for name, grad in each_grads.items():
         assert grad.abs().sum() > 0 or name.endswith("char_embed.weight"), name
-        assert torch.allclose(unique_grads[name], grad, rtol=1e-9, atol=1e-12), name
-    # and the loss is SGNS's on the vectors each word gets alone
-    expected = reference_loss(model.embeddings(), model._encode_all(model.context_encoder, model.word_chars,
-                                                                    model.word_lengths, 8192), center, context, negs)
-    assert abs(unique_loss.item() - expected) < 1e-9 * abs(expected)
+        assert torch.allclose(grads[name], grad, rtol=1e-9, atol=1e-12), name
+    # and the loss is SGNS's on the vectors embeddings() gives
+    expected = reference_loss(model.embeddings(), model.out_embed.weight.detach(), center, context, negs)
+    assert abs(loss.item() - expected) < 1e-9 * abs(expected)
+
+
+def loss_and_grads(model, loss_fn):
+    model.zero_grad()
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
 def test_short_run_lowers_the_loss():
@@ -145,8 +168,10 @@ def test_build_model_reads_the_run_flags():
                         args={"char_embed_size": 4, "hidden_size": 6, "num_layer": 2, "dropout": 0.0,
                               "bidirectional": True, "mlp_size": None, "batch_size": 10})
     assert isinstance(model, RNNSGNS)
-    assert model.center_encoder.lstm.num_layers == 2 and model.center_encoder.lstm.bidirectional
-    assert model.center_encoder.head.in_features == 12
+    assert model.encoder.rnn.num_layers == 2 and model.encoder.rnn.bidirectional
+    assert isinstance(model.encoder.rnn, torch.nn.LSTM) and model.encoder.head.in_features == 12
+    gru = build_model("rnn", len(WORDS), 5, words=WORDS, args={"rnn_cell": "gru"})
+    assert isinstance(gru.encoder.rnn, torch.nn.GRU)
     with pytest.raises(ValueError):
         build_model("rnn", len(WORDS), 5)  # no words to spell
 
@@ -172,15 +197,16 @@ def rnn_args(tmp_path, *extra):
 
 def test_is_character_is_an_alias_with_rnn_defaults():
     args = trainer.parse_args(["--is-character"])
-    assert (args.model_name, args.optimizer, args.lr, args.engine) == ("rnn", "adam", 0.001, "torch")
+    assert (args.model_name, args.optimizer, args.loop) == ("rnn", "adam", "spelling")
     sgns = trainer.parse_args([])
     assert (sgns.model_name, sgns.optimizer, sgns.lr, sgns.batch_size) == ("sgns", "sgd", 0.025, 4096)
 
 
-@pytest.mark.parametrize("argv", [["--model-name", "rnn", "--engine", "kernel"],
+@pytest.mark.parametrize("argv", [["--model-name", "rnn", "--rnn-cell", "rnn"],
                                   ["--model-name", "rnn", "--optimizer", "sparse_adam"],
                                   ["--model-name", "rnn", "--hidden-size", "0"],
-                                  ["--model-name", "rnn", "--dropout", "1.5"]])
+                                  ["--model-name", "rnn", "--dropout", "1.5"],
+                                  ["--model-name", "rnn", "--word-share", "0"]])
 def test_bad_rnn_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         trainer.parse_args(argv)
@@ -201,7 +227,7 @@ def test_trainer_run_checkpoint_rebuilds_the_model(tmp_path, capsys):
     assert any(p.name == "metadata.tsv" for p in run_dir.rglob("*"))  # TensorBoard projector
 
     model = model_from_checkpoint(ckpt)
-    assert isinstance(model, RNNSGNS) and model.center_encoder.lstm.bidirectional
+    assert isinstance(model, RNNSGNS) and model.encoder.rnn.bidirectional
     from gensim.models import KeyedVectors
     keyed = KeyedVectors.load_word2vec_format(str(export))
     assert keyed.index_to_key == ckpt["words"]
@@ -209,8 +235,18 @@ def test_trainer_run_checkpoint_rebuilds_the_model(tmp_path, capsys):
     vectors = model.embed_words(["buss", "horsey"])
     assert torch.isfinite(vectors).all()
 
-    # evaluate.py rebuilds it too and embeds words the vocabulary lacks
+    # evaluate.py --embed: the vocabulary's words as --export wrote them, unseen ones from their spelling
     import evaluate
+    listed = tmp_path / "words.txt"
+    listed.write_text("buss\ncats\nhorsey\nthe\n")
+    embedded = tmp_path / "embedded.txt"
+    assert evaluate.main(["--checkpoint", str(run_dir), "--embed", str(listed), "--export", str(embedded)]) == 0
+    got_words, got = evaluate.load_vectors(embedded)
+    assert got_words == ["buss", "cats", "horsey", "the"]
+    np.testing.assert_allclose(got[[1, 3]], keyed[["cats", "the"]], rtol=0, atol=2e-6)
+    np.testing.assert_allclose(got[[0, 2]], vectors.numpy(), rtol=0, atol=1e-6)
+
+    # evaluate.py rebuilds it too and embeds words the vocabulary lacks
     words, table, embed_fn, _ = evaluate.load_checkpoint(run_dir)
     assert words == ckpt["words"] and embed_fn is not None
     np.testing.assert_allclose(embed_fn(["buss", "horsey"]), vectors.numpy(), rtol=1e-5, atol=1e-6)
@@ -231,7 +267,7 @@ def test_interrupted_and_resumed_rnn_run_equals_uninterrupted(tmp_path, monkeypa
     args = rnn_args(tmp_path, "--epochs", "2", "--pip-interval", "0", "--subsample-th", "0")
     assert trainer.main(args + ["--run-name", "straight"]) == 0
     with monkeypatch.context() as patch:
-        stop_after(patch, "autograd_epoch", 80)  # 58 steps an epoch: mid-way through the second
+        stop_after(patch, "spelling_epoch", 80)  # 58 steps an epoch: mid-way through the second
         assert trainer.main(args + ["--run-name", "stopped"]) == 128 + signal.SIGINT
     ckpt = torch.load(tmp_path / "runs" / "stopped" / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["position"] and ckpt["optimizer"]["state"]
@@ -249,3 +285,51 @@ def test_parameter_count_is_the_built_models_without_building_it(sizes):
     for name in ("sgns", "rnn"):
         built = build_model(name, len(words), 12, words=words, args=sizes)
         assert parameter_count(name, words, 12, sizes) == sum(p.numel() for p in built.parameters())
+
+
+def test_pip_loss_normalized_falls_over_the_epochs(tmp_path):
+    rng = np.random.default_rng(1)
+    stems = ["cat", "dog", "horse", "cow", "car", "bus", "train", "truck", "red", "blue", "green", "pink"]
+    topics = [[stem + end for stem in stems[i:i + 4] for end in ("", "s", "ish")] for i in (0, 4, 8)]
+    lines = [" ".join(rng.choice(topics[rng.integers(3)], 10)) + "." for _ in range(1500)]
+    (tmp_path / "topics.txt").write_text("\n".join(lines))
+    # one negative: with five, PMI's shift by log 5 leaves three topics' SPPMI matrix all zero
+    args = rnn_args(tmp_path, "--epochs", "3", "--run-name", "pip", "--pip-vocab", "36", "--subsample-th", "0",
+                    "--neg-sample-size", "1")
+    args[args.index("--dataset") + 1] = str(tmp_path / "topics.txt")
+    assert trainer.main(args) == 0
+    ckpt = torch.load(tmp_path / "runs" / "pip" / "checkpoint.pt", weights_only=True)
+    pip = [value for _, value in ckpt["history"]["PIP loss (normalized)"]]
+    assert pip[0] < 0.9 and pip[2] < pip[0], pip
+
+
+def test_rnn_run_with_sgd_trains_the_encoder_too(tmp_path):
+    args = rnn_args(tmp_path, "--epochs", "1", "--run-name", "sgd", "--optimizer", "sgd", "--lr", "0.001",
+                    "--pip-interval", "0")
+    assert trainer.main(args) == 0
+    ckpt = torch.load(tmp_path / "runs" / "sgd" / "checkpoint.pt", weights_only=True)
+    trained = model_from_checkpoint(ckpt)
+    torch.manual_seed(ckpt["args"]["seed"])  # the run's initial weights, as the trainer drew them
+    start = build_model("rnn", len(ckpt["words"]), 8, words=ckpt["words"], args=ckpt["args"])
+    for name, weight in start.encoder.state_dict().items():
+        assert not torch.equal(weight, trained.encoder.state_dict()[name]) or name.endswith("char_embed.weight"), name
+
+
+def test_encoder_gradient_in_parts_on_threads_equals_one_backward():
+    import concurrent.futures
+    from types import SimpleNamespace
+
+    import engines
+    model = small_model(seed=4, bidirectional=True).double()
+    ids = torch.arange(len(WORDS))
+    grad = torch.randn(len(WORDS), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    model.spell(ids).backward(grad)
+    expected = {name: p.grad.clone() for name, p in model.encoder.named_parameters()}
+    model.zero_grad()
+    parts = torch.tensor_split(ids, 3)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        engine = SimpleNamespace(model=model, pool=pool)
+        engines._encoder_gradient(engine, list(pool.map(model.spell, parts)),
+                                  torch.split(grad, [len(p) for p in parts]))
+    for name, param in model.encoder.named_parameters():
+        assert torch.allclose(param.grad, expected[name], rtol=1e-10, atol=1e-12), name
