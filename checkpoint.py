@@ -217,8 +217,8 @@ def read(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's text suggests weights_only=False: the unsafe load we never do
-        raise CheckpointError(f"cannot read checkpoint {path}: it holds objects other than tensors, numbers and "
-                              "text, which a checkpoint never holds; refused without loading them") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged, or not a checkpoint: it holds something "
+                              "other than tensors, numbers and text, refused without loading it") from None
     except Exception as err:  # torch raises many types for damaged, empty or unsafe files
         detail = _first_line(err)
         detail = f" ({err.__class__.__name__}: {detail})" if "weights_only" not in detail else ""

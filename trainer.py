@@ -435,7 +435,8 @@ def start_state(args, run_dir, model, optimizer, corpus):
         state["position"] = resumable_position(state)
         fileio.remove_stale_temp_files(run_dir)  # left by a write that a kill -9 or power cut interrupted
         if state["epoch"] == args.epochs:
-            print(f"all {args.epochs} epochs are done: writing what the run ends with (give --epochs N to train on)")
+            print(f"nothing left to train ({state['epoch']} of {args.epochs} epochs done): writing what the run ends "
+                  "with (--epochs N trains on)")
         else:
             print(f"resuming at epoch {state['epoch'] + 1}, step {state['global_step']}")
     elif args.load_model:
