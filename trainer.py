@@ -527,7 +527,7 @@ def memory_lower_bound(args, words):
         parts[f"a step's windows (--window-size {args.window_size}, --batch-size {args.batch_size})"] = step_bytes
     if args.pip_interval:  # float64 copies of the vectors and of the oracle, a d x d Gram matrix and its square
         pip_words = min(args.pip_vocab, vocab)
-        parts[f"the PIP loss (--embed-size {dim}, --pip-vocab {pip_words:,})"] = 8 * (2 * pip_words * dim + 2 * dim * dim)
+        parts[f"the PIP loss (--embed-size {dim}, --pip-vocab {pip_words:,})"] = 16 * (pip_words * dim + dim * dim)
     return parts
 
 
@@ -838,8 +838,8 @@ def train(args):
         signum = stop_signal(err)
         if signum:
             raise Stopped(signum, what_is_kept(args, run_dir)) from None
-        if isinstance(err, FloatingPointError):
-            raise FloatingPointError(f"{err}; {what_is_kept(args, run_dir)}") from None
+        if isinstance(err, FloatingPointError):  # resuming would meet the same NaN: no resume command
+            raise FloatingPointError(f"{err}; {what_is_kept(args, run_dir, resumable=False)}") from None
         raise
     finally:
         if lock is not None:
@@ -858,13 +858,14 @@ def stop_signal(err):
     return 0
 
 
-def what_is_kept(args, run_dir):
-    """What a run that ends on an error leaves to go on from."""
+def what_is_kept(args, run_dir, resumable=True):
+    """What a run that ends on an error leaves to go on from (and how, where resumable)."""
     if not distributed.is_main():
         return "rank 0 keeps its last checkpoint"
-    resumable = Path(run_dir) / "checkpoint.pt"
-    if resumable.exists():
-        return f"the last good checkpoint is kept ({resumable}); resume with: {resume_command(args, run_dir)}"
+    kept = Path(run_dir) / "checkpoint.pt"
+    if kept.exists():
+        how = f"; resume with: {resume_command(args, run_dir)}" if resumable else ""
+        return f"the last good checkpoint is kept ({kept}){how}"
     return "no checkpoint was written" + ("" if Path(run_dir).exists() else ", and the run folder is removed")
 
 
@@ -1074,10 +1075,9 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # during start-up or the closing writes, or a second Ctrl-C
-        signum = getattr(err, "signum", signal.SIGINT)
-        print(f"error: interrupted by {signal.Signals(signum).name}; {getattr(err, 'note', 'nothing was written')}",
-              file=sys.stderr)
-        return 128 + signum
+        stop = err if isinstance(err, Stopped) else Stopped()
+        print(f"error: interrupted by {signal.Signals(stop.signum).name}; {stop.note}", file=sys.stderr)
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":

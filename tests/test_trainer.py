@@ -226,9 +226,9 @@ def test_the_printed_resume_command_is_shell_quoted_and_works_from_another_folde
     name = "my run;$(touch PWN)"
     with monkeypatch.context() as patch:
         stop_after(patch, "kernel_epoch", 1)
-        assert trainer.main(["--dataset", "small.txt", "--cache-dir", "cache", "--log-dir", "runs", "--embed-size", "16",
-                             "--remove-th", "1", "--num-threads", "1", "--quiet", "--pip-interval", "0", "--epochs", "2",
-                             "--run-name", name]) == 128 + signal.SIGINT
+        assert trainer.main(["--dataset", "small.txt", "--cache-dir", "cache", "--log-dir", "runs", "--embed-size",
+                             "16", "--remove-th", "1", "--num-threads", "1", "--quiet", "--pip-interval", "0",
+                             "--epochs", "2", "--run-name", name]) == 128 + signal.SIGINT
     run_dir = tmp_path / "runs" / name
     command = capsys.readouterr().out.split("Resume with: ")[1].strip()
     assert shlex.split(command) == ["python", "trainer.py", "--resume", str(run_dir)]
