@@ -831,9 +831,9 @@ def train(args):
                 return stop_run(run, stopped_by)
         return finish_run(run)
     except BaseException as err:
-        if run is not None:
-            run.writer.close()  # its events file goes with the folder below
         if not args.resume and distributed.is_main():
+            if run is not None and not (run_dir / "checkpoint.pt").exists():
+                run.writer.close()  # its events file goes with the folder (a full disk keeps its checkpoint)
             checkpoint.remove_unused_run_dir(run_dir)
         signum = stop_signal(err)
         if signum:

@@ -834,11 +834,13 @@ def test_resume_with_fewer_epochs_than_done_is_refused_and_a_finished_run_says_s
 # Unwritable folders and full disks
 
 def test_log_dir_not_writable_is_an_error_before_training(tmp_path, capsys, corpus_file):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
     argv = base_args(tmp_path, corpus_file)
-    argv[argv.index("--log-dir") + 1] = str(corpus_file / "runs")  # inside a regular file: never writable
+    argv[argv.index("--log-dir") + 1] = str(blocker / "runs")  # inside a regular file: never writable
     code, out, err = run_main(capsys, argv)
     assert code == 1
-    assert_one_line_error(err, str(corpus_file))
+    assert_one_line_error(err, str(blocker))
     assert "corpus:" not in out  # found out before the corpus was even read
 
 
@@ -917,10 +919,12 @@ def test_export_into_a_missing_folder_is_created_or_a_clear_error(tmp_path, caps
     from gensim.models import KeyedVectors
     assert len(KeyedVectors.load_word2vec_format(str(export)).index_to_key) == 13
 
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
     code, out, err = run_main(capsys, base_args(tmp_path, corpus_file, "--epochs", "1",
-                                                "--export", str(corpus_file / "vectors.txt")))
+                                                "--export", str(blocker / "vectors.txt")))
     assert code == 1
-    assert_one_line_error(err, str(corpus_file))
+    assert_one_line_error(err, str(blocker))
     assert "corpus:" not in out  # before training, not after it
 
 
@@ -1147,7 +1151,7 @@ def test_evaluation_files_are_read_before_training(tmp_path, capsys, corpus_file
         eval_file.write_text(": family\nboy girl brother\n")
         needles = [f"{eval_file}:2", "expected 4 words"]
     else:
-        needles = [str(eval_file), "No such file"]
+        needles = [str(eval_file), "not found"]
     code, out, err = run_main(capsys, base_args(tmp_path, corpus_file, flag, str(eval_file)))
     assert code == 2
     assert_one_line_error(err, flag, *needles)
