@@ -7,7 +7,10 @@ and the optimizer's state, the vocabulary, the run's arguments, and the training
 the history of every logged scalar). The trainer and evaluate.py read it through this module.
 """
 import argparse
+import fcntl
 import json
+import os
+import pickle
 import warnings
 from datetime import datetime
 from pathlib import Path
@@ -41,13 +44,48 @@ def write_arguments(run_dir, args):
     fileio.atomic_write(Path(run_dir) / "args.json", lambda tmp: tmp.write_text(json.dumps(vars(args), indent=2)))
 
 
+def lock_run_dir(run_dir):
+    """Hold an exclusive lock on the run folder for as long as the returned descriptor is open
+    (os.close it; the kernel releases it when the process dies, so a kill -9 leaves no stale
+    lock). The folder itself is locked: nothing is written into it. A folder another process
+    holds is refused, naming it."""
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(os.fstat(fd))
+        os.close(fd)
+        raise CheckpointError(f"run folder in use by {f'PID {holder}' if holder else 'another process'}: {run_dir} "
+                              "(one run at a time per folder)") from None
+    except OSError:  # a file system without locks: run unguarded, as before locks existed
+        pass
+    return fd
+
+
+def _lock_holder(folder_stat):
+    """The process holding a flock on the folder with this stat, from /proc/locks (Linux); None where unknown."""
+    where = f"{os.major(folder_stat.st_dev):02x}:{os.minor(folder_stat.st_dev):02x}:{folder_stat.st_ino}"
+    try:
+        with open("/proc/locks") as locks:
+            for line in locks:
+                fields = line.split()
+                if "FLOCK" in fields and where in fields:
+                    return int(fields[fields.index(where) - 1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def remove_unused_run_dir(run_dir):
-    """Remove a new run's folder that holds nothing but its args.json: a run that failed before
-    writing anything leaves no folder that --resume could only refuse. Best effort."""
+    """Remove a new run's folder that holds no checkpoint, only its args.json and TensorBoard
+    events: a run that failed or was stopped before its first checkpoint leaves no folder that
+    --resume could only refuse. A folder holding anything else stays. Best effort."""
     run_dir = Path(run_dir)
     try:
-        if [p.name for p in run_dir.iterdir()] == ["args.json"]:
-            (run_dir / "args.json").unlink()
+        files = list(run_dir.iterdir())
+        if all(p.name == "args.json" or p.name.startswith("events.out.tfevents.") for p in files):
+            for path in files:
+                path.unlink()
             run_dir.rmdir()
     except OSError:
         pass
@@ -170,14 +208,21 @@ def read(path):
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        fileio.check_input_path(path, "checkpoint")
+    except (FileNotFoundError, fileio.PathKindError) as err:
+        raise CheckpointError(str(err)) from None
     if path.stat().st_size == 0:  # a write that never began, or a truncated copy
         raise CheckpointError(f"cannot read checkpoint {path}: the file is empty")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's text suggests weights_only=False: the unsafe load we never do
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged, or not a checkpoint: it holds something "
+                              "other than tensors, numbers and text, refused without loading it") from None
     except Exception as err:  # torch raises many types for damaged, empty or unsafe files
-        raise CheckpointError(f"cannot read checkpoint {path}: {err.__class__.__name__}: {_first_line(err)}")
+        detail = _first_line(err)
+        detail = f" ({err.__class__.__name__}: {detail})" if "weights_only" not in detail else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: damaged, or not a checkpoint{detail}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "words" not in ckpt:
         raise CheckpointError(f"{path} is not a checkpoint of this version of sgns")
     return ckpt

@@ -127,6 +127,11 @@ def resolve_dataset(dataset, data_dir="data"):
     if dataset == "lee":
         return Source("gensim lee_background.cor", [_lee_corpus_file()])
     for path in (Path(dataset), data_dir / dataset):
+        if path.exists():  # a FIFO or a device would block or stream forever: one line instead
+            try:
+                fileio.check_input_path(path, "dataset", allow_dir=True)
+            except fileio.PathKindError as err:
+                raise DatasetError(str(err)) from None
         if path.is_file():
             return Source(str(path), [path])
         if path.is_dir():

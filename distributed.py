@@ -334,6 +334,10 @@ def _looks_distributed(err):
 
 def _describe(err, world):
     first = (str(err).strip().splitlines() or [err.__class__.__name__])[0]
+    if "EADDRINUSE" in first:  # rank 0 could not listen: nothing to do with the other ranks
+        port = f"MASTER_PORT {os.environ.get('MASTER_PORT')}" if world.init_method == "env://" else world.init_method
+        return (f"rank {world.rank} of {world.world_size}: the port of {port} is already in use (another run or "
+                "program listens there); choose another port")
     return (f"rank {world.rank} of {world.world_size}: another rank died, closed its connection or did not answer "
             f"within --dist-timeout {world.timeout:g} s ({err.__class__.__name__}: {first[:300]})")
 

@@ -15,9 +15,19 @@ import time
 import warnings
 from pathlib import Path
 
-if __name__ == "__main__":  # Ctrl-C while the imports below load (seconds): nothing is written yet; exit at
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))  # once (an exception raised
-    # inside a half-imported library can end in another traceback)
+
+
+def _stop_while_importing(signum, frame):
+    """A stop signal while the imports below load: nothing is written yet, so exit at once (an
+    exception raised inside a half-imported library can end in another traceback)."""
+    os.write(2, f"error: interrupted by {signal.Signals(signum).name} while starting; nothing was written\n".encode())
+    os._exit(128 + signum)
+
+
+if __name__ == "__main__":
+    for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if _signum == signal.SIGINT or signal.getsignal(_signum) != signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(_signum, _stop_while_importing)
 if "--multi-node" in sys.argv:  # c10d logs every failed connection with a C++ stack trace; we report it in
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # one line (read when torch loads: set it first)
 
@@ -57,6 +67,15 @@ NS_EXPONENT_RANGE = (-1.0, 1.0)  # 1: negatives by frequency, 0: uniform, below 
 
 class UserError(Exception):
     """A problem the user can fix; reported in one line, exit 2."""
+
+
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) outside the training steps: the run ends at once with
+    128 + signum; note says what is left on disk."""
+
+    def __init__(self, signum=signal.SIGINT, note="nothing was written"):
+        super().__init__(signum)
+        self.signum, self.note = signum, note
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -251,6 +270,7 @@ def resolve_options(args):
         args.lr = 0.025 if args.optimizer == "sgd" else 0.001
     if args.sync_interval is None:
         args.sync_interval = distributed.default_sync_interval(args.batch_size)
+    absolute_paths(args)
     check_values(args)
     cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for problem in distributed.check_flags(args, cuda_devices):
@@ -267,6 +287,18 @@ def resolve_options(args):
     args.loop, args.engine = loop, "kernel" if loop in ("kernel", "spelling") else "torch"
     if args.world and args.world.rank != 0:  # one voice: rank 0 shows progress
         args.quiet = True
+
+
+def absolute_paths(args):
+    """Paths as absolute ones, so that args.json and the printed resume command work from any
+    folder. A --dataset found only inside --data-dir stays a name there, as do 'gutenberg' and 'lee'."""
+    for name in ("data_dir", "cache_dir", "log_dir", "export", "export_projector", "resume", "load_model",
+                 "eval_analogy"):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+    args.eval_similarity = [os.path.abspath(path) for path in args.eval_similarity]
+    if args.dataset not in (None, "gutenberg", "lee") and os.path.lexists(args.dataset):
+        args.dataset = os.path.abspath(args.dataset)
 
 
 def check_values(args):
@@ -362,6 +394,31 @@ def open_run_dir(args):
     return checkpoint.make_run_dir(saved_args(args))
 
 
+def check_outputs_apart(args):
+    """Refuse, before anything is written, an output that would overwrite an input of the run: the
+    corpus (or land inside its folder), the evaluation files, the checkpoint to load, the run's
+    own checkpoints and args.json. Links are followed."""
+    if not distributed.is_main():
+        return
+    source = data.resolve_dataset(args.dataset, args.data_dir)
+    folder = Path(source.name)
+    corpus = folder if folder.is_dir() else source.files[0] if len(source.files) == 1 else source.files[0].parent
+    inputs = {"the corpus": corpus, "the --eval-analogy file": args.eval_analogy,
+              "the --load-model checkpoint": args.load_model,
+              **{f"the --eval-similarity file {path}": path for path in args.eval_similarity}}
+    run_dir = Path(args.resume) if args.resume else Path(args.log_dir) / args.run_name if args.run_name else None
+    if run_dir is not None:
+        inputs.update({f"the run's {name}": run_dir / name for name in ("checkpoint.pt", "best.pt", "args.json")})
+    outputs = {"--resume" if args.resume else "--log-dir": args.resume or args.log_dir, "--export": args.export}
+    if args.export_projector:
+        outputs.update({"--export-projector": Path(args.export_projector) / "vectors.tsv",
+                        "--export-projector's metadata": Path(args.export_projector) / "metadata.tsv"})
+    try:
+        fileio.check_outputs_apart(outputs, inputs)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def load_corpus(args):
     corpus = data.load_corpus(args.dataset, args.data_dir, args.cache_dir, args.remove_th, args.remove_stopwords,
                               args.lemmatize)
@@ -404,9 +461,16 @@ def start_state(args, run_dir, model, optimizer, corpus):
         if optimizer is not None and ckpt["optimizer"]:
             optimizer.load_state_dict(ckpt["optimizer"])
         state = {k: ckpt.get(k, state[k]) for k in state}
+        if state["epoch"] > args.epochs:
+            raise UserError(f"--resume {run_dir}: the run has done {state['epoch']} epochs, more than --epochs "
+                            f"{args.epochs}; give --epochs {state['epoch']} or more")
         state["position"] = resumable_position(state)
         fileio.remove_stale_temp_files(run_dir)  # left by a write that a kill -9 or power cut interrupted
-        print(f"resuming at epoch {state['epoch'] + 1}, step {state['global_step']}")
+        if state["epoch"] == args.epochs:
+            print(f"nothing left to train ({state['epoch']} of {args.epochs} epochs done): writing what the run ends "
+                  "with (--epochs N trains on)")
+        else:
+            print(f"resuming at epoch {state['epoch'] + 1}, step {state['global_step']}")
     elif args.load_model:
         weights = checkpoint.read_for_run(args.load_model, corpus, args.model_name)["model"]
         checkpoint.load_weights(model, weights, args.load_model)
@@ -477,7 +541,8 @@ def _size(n_bytes):
 
 def memory_lower_bound(args, words):
     """Bytes the run cannot do without, by what takes them: the model with its optimizer's state
-    (and the rnn model's V x d vectors), and on the torch loops one step's whole windows."""
+    (and the rnn model's V x d vectors), on the torch loops one step's whole windows, and the PIP
+    loss's arrays."""
     vocab, dim = len(words), args.embed_size
     copies = 1 + {"adam": 3, "sparse_adam": 2}.get(args.optimizer, 0)  # weights, moments, Adam's dense gradient
     model_bytes = 4 * parameter_count(args.model_name, words, dim, vars(args)) * copies
@@ -492,6 +557,9 @@ def memory_lower_bound(args, words):
         else:  # window_pairs' int64 positions and their masks
             step_bytes = slots * 12
         parts[f"a step's windows (--window-size {args.window_size}, --batch-size {args.batch_size})"] = step_bytes
+    if args.pip_interval:  # float64 copies of the vectors and of the oracle, a d x d Gram matrix and its square
+        pip_words = min(args.pip_vocab, vocab)
+        parts[f"the PIP loss (--embed-size {dim}, --pip-vocab {pip_words:,})"] = 16 * (pip_words * dim + dim * dim)
     return parts
 
 
@@ -690,6 +758,10 @@ def read_evaluation_file(flag, path, load, count, what):
     malformed, or holds nothing to score (count: its items)."""
     import evaluate
     try:
+        fileio.check_input_path(path, f"{flag} file")  # a FIFO would block the run before it starts
+    except (FileNotFoundError, fileio.PathKindError) as err:
+        raise UserError(str(err)) from None
+    try:
         parsed = load(path)
     except UnicodeDecodeError as err:
         raise UserError(f"{flag} {path}: not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8")
@@ -756,6 +828,7 @@ class Run:
             check_room_for_checkpoints(self.run_dir, self.model, self.optimizer, self.corpus, saved_files)
             self.pip_monitor = PipMonitor(self.corpus, args) if args.pip_interval else None
         self.writer = make_writer(self.run_dir)
+        self.checkpoint_step = None  # the step checkpoint.pt was last written at by this process
 
     def save(self, name):
         """Write checkpoint `name`; a failed write says what is left to resume from."""
@@ -764,6 +837,8 @@ class Run:
         try:
             checkpoint.save(self.run_dir / name, self.model, self.optimizer, self.corpus, saved_args(self.args),
                             self.state)
+            if name == "checkpoint.pt":
+                self.checkpoint_step = self.state["global_step"]
             if self.args.resume and name == "checkpoint.pt":  # the next --resume starts from what this one changed
                 checkpoint.write_arguments(self.run_dir, saved_args(self.args))
         except OSError as err:
@@ -781,10 +856,14 @@ class Run:
 
 
 def train(args):
-    """Train a run from its options: set up, run the epochs, write what the run ends with. A new
-    run that fails before writing anything but its args.json leaves no folder behind."""
+    """Train a run from its options: set up, run the epochs, write what the run ends with. The run
+    holds its folder's lock throughout; a new run that fails or is stopped before its first
+    checkpoint leaves no folder behind."""
+    check_outputs_apart(args)
     run_dir = open_run_dir(args)
+    run = lock = None
     try:
+        lock = checkpoint.lock_run_dir(run_dir) if distributed.is_main() else None
         run = Run(args, run_dir)
         with Signals() as signals:
             progress = Progress(args, run.state, run.writer, len(run.corpus))
@@ -796,10 +875,43 @@ def train(args):
             if stopped_by:
                 return stop_run(run, stopped_by)
         return finish_run(run)
-    except BaseException:
+    except BaseException as err:
         if not args.resume and distributed.is_main():
+            if run is not None and not (run_dir / "checkpoint.pt").exists():
+                run.writer.close()  # its events file goes with the folder (a full disk keeps its checkpoint)
             checkpoint.remove_unused_run_dir(run_dir)
+        signum = stop_signal(err)
+        if signum:
+            raise Stopped(signum, what_is_kept(args, run_dir)) from None
+        if isinstance(err, FloatingPointError):  # resuming would meet the same NaN: no resume command
+            raise FloatingPointError(f"{err}; {what_is_kept(args, run_dir, resumable=False)}") from None
         raise
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def stop_signal(err):
+    """The signal behind err: a Ctrl-C or another stop signal raised as KeyboardInterrupt, also
+    where numba wrapped it in a SystemError; 0 for any other error."""
+    while err is not None:
+        if isinstance(err, KeyboardInterrupt):
+            return getattr(err, "signum", signal.SIGINT)
+        if not isinstance(err, SystemError):
+            return 0
+        err = err.__cause__ or err.__context__
+    return 0
+
+
+def what_is_kept(args, run_dir, resumable=True):
+    """What a run that ends on an error leaves to go on from (and how, where resumable)."""
+    if not distributed.is_main():
+        return "rank 0 keeps its last checkpoint"
+    kept = Path(run_dir) / "checkpoint.pt"
+    if kept.exists():
+        how = f"; resume with: {resume_command(args, run_dir)}" if resumable else ""
+        return f"the last good checkpoint is kept ({kept}){how}"
+    return "no checkpoint was written" + ("" if Path(run_dir).exists() else ", and the run folder is removed")
 
 
 def run_epochs(run, progress, signals):
@@ -813,6 +925,8 @@ def run_epochs(run, progress, signals):
         if stop:
             return stop
         early_stop = on_epoch_end(run, progress, epoch, time.time() - started)
+        if signals.pending():  # came while the epoch ended: honoured now that its checkpoint is on disk
+            return signals.pending()
         if early_stop:
             progress.write(early_stop)
             break
@@ -870,12 +984,16 @@ def early_stop_reason(args, epoch, lowest):
 
 
 def stop_run(run, signum):
-    """A signal stopped the run: checkpoint exactly where it is and say how to go on."""
-    run.save("checkpoint.pt")
-    run.writer.close()
+    """A signal stopped the run: checkpoint exactly where it is (unless the epoch's end just did)
+    and say how to go on."""
     state = run.state
-    print(f"stopped by signal {signum} at epoch {state['epoch'] + 1}, step {state['global_step']}; "
-          f"checkpoint written. Resume with: {resume_command(run.args, run.run_dir)}")
+    if run.checkpoint_step != state["global_step"]:
+        run.save("checkpoint.pt")
+    run.writer.close()
+    where = (f"at epoch {state['epoch'] + 1}, step {state['global_step']}" if state["position"]
+             else f"after epoch {state['epoch']} of {run.args.epochs}")
+    print(f"stopped by signal {signum} {where}; checkpoint written. Resume with: "
+          f"{resume_command(run.args, run.run_dir)}")
     return 128 + signum
 
 
@@ -883,7 +1001,7 @@ def resume_command(args, run_dir):
     """The command that continues a run. A --multi-node run needs all its ranks back: each rank's
     own launch command (under torchrun, torchrun's) with --resume RUN_DIR added."""
     if not args.world:
-        return f"python trainer.py --resume {run_dir}"
+        return shlex.join(["python", "trainer.py", "--resume", str(run_dir)])
     argv = [*without_flag(args.argv, "--resume"), "--resume", str(run_dir)]
     if args.world.init_method == "env://" and args.rank is None:
         return f"the same torchrun command with --resume added: torchrun ... trainer.py {shlex.join(argv)}"
@@ -919,7 +1037,9 @@ def finish_run(run):
         write_pictures(args, run.run_dir, state["history"], run.corpus.words, vectors, embed_fn)
     lowest = lowest_normalized_pip(state["history"])
     if lowest:
-        print(f"lowest PIP loss (normalized): {lowest[1]:.4g} at epoch {lowest[0]} (checkpoint {run.run_dir / 'best.pt'})")
+        best = run.run_dir / "best.pt"
+        where = f"checkpoint {best}" if best.exists() else f"its checkpoint, best.pt, is no longer in {run.run_dir}"
+        print(f"lowest PIP loss (normalized): {lowest[1]:.4g} at epoch {lowest[0]} ({where})")
     print(f"done: {run.run_dir}")
     return 0
 
@@ -1021,6 +1141,19 @@ def exit_without_teardown(code):
     os._exit(code)
 
 
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def install_stop_handlers():
+    """Outside the training steps (where Signals takes them), SIGINT, SIGTERM and SIGHUP raise
+    Stopped, which main reports in one line with 128 + signum: no silent death, and atomic writes
+    clean up their temporary files. SIGHUP stays ignored under nohup."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signum == signal.SIGINT or signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, _raise_stopped)
+
+
 def rank_settings(args):
     """What every rank of a --multi-node run must share, by the flag a user would change."""
     labels = {"dist_mode": "--sync/--async", "loop": "the training loop (--engine, --device)"}
@@ -1040,18 +1173,19 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
-        print(f"error: {err}; the last good checkpoint is kept. Try a lower --lr.", file=sys.stderr)
+        print(f"error: {err}. Try a lower --lr.", file=sys.stderr)
         return 1
     except OSError as err:  # unwritable folder, full disk: atomic writes left earlier files intact
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # during start-up or the closing writes, or a second Ctrl-C
-        print("error: interrupted; any checkpoint already written is intact", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as err:  # during start-up or the closing writes, or a second Ctrl-C
+        stop = err if isinstance(err, Stopped) else Stopped()
+        print(f"error: interrupted by {signal.Signals(stop.signum).name}; {stop.note}", file=sys.stderr)
+        return 128 + stop.signum
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on main reports Ctrl-C in one line
+    install_stop_handlers()  # from here on main reports a stop signal in one line
     install_cli_reporting()
     WAIT_FOR_PICTURES = False
     exit_without_teardown(main())

@@ -1,4 +1,6 @@
 import json
+import os
+import shlex
 import signal
 import struct
 import subprocess
@@ -215,6 +217,47 @@ def test_a_second_resume_keeps_what_the_first_changed(tmp_path, corpus_file):
     assert trainer.main(["--resume", str(run_dir), "--quiet"]) == 0  # nothing left: ends at once, as done
     ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["args"]["epochs"] == 2
+
+
+def test_the_printed_resume_command_is_shell_quoted_and_works_from_another_folder(tmp_path, monkeypatch, capsys):
+    """Issue 32 #13 and #18: a run name with a space and shell syntax; args.json holds absolute paths, so
+    the printed command, pasted into a shell elsewhere, resumes the run (and runs nothing else)."""
+    monkeypatch.chdir(tmp_path)
+    write_small_corpus(tmp_path / "small.txt")
+    name = "my run;$(touch PWN)"
+    with monkeypatch.context() as patch:
+        stop_after(patch, "kernel_epoch", 1)
+        assert trainer.main(["--dataset", "small.txt", "--cache-dir", "cache", "--log-dir", "runs", "--embed-size",
+                             "16", "--remove-th", "1", "--num-threads", "1", "--quiet", "--pip-interval", "0",
+                             "--epochs", "2", "--run-name", name]) == 128 + signal.SIGINT
+    run_dir = tmp_path / "runs" / name
+    command = capsys.readouterr().out.split("Resume with: ")[1].strip()
+    assert shlex.split(command) == ["python", "trainer.py", "--resume", str(run_dir)]
+    saved = json.loads((run_dir / "args.json").read_text())
+    assert (saved["dataset"], saved["cache_dir"], saved["log_dir"]) == tuple(
+        str(tmp_path / p) for p in ("small.txt", "cache", "runs"))
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ours = shlex.join([sys.executable, str(ROOT / "trainer.py")])
+    result = subprocess.run(command.replace("python trainer.py", ours, 1), shell=True, cwd=elsewhere,
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 2
+    assert not list(tmp_path.rglob("PWN"))
+
+
+def test_a_resumed_run_without_its_best_pt_does_not_point_at_it(tmp_path, corpus_file, monkeypatch, capsys):
+    """Issue 32 #16: best.pt deleted, the resumed epochs do not improve: the closing line says it is gone."""
+    scripted_pip_losses(monkeypatch, [0.4, 0.5])
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "1", "--run-name", "b")) == 0
+    run_dir = tmp_path / "runs" / "b"
+    (run_dir / "best.pt").unlink()
+    capsys.readouterr()
+    assert trainer.main(["--resume", str(run_dir), "--epochs", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"lowest PIP loss (normalized): 0.4 at epoch 1 (its checkpoint, best.pt, is no longer in {run_dir})" in out
+    assert not (run_dir / "best.pt").exists()
 
 
 def test_torch_engine_sgd_learns(tmp_path, corpus_file):
