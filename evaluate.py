@@ -702,9 +702,8 @@ def _check_paths(args, source_path: Path, similarity_files, analogy_file) -> Non
     fileio.check_outputs_apart(outputs, inputs)
 
 
-@_exit_130_on_ctrl_c
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _check_flags(args) -> None:
+    """Flag values and combinations, before any file is read."""
     if args.plot_curves is not None and not args.checkpoint:
         _fail("--plot-curves needs --checkpoint (a word2vec file has no training history)")
     if args.topn < 1:
@@ -713,6 +712,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail("--restrict-vocab must be >= 0")
     if (args.embed is None) != (args.export is None):
         _fail("--embed WORDS_FILE and --export OUT go together")
+
+
+def _scores(args, words, vectors, embed_fn, lowercase, similarity_files, analogy_file) -> dict:
+    """Similarity file stem -> its result, and "analogy" -> the analogy result."""
+    report: dict = {}
+    try:
+        for path in similarity_files:
+            pairs = load_pairs(path)
+            if not pairs:  # as the trainer's --eval-similarity: a score of nothing is no score
+                _fail(f"{path}: no word pairs in it")
+            report[Path(path).stem] = similarity(words, vectors, pairs,
+                                                 lowercase=lowercase, embed_fn=embed_fn)
+        if analogy_file:
+            sections = load_analogies(analogy_file)
+            if not any(questions for _, questions in sections):
+                _fail(f"{analogy_file}: no questions in it")
+            report["analogy"] = analogy(words, vectors, sections,
+                                        restrict_vocab=args.restrict_vocab,
+                                        method=args.analogy_method, lowercase=lowercase)
+    except (EvaluationInputError, UnicodeDecodeError) as error:
+        _fail(str(error))
+    return report
+
+
+@_exit_130_on_ctrl_c
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_flags(args)
     similarity_files = args.similarity or []
     analogy_file = args.analogy
     if not similarity_files and not analogy_file and not args.no_default_eval:
@@ -745,23 +772,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.remove_top:
         vectors, embed_fn = _post_processed(vectors, embed_fn, args.remove_top)
 
-    report: dict = {}
-    try:
-        for path in similarity_files:
-            pairs = load_pairs(path)
-            if not pairs:  # as the trainer's --eval-similarity: a score of nothing is no score
-                _fail(f"{path}: no word pairs in it")
-            report[Path(path).stem] = similarity(words, vectors, pairs,
-                                                 lowercase=lowercase, embed_fn=embed_fn)
-        if analogy_file:
-            sections = load_analogies(analogy_file)
-            if not any(questions for _, questions in sections):
-                _fail(f"{analogy_file}: no questions in it")
-            report["analogy"] = analogy(words, vectors, sections,
-                                        restrict_vocab=args.restrict_vocab,
-                                        method=args.analogy_method, lowercase=lowercase)
-    except (EvaluationInputError, UnicodeDecodeError) as error:
-        _fail(str(error))
+    report = _scores(args, words, vectors, embed_fn, lowercase, similarity_files, analogy_file)
     if args.neighbors:
         found = neighbors(words, vectors, args.neighbors, topn=args.topn, embed_fn=embed_fn,
                           lowercase=lowercase)
