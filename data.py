@@ -246,8 +246,8 @@ def _read_blocks(path, compression=None, encoding="utf-8"):
         yield tail
 
 
-def normalize(text):
-    """Lowercase, drop <markup>, unify apostrophes: the original sgns_pytorch's normalisation.
+def fold_case(text):
+    """Lowercase as the corpus is read (evaluate.py folds query words with it too).
 
     Other scripts are lowercased then put in NFC, so a decomposed "café" is the composed one and
     a capital with a mark lowercases to one character where one exists. The dot of a capital
@@ -258,7 +258,12 @@ def normalize(text):
         text = unicodedata.normalize("NFC", text)
         if "\u0307" in text:  # "İ".lower() is "i" + COMBINING DOT ABOVE
             text = text.replace("i\u0307", "i")
-    return _MARKUP_RE.sub(" ", text.replace("\u2019", "'"))
+    return text
+
+
+def normalize(text):
+    """fold_case, drop <markup>, unify apostrophes: the original sgns_pytorch's normalisation."""
+    return _MARKUP_RE.sub(" ", fold_case(text).replace("\u2019", "'"))
 
 
 def _category_ranges(categories, top):

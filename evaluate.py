@@ -178,6 +178,15 @@ def all_but_the_top(vectors: np.ndarray, n_directions: int) -> Callable[[np.ndar
     return transform
 
 
+def fold_case(word: str) -> str:
+    """A query word lowercased as the corpus was (data.fold_case: NFC, Turkish "İ"); data.py, which
+    imports torch, is loaded only for a word outside ASCII."""
+    if word.isascii():
+        return word.lower()
+    import data
+    return data.fold_case(word)
+
+
 def _word_index(words: Sequence[str]) -> dict[str, int]:
     index: dict[str, int] = {}
     for word_id, word in enumerate(words):
@@ -217,7 +226,7 @@ def similarity(words: Sequence[str], vectors: np.ndarray, pairs, lowercase: bool
     matrix = np.asarray(vectors)
 
     def key(word: str) -> str:
-        return word.lower() if lowercase else word
+        return fold_case(word) if lowercase else word
 
     oov_words = sorted({key(w) for w1, w2, _ in pairs for w in (w1, w2)} - index.keys())
     extra: dict[str, np.ndarray] = {}
@@ -338,7 +347,7 @@ def analogy(words: Sequence[str], vectors: np.ndarray, path, restrict_vocab: int
     oov = 0
     for section_number, (_, questions) in enumerate(sections):
         for question in questions:
-            ids = [index.get(word.lower() if lowercase else word) for word in question]
+            ids = [index.get(fold_case(word) if lowercase else word) for word in question]
             if any(word_id is None for word_id in ids):
                 oov += 1
                 continue
@@ -387,7 +396,7 @@ def neighbors(words: Sequence[str], vectors: np.ndarray, query_words: Iterable[s
     index = _word_index(words)
     unit = normalize_rows(vectors)
     query_words = list(query_words)
-    keys = [word.lower() if lowercase else word for word in query_words]
+    keys = [fold_case(word) if lowercase else word for word in query_words]
     missing = [key for key in keys if key not in index]
     extra = {}
     if embed_fn is not None and missing:
@@ -821,7 +830,7 @@ def embed_word_list(query, words, vectors, embed_fn, lowercase) -> np.ndarray:
     if embed_fn is not None:
         return np.asarray(embed_fn(query), dtype=np.float32)
     index = _word_index(words)
-    keys = [word.lower() if lowercase else word for word in query]
+    keys = [fold_case(word) if lowercase else word for word in query]
     unseen = list(dict.fromkeys(key for key in keys if key not in index))
     if unseen:
         shown = " ".join(unseen[:5]) + (f" and {len(unseen) - 5} more" if len(unseen) > 5 else "")

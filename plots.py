@@ -127,7 +127,8 @@ def words_to_plot(asked: Sequence[str], words: Sequence[str], vectors: np.ndarra
     index: dict[str, int] = {}
     for word_id, word in enumerate(words):
         index.setdefault(word, word_id)  # the first (most frequent) id of a word listed twice
-    keys = list(dict.fromkeys(word.lower() if lowercase else word for word in asked))
+    from evaluate import fold_case  # the corpus's case folding, as every query word gets it
+    keys = list(dict.fromkeys(fold_case(word) if lowercase else word for word in asked))
     chosen = [key for key in keys if key in index]
     missing = [key for key in keys if key not in index]
     rows = [np.asarray(vectors[index[key]]) for key in chosen]

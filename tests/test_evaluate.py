@@ -644,3 +644,15 @@ def test_embed_errors_are_one_line_exit_2_with_nothing_written(tmp_path, small_s
         assert "unseen1 unseen2" in error
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["sgns-run"] + (["words.txt"] if listed is not None else []))
+
+
+def test_query_words_are_folded_as_the_corpus_was_read():
+    """'İstanbul' and a decomposed 'café' find the words the corpus reader made of them."""
+    import data
+    words = data.tokenize("İstanbul cafe\u0301 ok")
+    vectors = np.eye(3, dtype=np.float32)
+    found = evaluate.neighbors(words, vectors, ["İstanbul", "CAFE\u0301", "Ok"], topn=1, lowercase=True)
+    assert words[:2] == ["istanbul", "café"] and all(found[word] for word in found), found
+    result = evaluate.similarity(words, vectors, [("İSTANBUL", "Café", 5.0), ("ok", "café", 1.0),
+                                                  ("istanbul", "ok", 3.0)], lowercase=True)
+    assert result["pairs"] == 3
