@@ -29,7 +29,9 @@ from bench_speed import quality, run_child  # noqa: E402
 
 # Words to show neighbours of: the first five the vocabulary lacks (inflections, compounds).
 UNSEEN_CANDIDATES = ("unkindly", "moonlit", "reawakened", "cheerfulness", "overpowering", "horseback",
-                     "unhappily", "hopelessness", "carelessness", "footsteps", "bewilderment", "kindliness")
+                     "unhappily", "hopelessness", "carelessness", "footsteps", "bewilderment", "kindliness",
+                     "unhappiest", "overpoweringly", "misremembered", "bewilderingly", "cheerlessness",
+                     "kindheartedness", "unforgivingly", "dreamlessly")
 
 
 def parse_args():
