@@ -16,6 +16,14 @@ import warnings
 from pathlib import Path
 
 
+def install_stop_handlers(handler=None):
+    """SIGINT, SIGTERM and SIGHUP go to handler (default: raise Stopped, which main reports in one
+    line with 128 + signum: no silent death, and atomic writes clean up their temporary files).
+    Inside the training steps Signals takes them. SIGHUP stays ignored under nohup."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signum == signal.SIGINT or signal.getsignal(signum) != signal.SIG_IGN:
+            signal.signal(signum, handler or _raise_stopped)
+
 
 def _stop_while_importing(signum, frame):
     """A stop signal while the imports below load: nothing is written yet, so exit at once (an
@@ -25,9 +33,7 @@ def _stop_while_importing(signum, frame):
 
 
 if __name__ == "__main__":
-    for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if _signum == signal.SIGINT or signal.getsignal(_signum) != signal.SIG_IGN:  # nohup's SIGHUP stays ignored
-            signal.signal(_signum, _stop_while_importing)
+    install_stop_handlers(_stop_while_importing)
 if "--multi-node" in sys.argv:  # c10d logs every failed connection with a C++ stack trace; we report it in
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")  # one line (read when torch loads: set it first)
 
@@ -1143,15 +1149,6 @@ def exit_without_teardown(code):
 
 def _raise_stopped(signum, frame):
     raise Stopped(signum)
-
-
-def install_stop_handlers():
-    """Outside the training steps (where Signals takes them), SIGINT, SIGTERM and SIGHUP raise
-    Stopped, which main reports in one line with 128 + signum: no silent death, and atomic writes
-    clean up their temporary files. SIGHUP stays ignored under nohup."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signum == signal.SIGINT or signal.getsignal(signum) != signal.SIG_IGN:
-            signal.signal(signum, _raise_stopped)
 
 
 def rank_settings(args):
