@@ -182,7 +182,7 @@ def _strings(value):
 def save(path, model, optimizer, corpus, args, state):
     """Everything a resume needs, written atomically; a failed write keeps the previous file."""
     import torch
-    ckpt = {"format": FORMAT, "model_name": args.model_name, "model": model.state_dict(),
+    ckpt = {"format": FORMAT, "model_name": args.model_name, "model": _own_storage(model.state_dict()),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "words": corpus.words, "counts": corpus.counts.tolist(), "corpus_hash": corpus.hash,
             "args": dict(vars(args)), **state}
@@ -192,6 +192,13 @@ def save(path, model, optimizer, corpus, args, state):
         reason = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
         raise OSError(f"cannot write checkpoint {path}: {reason} ({fileio.free_bytes(path) / 2**20:.1f} MiB free "
                       "on its disk)") from err
+
+
+def _own_storage(state_dict):
+    """The tensors, each copied where it views a larger storage (torch.save writes a view's whole
+    storage: the CPU kernel's tables hold rows below the model's, engines._room_below)."""
+    return {name: tensor.clone() if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
+            else tensor for name, tensor in state_dict.items()}
 
 
 def bytes_needed(model, optimizer, corpus):

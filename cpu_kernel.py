@@ -311,68 +311,136 @@ def _mark_rows(in_marks, out_marks, in_ids, n_in, out_ids, n_out):
 # LOSS_SAMPLE-th), times LOSS_SAMPLE: an unbiased estimate of its loss, without the logarithms of
 # every pair.
 LOSS_SAMPLE = 8
+# A thread adds its hot rows' changes to the shared rows every MERGE_STEPS steps: the other threads
+# see them that much later, and the merge's cost (every hot row, read and written) stays small
+# beside the steps' work.
+MERGE_STEPS = 16
+
+
+@njit(inline="always")
+def _to_replicas(ids, n, hot_slots, base):
+    """ids[:n] <- the thread's replica row of each hot word (hot_slots[word] >= 0); other words keep their row."""
+    for k in range(n):
+        slot = hot_slots[ids[k]]
+        if slot >= 0:
+            ids[k] = base + slot
+
+
+@njit(inline="always")
+def _merge_replicas(table, hot_words, base, snapshot):
+    """Add each replica row's change since its snapshot to its word's shared row, then restart
+    the replica and its snapshot from the shared row (which holds the other threads' changes too)."""
+    dim = table.shape[1]
+    for slot in range(len(hot_words)):
+        word, replica = hot_words[slot], base + slot
+        for t in range(dim):
+            value = table[word, t] + (table[replica, t] - snapshot[slot, t])
+            table[word, t] = value
+            table[replica, t] = value
+            snapshot[slot, t] = value
+
+
+@njit(inline="always")
+def _start_replicas(table, hot_words, base, snapshot):
+    dim = table.shape[1]
+    for slot in range(len(hot_words)):
+        word, replica = hot_words[slot], base + slot
+        for t in range(dim):
+            table[replica, t] = table[word, t]
+            snapshot[slot, t] = table[word, t]
 
 
 @njit(parallel=True, fastmath=True, nogil=True, cache=True, error_model="numpy")
 def train_steps(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step, base_seed, lr_bounds, window,
-                negative, accept, alias, loss_out, pairs_out, in_marks, out_marks, mark):
+                negative, accept, alias, loss_out, pairs_out, in_marks, out_marks, mark, n_shares, hot_slots,
+                hot_words, in_snapshots, out_snapshots):
     """Train the steps whose centers are kept_ids[step_bounds[s]:step_bounds[s + 1]], s = 0..n-1,
-    a window_step per center.
+    a window_step per center, in n_shares runs of consecutive steps, one per thread.
 
     sentence_bounds: where every sentence of kept_ids starts, with len(kept_ids) appended; a
     window never crosses them, and may reach into a neighbouring step's tokens. Step s is the
     epoch's step first_step + s: its random draws (the loss sample's offset, then each center's
     _draw_center) come from _step_state(base_seed, first_step + s), and its learning rate falls
-    linearly from lr_bounds[s] to lr_bounds[s + 1]. The threads share the steps out between
-    them. Per-step pair counts go to pairs_out, and loss sums to loss_out: estimates from one
-    window in LOSS_SAMPLE, unbiased. With mark, every row a step writes gets a 1 in in_marks /
-    out_marks (--async's sparse exchange sends those rows; threads racing on a byte all write
-    the same value).
+    linearly from lr_bounds[s] to lr_bounds[s + 1]. Per-step pair counts go to pairs_out, and
+    loss sums to loss_out: estimates from one window in LOSS_SAMPLE, unbiased. With mark, every
+    row a step writes gets a 1 in in_marks / out_marks (--async's sparse exchange sends those
+    rows; threads racing on a byte all write the same value).
+
+    hot_words (none with one share) are the words every thread writes all the time: share k
+    trains its own copy of their rows, at rows n_words + k * len(hot_words) + slot of both
+    tables (n_words: the rows of hot_slots), and adds its change to the shared rows every
+    MERGE_STEPS steps and at its end. Threads writing the same rows would otherwise pass
+    the rows' cache lines back and forth between their cores at every window.
+    """
+    n_steps, n_hot = len(step_bounds) - 1, len(hot_words)
+    for share in prange(n_shares):
+        base = len(hot_slots) + share * n_hot
+        if n_hot:
+            _start_replicas(in_w, hot_words, base, in_snapshots[share])
+            _start_replicas(out_w, hot_words, base, out_snapshots[share])
+        first, last = share * n_steps // n_shares, (share + 1) * n_steps // n_shares
+        for s in range(first, last):
+            loss_out[s], pairs_out[s] = _train_step(in_w, out_w, kept_ids, sentence_bounds, step_bounds[s],
+                                                    step_bounds[s + 1], _step_state(base_seed, first_step + s),
+                                                    lr_bounds[s], lr_bounds[s + 1], window, negative, accept, alias,
+                                                    in_marks, out_marks, mark, hot_slots, base, n_hot)
+            if n_hot and ((s - first) % MERGE_STEPS == MERGE_STEPS - 1 or s == last - 1):
+                _merge_replicas(in_w, hot_words, base, in_snapshots[share])
+                _merge_replicas(out_w, hot_words, base, out_snapshots[share])
+
+
+@njit(inline="always")
+def _train_step(in_w, out_w, kept_ids, sentence_bounds, lo, hi, state, lr_lo, lr_hi, window, negative, accept, alias,
+                in_marks, out_marks, mark, hot_slots, base, n_hot):
+    """One step of train_steps: the centers kept_ids[lo:hi]; returns (loss estimate, pairs).
 
     Each center's draws are made while the previous center trains, and the rows they name are
     prefetched: the negatives' rows are scattered over the table, and waiting for them from
     memory would otherwise stall the window's first pass.
     """
     dim = in_w.shape[1]
-    for s in prange(len(step_bounds) - 1):
-        lo, hi = step_bounds[s], step_bounds[s + 1]
-        state = _lcg(_step_state(base_seed, first_step + s))
-        sampled = np.int64((state >> np.uint64(16)) % np.uint64(LOSS_SAMPLE))
-        in_ids = np.empty(2 * window, dtype=np.int64)
-        out_ids, next_ids = np.empty(negative + 1, dtype=np.int64), np.empty(negative + 1, dtype=np.int64)
-        coef = np.empty((negative + 1, 2 * window), dtype=np.float32)
-        in_delta = np.empty((2 * window, dim), dtype=np.float32)
-        loss = 0.0
-        pairs = 0
-        sentence = np.searchsorted(sentence_bounds, lo, side="right") - 1
-        span = max(1, hi - lo)
-        reach = n_out = 0
-        if lo < hi:
-            state, reach, n_out = _draw_center(state, kept_ids, lo, window, negative, accept, alias, out_ids)
-        for pos in range(lo, hi):
-            next_reach = next_n_out = 0
-            if pos + 1 < hi:
-                state, next_reach, next_n_out = _draw_center(state, kept_ids, pos + 1, window, negative, accept,
-                                                             alias, next_ids)
-                for k in range(next_n_out):
-                    _prefetch_row(out_w, next_ids[k])
-                _prefetch_row(in_w, np.int64(kept_ids[min(pos + 1 + next_reach, len(kept_ids) - 1)]))
-            while pos >= sentence_bounds[sentence + 1]:
-                sentence += 1
-            n_in = _contexts(kept_ids, sentence_bounds[sentence], sentence_bounds[sentence + 1], pos, reach, in_ids)
-            if n_in > 0:
-                lr = lr_bounds[s] + (lr_bounds[s + 1] - lr_bounds[s]) * (pos - lo) / span
-                with_loss = (pos - lo) % LOSS_SAMPLE == sampled
-                loss += LOSS_SAMPLE * window_step(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, coef, in_delta,
-                                                  with_loss)
-                pairs += n_in
-                if mark:
-                    _mark_rows(in_marks, out_marks, in_ids, n_in, out_ids, n_out)
+    state = _lcg(state)
+    sampled = np.int64((state >> np.uint64(16)) % np.uint64(LOSS_SAMPLE))
+    in_ids = np.empty(2 * window, dtype=np.int64)
+    out_ids, next_ids = np.empty(negative + 1, dtype=np.int64), np.empty(negative + 1, dtype=np.int64)
+    coef = np.empty((negative + 1, 2 * window), dtype=np.float32)
+    in_delta = np.empty((2 * window, dim), dtype=np.float32)
+    loss = 0.0
+    pairs = 0
+    sentence = np.searchsorted(sentence_bounds, lo, side="right") - 1
+    span = max(1, hi - lo)
+    reach = n_out = 0
+    if lo < hi:
+        state, reach, n_out = _draw_center(state, kept_ids, lo, window, negative, accept, alias, out_ids)
+    for pos in range(lo, hi):
+        next_reach = next_n_out = 0
+        if pos + 1 < hi:
+            state, next_reach, next_n_out = _draw_center(state, kept_ids, pos + 1, window, negative, accept,
+                                                         alias, next_ids)
             for k in range(next_n_out):
-                out_ids[k] = next_ids[k]
-            reach, n_out = next_reach, next_n_out
-        loss_out[s] = loss
-        pairs_out[s] = pairs
+                slot = hot_slots[next_ids[k]] if n_hot else -1
+                _prefetch_row(out_w, base + slot if slot >= 0 else next_ids[k])
+            word = np.int64(kept_ids[min(pos + 1 + next_reach, len(kept_ids) - 1)])
+            slot = hot_slots[word] if n_hot else -1
+            _prefetch_row(in_w, base + slot if slot >= 0 else word)
+        while pos >= sentence_bounds[sentence + 1]:
+            sentence += 1
+        n_in = _contexts(kept_ids, sentence_bounds[sentence], sentence_bounds[sentence + 1], pos, reach, in_ids)
+        if n_in > 0:
+            if mark:
+                _mark_rows(in_marks, out_marks, in_ids, n_in, out_ids, n_out)
+            if n_hot:
+                _to_replicas(in_ids, n_in, hot_slots, base)
+                _to_replicas(out_ids, n_out, hot_slots, base)
+            lr = lr_lo + (lr_hi - lr_lo) * (pos - lo) / span
+            with_loss = (pos - lo) % LOSS_SAMPLE == sampled
+            loss += LOSS_SAMPLE * window_step(in_w, out_w, in_ids, n_in, out_ids, n_out, lr, coef, in_delta,
+                                              with_loss)
+            pairs += n_in
+        for k in range(next_n_out):
+            out_ids[k] = next_ids[k]
+        reach, n_out = next_reach, next_n_out
+    return loss, pairs
 
 
 _NO_MARKS = np.zeros(0, dtype=np.uint8)
@@ -385,29 +453,57 @@ def set_threads(num_threads):
     return numba.get_num_threads()
 
 
+# The rows each thread of a multi-thread run trains its own copy of: the most frequent words, whose
+# rows nearly every window writes (bench/RESULTS.md, the kernel's threads).
+HOT_ROWS = 512
+
+
+class HotRows:
+    """The hot words of train_steps and each thread's snapshots of their rows (none with one
+    thread). The tables it trains need extra_rows rows beyond the vocabulary's, for the copies."""
+
+    def __init__(self, counts, dim, n_threads=None):
+        n_threads = numba.get_num_threads() if n_threads is None else n_threads
+        n_hot = min(HOT_ROWS, len(counts)) if n_threads > 1 else 0
+        self.n_threads = n_threads
+        self.words = np.argsort(-np.asarray(counts), kind="stable")[:n_hot].astype(np.int64)
+        self.slots = np.full(len(counts), -1, dtype=np.int32)
+        self.slots[self.words] = np.arange(n_hot, dtype=np.int32)
+        self.in_snapshots = np.zeros((n_threads, n_hot, dim), dtype=np.float32)
+        self.out_snapshots = np.zeros((n_threads, n_hot, dim), dtype=np.float32)
+        self.extra_rows = n_threads * n_hot
+
+
+_NO_HOT_ROWS = HotRows(np.zeros(0), 1, n_threads=1)
+
+
 def train(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step, base_seed, lr_bounds, window, negative,
-          sampler, marks=None):
+          sampler, marks=None, hot=None):
     """train_steps on the numba threads set by set_threads; returns per-step (loss sums, pair counts).
     marks: (in_marks, out_marks), a byte per row of each table, where the call marks the rows it
-    writes (None: it marks none).
+    writes (None: it marks none). hot: a HotRows for tables with its extra rows, or None (every
+    thread trains the shared rows).
 
     A step's loss is NaN or infinite where the weights diverged, as a sampled window's loss shows
     (the callers stop the run, naming epoch and step); the trainer's check of the weights at every
     epoch's end catches what the sample misses.
     """
     n_steps = len(step_bounds) - 1
+    hot = hot if hot is not None else _NO_HOT_ROWS
+    n_shares = max(1, min(n_steps, hot.n_threads if len(hot.words) else numba.get_num_threads()))
     loss_out, pairs_out = np.zeros(n_steps), np.zeros(n_steps, dtype=np.int64)
     in_marks, out_marks = marks if marks is not None else (_NO_MARKS, _NO_MARKS)
     train_steps(in_w, out_w, kept_ids, sentence_bounds, np.asarray(step_bounds, dtype=np.int64),
                 np.int64(first_step), np.uint64(base_seed), np.asarray(lr_bounds, dtype=np.float64), window,
-                negative, sampler.accept, sampler.alias, loss_out, pairs_out, in_marks, out_marks, marks is not None)
+                negative, sampler.accept, sampler.alias, loss_out, pairs_out, in_marks, out_marks, marks is not None,
+                n_shares, hot.slots, hot.words, hot.in_snapshots, hot.out_snapshots)
     return loss_out, pairs_out
 
 
 def warm_up(in_w, out_w, sampler, window, negative):
     """Have numba load (or compile) train_steps before the first epoch starts its clock, by a call
-    that changes nothing (one step of two tokens at learning rate 0): the first call costs a
-    noticeable part of a second even from numba's cache."""
+    that changes nothing (one step of two tokens at learning rate 0, no hot rows): the first call
+    costs a noticeable part of a second even from numba's cache."""
     train(in_w, out_w, np.zeros(2, dtype=np.uint32), np.array([0, 2], dtype=np.int64), [0, 2], 0, 1, [0.0, 0.0],
           window, negative, sampler)
 

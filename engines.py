@@ -112,7 +112,11 @@ class Engine:
         self.sampler = data.NegativeSampler(corpus.counts, args.ns_exponent)
         self.keep_prob = data.keep_probabilities(corpus.counts, args.subsample_th)
         self.train_model = strategy.wrap(model) if loop == "autograd" else model
-        self.batches = self.graphs = self.inputs = None
+        self.batches = self.graphs = self.inputs = self.hot_rows = None
+        if loop == "kernel":
+            self.hot_rows = cpu_kernel.HotRows(corpus.counts, model.embed_size)
+            self.tables = tuple(_room_below(embed, self.hot_rows.extra_rows)
+                                for embed in (model.in_embed, model.out_embed))
         if loop == "spelling":  # the kernel's input table: rows refilled from the model before each step
             self.inputs = np.zeros((model.vocab_size, model.embed_size), dtype=np.float32)
             self.pool = concurrent.futures.ThreadPoolExecutor(args.num_threads, thread_name_prefix="encoder")
@@ -133,6 +137,8 @@ class Engine:
         self.strategy.warm_up(self.device)
 
     def _tables(self):
+        if self.loop == "kernel":
+            return self.tables
         inputs = self.model.in_embed.weight.data.numpy() if self.inputs is None else self.inputs
         return inputs, self.model.out_embed.weight.data.numpy()
 
@@ -155,6 +161,19 @@ class Engine:
         ids, local_starts = data.epoch_share(kept_ids, starts, self.args.seed, epoch, self.strategy.rank,
                                              self.strategy.world_size, shuffled)
         return ids, local_starts, len(kept_ids)
+
+
+def _room_below(embedding, extra_rows):
+    """The embedding's table as an array with extra_rows more rows below its own, which the
+    kernel's threads train their copies of the hot rows in (cpu_kernel.HotRows); the embedding's
+    weight becomes a view of the table's first rows."""
+    weight = embedding.weight.data
+    if not extra_rows:
+        return weight.numpy()
+    table = torch.zeros(weight.shape[0] + extra_rows, weight.shape[1], dtype=weight.dtype)
+    table[:weight.shape[0]] = weight
+    embedding.weight.data = table[:weight.shape[0]]
+    return table.numpy()
 
 
 def epoch_steps(n_kept, per_step, world_size):
@@ -191,7 +210,7 @@ def kernel_epoch(engine, epoch):
         lrs = [engine.lr(epoch, i) for i in range(step, end + 1)]
         losses, pairs = cpu_kernel.train(in_w, out_w, kept_ids, sentence_bounds, step_bounds[step:end + 1], step,
                                          base_seed, lrs, args.window_size, args.neg_sample_size, engine.sampler,
-                                         marks)
+                                         marks, engine.hot_rows)
         for i in range(step, end):
             epoch.report(i + 1, float(losses[i - step]), int(pairs[i - step]), _step_words(engine, epoch, i),
                          lrs[i + 1 - step])

@@ -60,20 +60,26 @@ def test_kernel_window_step_equals_the_reference_window_gradient():
     assert cpu_kernel.window_step(in_w, out_w, in_ids, 3, out_ids, 2, 0.05, coef, in_delta, False) == 0
 
 
-def run_kernel(kept, starts, model, seed=7, threads=1, steps=2, calls=1):
-    """Train kept (sentences from starts) in `steps` steps, grouped into `calls` kernel calls, lr 0.05 -> 0.01."""
+def run_kernel(kept, starts, model, seed=7, threads=1, steps=2, calls=1, hot=None):
+    """Train kept (sentences from starts) in `steps` steps, grouped into `calls` kernel calls, lr 0.05 -> 0.01.
+    hot: a cpu_kernel.HotRows, whose copies train in rows added below the model's for the run."""
     cpu_kernel.set_threads(threads)
     bounds = np.append(starts, len(kept)).astype(np.int64)
     step_bounds = np.linspace(0, len(kept), steps + 1).astype(np.int64)
     lrs = np.linspace(0.05, 0.01, steps + 1)
     sampler = data.NegativeSampler(np.bincount(kept, minlength=model.vocab_size) + 1)
-    tables = model.in_embed.weight.data.numpy(), model.out_embed.weight.data.numpy()
+    extra = hot.extra_rows if hot is not None else 0
+    tables = [np.concatenate([w.data.numpy(), np.full((extra, model.embed_size), np.nan, np.float32)])
+              for w in (model.in_embed.weight, model.out_embed.weight)]
     losses, pairs = [], []
     for first, end in zip(*[np.linspace(0, steps, calls + 1).astype(int)[i:] for i in (0, 1)]):
         loss, n = cpu_kernel.train(*tables, kept, bounds, step_bounds[first:end + 1], first, seed,
-                                   lrs[first:end + 1], 3, 4, sampler)
+                                   lrs[first:end + 1], 3, 4, sampler, hot=hot)
         losses.append(loss)
         pairs.append(n)
+    with torch.no_grad():
+        for weight, table in zip((model.in_embed.weight, model.out_embed.weight), tables):
+            weight.copy_(torch.from_numpy(table[:model.vocab_size]))
     losses, pairs = np.concatenate(losses), np.concatenate(pairs)
     return losses.sum() / pairs.sum(), pairs.sum()
 
@@ -115,6 +121,39 @@ def test_kernel_steps_train_the_same_however_they_are_grouped_into_calls():
                                                                                calls=5)
     assert torch.equal(one_call.in_embed.weight, five_calls.in_embed.weight)
     assert torch.equal(one_call.out_embed.weight, five_calls.out_embed.weight)
+
+
+def test_threads_copies_of_the_hot_rows_train_as_the_shared_rows(monkeypatch):
+    """Each share of the steps trains its own copy of the hot words' rows and adds the change to the
+    shared rows as it goes. Run by one thread, the shares come one after the other, so the result
+    is the shared rows' own training, up to the rounding of adding a change back."""
+    monkeypatch.setattr(cpu_kernel, "HOT_ROWS", 6)
+    monkeypatch.setattr(cpu_kernel, "MERGE_STEPS", 2)
+    kept, starts = structured_corpus()
+    hot = cpu_kernel.HotRows(np.bincount(kept, minlength=40), 10, n_threads=3)
+    assert hot.extra_rows == 18 and sorted(hot.slots[hot.words]) == list(range(6))
+    torch.manual_seed(0)
+    shared, copies = SGNS(40, 10), SGNS(40, 10)
+    copies.load_state_dict(shared.state_dict())
+    (shared_loss, shared_pairs), (copies_loss, copies_pairs) = (run_kernel(kept, starts, m, steps=12, hot=h)
+                                                                for m, h in ((shared, None), (copies, hot)))
+    assert copies_pairs == shared_pairs and abs(copies_loss - shared_loss) < 1e-6
+    for a, b in ((shared.in_embed.weight, copies.in_embed.weight), (shared.out_embed.weight, copies.out_embed.weight)):
+        assert not torch.equal(a, SGNS(40, 10).in_embed.weight)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_kernel_with_hot_row_copies_learns_on_two_threads(monkeypatch):
+    monkeypatch.setattr(cpu_kernel, "HOT_ROWS", 8)
+    kept, starts = structured_corpus()
+    torch.manual_seed(0)
+    model = SGNS(40, 10)
+    hot = cpu_kernel.HotRows(np.bincount(kept, minlength=40), 10, n_threads=2)
+    losses = [run_kernel(kept, starts, model, seed=s, threads=2, steps=8, hot=hot)[0] for s in range(1, 6)]
+    assert losses[-1] < losses[0] - 0.3
+    vecs = torch.nn.functional.normalize(model.embeddings(), dim=1)
+    sims = vecs @ vecs.T
+    assert sims[:20, :20].mean() + sims[20:, 20:].mean() > 2 * sims[:20, 20:].mean() + 0.2
 
 
 def test_kernel_counts_pairs_like_the_numpy_window():

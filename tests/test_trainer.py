@@ -148,6 +148,20 @@ def test_binary_export_round_trip(tmp_path, corpus_file):
     assert np.array_equal(keyed.vectors, ckpt["model"]["in_embed.weight"].numpy())
 
 
+def test_a_two_thread_kernel_run_saves_the_models_rows_alone(tmp_path, corpus_file):
+    """The threads' copies of the hot rows live below the model's rows (engines._room_below): the
+    checkpoint holds the model's rows only, the same as the export."""
+    export = tmp_path / "vectors.bin"
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "1", "--pip-interval", "0", "--num-threads",
+                                  "2", "--run-name", "t", "--export", str(export))) == 0
+    from gensim.models import KeyedVectors
+    keyed = KeyedVectors.load_word2vec_format(str(export), binary=True)
+    weights = torch.load(tmp_path / "runs" / "t" / "checkpoint.pt", weights_only=True)["model"]
+    for weight in weights.values():
+        assert weight.untyped_storage().nbytes() == weight.numel() * weight.element_size()
+    assert np.array_equal(keyed.vectors, weights["in_embed.weight"].numpy())
+
+
 def test_training_separates_the_topics(tmp_path, corpus_file):
     export = tmp_path / "v.txt"
     assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "10", "--pip-interval", "0",
