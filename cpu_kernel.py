@@ -5,7 +5,8 @@ batched steps, TouchedRows).
 Python would spend more time dispatching than computing on 100-float rows, so the hot
 loop (windows, negatives, dot products, row updates) is compiled with numba. Threads
 update the two tables without locks (Hogwild, Recht et al. 2011), as word2vec and gensim
-do: collisions are rare because each thread works on a distant part of the corpus.
+do: collisions are rare because each thread works on a distant part of the corpus, except on the
+most frequent words' rows, which each thread trains a copy of (HotRows).
 Every random draw of a training step comes from a generator seeded from (seed, epoch, rank,
 step), so with one thread a run is exactly reproducible, however its steps are grouped.
 

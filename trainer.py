@@ -67,6 +67,9 @@ SHARED_BY_RANKS = ("model_name", "embed_size", "window_size", "neg_sample_size",
                    "remove_th", "remove_stopwords", "lemmatize", "epochs", "batch_size", "optimizer", "lr", "seed",
                    "loop", "dist_mode", "sync_interval", "block_momentum", "char_embed_size", "hidden_size",
                    "num_layer", "dropout", "bidirectional", "mlp_size", "rnn_cell", "word_share")
+# Without --save-interval, epoch ends write a checkpoint when this long has passed since the last:
+# writing one costs about as much as a short epoch's training on a small corpus.
+CHECKPOINT_SECONDS = 30.0
 SEED_LIMIT = 2 ** 64  # torch.manual_seed takes seeds below this
 NS_EXPONENT_RANGE = (-1.0, 1.0)  # 1: negatives by frequency, 0: uniform, below 0: rare words favoured
 
@@ -197,8 +200,10 @@ def add_output_flags(parser):
     g.add_argument("--run-name", default=None, help="name of the run folder (default: date and time)")
     g.add_argument("--log-interval", type=int, default=100,
                    help="steps between 'Batch loss' points (a step: the text of one --batch-size batch)")
-    g.add_argument("--save-interval", type=int, default=1,
-                   help="epochs between checkpoints")
+    g.add_argument("--save-interval", type=int, default=None, metavar="N",
+                   help="epochs between checkpoints (default: at the end of the first epoch that ends "
+                        f"{CHECKPOINT_SECONDS:.0f} s or more after the last checkpoint; a stopped run and its "
+                        "last epoch always write one)")
     g.add_argument("--pip-interval", type=int, default=1, help="epochs between PIP loss evaluations (0: off)")
     g.add_argument("--pip-vocab", type=int, default=10_000, help="most frequent words the PIP loss is computed on")
     g.add_argument("--early-stop", type=int, default=0, metavar="N",
@@ -323,7 +328,7 @@ def check_counts(args):
     """The integer flags: sizes and counts positive, intervals and thresholds 0 or more, the seed in torch's range."""
     for name in ("embed_size", "window_size", "neg_sample_size", "epochs", "batch_size", "num_threads",
                  "log_interval", "save_interval", "pip_vocab", "projector_words", "eval_interval"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("remove_th", "pip_interval", "projector_interval", "early_stop"):
         if getattr(args, name) < 0:
@@ -352,7 +357,7 @@ def check_numbers(args):
 
 def check_rnn_values(args):
     for name in ("char_embed_size", "hidden_size", "num_layer"):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.mlp_size is not None and args.mlp_size <= 0:
         raise ValueError(f"--mlp-size must be positive, got {args.mlp_size}")
@@ -835,6 +840,7 @@ class Run:
             self.pip_monitor = PipMonitor(self.corpus, args) if args.pip_interval else None
         self.writer = make_writer(self.run_dir)
         self.checkpoint_step = None  # the step checkpoint.pt was last written at by this process
+        self.checkpoint_time = time.monotonic()  # when it was written, or the run started
 
     def save(self, name):
         """Write checkpoint `name`; a failed write says what is left to resume from."""
@@ -844,7 +850,7 @@ class Run:
             checkpoint.save(self.run_dir / name, self.model, self.optimizer, self.corpus, saved_args(self.args),
                             self.state)
             if name == "checkpoint.pt":
-                self.checkpoint_step = self.state["global_step"]
+                self.checkpoint_step, self.checkpoint_time = self.state["global_step"], time.monotonic()
             if self.args.resume and name == "checkpoint.pt":  # the next --resume starts from what this one changed
                 checkpoint.write_arguments(self.run_dir, saved_args(self.args))
         except OSError as err:
@@ -962,7 +968,7 @@ def on_epoch_end(run, progress, epoch, epoch_time):
     lowest = lowest_normalized_pip(state["history"]) if "PIP loss (normalized)" in scalars else None
     early_stop = distributed.rank_0_says(early_stop_reason(args, epoch, lowest))
     last_epoch = epoch + 1 == args.epochs or early_stop is not None
-    if (epoch + 1) % args.save_interval == 0 or last_epoch:
+    if checkpoint_due(args, epoch, last_epoch, time.monotonic() - run.checkpoint_time):
         run.save("checkpoint.pt")  # before best.pt: a resumable state whatever happens to best.pt
     if lowest and lowest[0] == epoch + 1:
         run.save("best.pt")
@@ -971,6 +977,15 @@ def on_epoch_end(run, progress, epoch, epoch_time):
         n = min(args.projector_words, len(run.corpus.words))
         export.write_projector_snapshot(run.run_dir, run.corpus.words[:n], vectors()[:n].numpy(), epoch + 1)
     return early_stop
+
+
+def checkpoint_due(args, epoch, last_epoch, seconds_since):
+    """Whether epoch's end writes checkpoint.pt (seconds_since: since the last one, or the run's start)."""
+    if last_epoch:
+        return True
+    if args.save_interval:
+        return (epoch + 1) % args.save_interval == 0
+    return seconds_since >= CHECKPOINT_SECONDS
 
 
 def all_finite(tensor):

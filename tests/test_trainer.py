@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import shlex
@@ -466,3 +467,12 @@ def test_a_checkpoint_written_mid_epoch_by_an_earlier_version_restarts_its_epoch
     resumed = torch.load(path, weights_only=True)
     assert resumed["epoch"] == 1 and resumed["position"] == {}
     assert resumed["history"]["Train loss"][-1][1] < 10  # the stale partial sums were dropped
+
+
+def test_epoch_ends_checkpoint_by_time_unless_an_interval_is_given():
+    by_time = argparse.Namespace(save_interval=None)
+    assert not trainer.checkpoint_due(by_time, 0, False, trainer.CHECKPOINT_SECONDS - 1)
+    assert trainer.checkpoint_due(by_time, 0, False, trainer.CHECKPOINT_SECONDS)
+    assert trainer.checkpoint_due(by_time, 3, True, 0.0)  # the last epoch always writes one
+    every_two = argparse.Namespace(save_interval=2)
+    assert [trainer.checkpoint_due(every_two, epoch, False, 0.0) for epoch in range(4)] == [False, True, False, True]
