@@ -98,73 +98,188 @@ def _softplus(x):
     return math.log1p(math.exp(x))
 
 
+LANES = 16
+F32 = ir.FloatType()
+VEC = ir.VectorType(F32, LANES)
+I1V = ir.VectorType(ir.IntType(1), LANES)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+
+
+def _row_ptr(context, builder, aryty, ary_val, row):
+    ary = context.make_array(aryty)(context, builder, ary_val)
+    return cgutils.get_item_pointer(context, builder, aryty, ary, [row, ir.Constant(I64, 0)])
+
+
+def _declare(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _masked_load(builder, ptr, mask):
+    fn = _declare(builder, f"llvm.masked.load.v16f32.p0", VEC, [ptr.type, I32, I1V, VEC])
+    return builder.call(fn, [ptr, I32(4), mask, ir.Constant(VEC, [0.0] * LANES)])
+
+
+def _masked_store(builder, value, ptr, mask):
+    fn = _declare(builder, f"llvm.masked.store.v16f32.p0", ir.VoidType(),
+                  [VEC, ptr.type, I32, I1V])
+    builder.call(fn, [value, ptr, I32(4), mask])
+
+
+def _tail_mask(builder, remaining):
+    lanes = ir.Constant(ir.VectorType(I64, LANES), list(range(LANES)))
+    splat = builder.insert_element(ir.Constant(ir.VectorType(I64, LANES), ir.Undefined), remaining, I32(0))
+    splat = builder.shuffle_vector(splat, ir.Constant(ir.VectorType(I64, LANES), ir.Undefined),
+                                   ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
+    return builder.icmp_unsigned("<", lanes, splat)
+
+
+def _vec_ptr(builder, ptr, t):
+    return builder.bitcast(builder.gep(ptr, [t]), VEC.as_pointer())
+
+
+def _fast(builder, op, a, b):
+    value = op(a, b)
+    value.flags.append("fast") if hasattr(value, "flags") else None
+    return value
+
+
+def _over_blocks(builder, dim, body):
+    """body(t, mask or None) for every block of 16 columns of a row of dim, the last one masked."""
+    full = builder.and_(dim, I64(~(LANES - 1)))
+    with cgutils.for_range_slice(builder, I64(0), full, I64(LANES)) as (t, _):
+        body(t, None)
+    rest = builder.sub(dim, full)
+    with builder.if_then(builder.icmp_signed(">", rest, I64(0))):
+        body(full, _tail_mask(builder, rest))
+
+
+def _load(builder, ptr, t, mask):
+    if mask is None:
+        return builder.load(_vec_ptr(builder, ptr, t), align=4)
+    return _masked_load(builder, _vec_ptr(builder, ptr, t), mask)
+
+
+def _store(builder, value, ptr, t, mask):
+    if mask is None:
+        builder.store(value, _vec_ptr(builder, ptr, t), align=4)
+    else:
+        _masked_store(builder, value, _vec_ptr(builder, ptr, t), mask)
+
+
+def _fma(builder, a, b, c):
+    fn = _declare(builder, "llvm.fma.v16f32", VEC, [VEC, VEC, VEC])
+    return builder.call(fn, [a, b, c])
+
+
+def _splat(builder, scalar):
+    v = builder.insert_element(ir.Constant(VEC, ir.Undefined), scalar, I32(0))
+    return builder.shuffle_vector(v, ir.Constant(VEC, ir.Undefined), ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
+
+
+def _reduce(builder, vec):
+    fn = _declare(builder, "llvm.vector.reduce.fadd.v16f32", F32, [F32, VEC])
+    return builder.call(fn, [F32(-0.0), vec], fastmath=("reassoc",))
+
+
+def _item(context, builder, aryty, ary_val, *indices):
+    """The value of ary[indices] (indices: LLVM int64 values)."""
+    ary = context.make_array(aryty)(context, builder, ary_val)
+    return builder.load(cgutils.get_item_pointer(context, builder, aryty, ary, list(indices)))
+
+
+def _offsets(builder, start, count):
+    return [builder.add(start, I64(k)) for k in range(count)]
+
+
+@intrinsic
+def _dots_into(typingctx, coef, o, j, out_w, out_row, in_w, in_ids, count):
+    """coef[o, j + k] <- out_w[out_row] . in_w[in_ids[j + k]] for k < count (a literal): one
+    pass over the rows, a vector accumulator per dot product."""
+    if not isinstance(count, types.IntegerLiteral):
+        return None  # numba then types the call again with the count as a literal
+    n = count.literal_value
+    sig = types.void(coef, types.int64, types.int64, out_w, types.int64, in_w, in_ids, count)
+
+    def codegen(context, builder, signature, args):
+        coef_ty, _, _, out_ty, _, in_ty, ids_ty, _ = signature.args
+        out_ptr = _row_ptr(context, builder, out_ty, args[3], args[4])
+        in_ptrs = [_row_ptr(context, builder, in_ty, args[5], _item(context, builder, ids_ty, args[6], jk))
+                   for jk in _offsets(builder, args[2], n)]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(VEC, [0.0] * LANES)) for _ in range(n)]
+
+        def body(t, mask):
+            x = _load(builder, out_ptr, t, mask)
+            for k in range(n):
+                builder.store(_fma(builder, x, _load(builder, in_ptrs[k], t, mask), builder.load(accs[k])), accs[k])
+        _over_blocks(builder, _row_width(context, builder, in_ty, args[5]), body)
+        coef_ary = context.make_array(coef_ty)(context, builder, args[0])
+        for k, jk in enumerate(_offsets(builder, args[2], n)):
+            cell = cgutils.get_item_pointer(context, builder, coef_ty, coef_ary, [args[1], jk])
+            builder.store(_reduce(builder, builder.load(accs[k])), cell)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _add_into(typingctx, dst, dst_row, src, src_ids, k0, coef, fixed, along_rows, count, assign):
+    """dst[dst_row] (+)= sum_k c_k src[src_ids[k0 + k]] for k < count (a literal), where c_k is
+    coef[k0 + k, fixed] if along_rows else coef[fixed, k0 + k]; assign (a literal) overwrites
+    dst[dst_row] instead of adding to it. One pass over the rows."""
+    if not all(isinstance(arg, types.Literal) for arg in (along_rows, count, assign)):
+        return None  # numba then types the call again with them as literals
+    n, down, overwrite = count.literal_value, along_rows.literal_value, assign.literal_value
+    sig = types.void(dst, types.int64, src, src_ids, types.int64, coef, types.int64, along_rows, count, assign)
+
+    def codegen(context, builder, signature, args):
+        dst_ty, _, src_ty, ids_ty, _, coef_ty = signature.args[:6]
+        dst_ptr = _row_ptr(context, builder, dst_ty, args[0], args[1])
+        ks = _offsets(builder, args[4], n)
+        src_ptrs = [_row_ptr(context, builder, src_ty, args[2], _item(context, builder, ids_ty, args[3], k))
+                    for k in ks]
+        coefs = [_splat(builder, _item(context, builder, coef_ty, args[5], *((k, args[6]) if down else (args[6], k))))
+                 for k in ks]
+
+        def body(t, mask):
+            acc = ir.Constant(VEC, [0.0] * LANES) if overwrite else _load(builder, dst_ptr, t, mask)
+            for k in range(n):
+                acc = _fma(builder, coefs[k], _load(builder, src_ptrs[k], t, mask), acc)
+            _store(builder, acc, dst_ptr, t, mask)
+        _over_blocks(builder, _row_width(context, builder, dst_ty, args[0]), body)
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+def _row_width(context, builder, aryty, ary_val):
+    return builder.extract_value(context.make_array(aryty)(context, builder, ary_val).shape, 1)
+
+
+# Rows a pass takes at most: the windows' usual sizes (2 to 10 context words, 6 or 11 output rows)
+# in few passes, each pass one read of the row the others meet.
 @njit(inline="always")
-def _dots4(out_w, out_row, in_w, in_ids, j, dim):
-    """out_w[out_row] . in_w[in_ids[j + i]] for i < 4, in one pass over the output row."""
-    a, b, c, d = in_ids[j], in_ids[j + 1], in_ids[j + 2], in_ids[j + 3]
-    s0 = s1 = s2 = s3 = np.float32(0.0)
-    for t in range(dim):
-        x = out_w[out_row, t]
-        s0 += x * in_w[a, t]
-        s1 += x * in_w[b, t]
-        s2 += x * in_w[c, t]
-        s3 += x * in_w[d, t]
-    return s0, s1, s2, s3
-
-
-@njit(inline="always")
-def _dots2(out_w, out_row, in_w, in_ids, j, dim):
-    """out_w[out_row] . in_w[in_ids[j + i]] for i < 2, in one pass over the output row."""
-    a, b = in_ids[j], in_ids[j + 1]
-    s0 = s1 = np.float32(0.0)
-    for t in range(dim):
-        x = out_w[out_row, t]
-        s0 += x * in_w[a, t]
-        s1 += x * in_w[b, t]
-    return s0, s1
-
-
-@njit(inline="always")
-def _add4(dst, dst_row, src, src_ids, k, c0, c1, c2, c3, dim):
-    """dst[dst_row] += sum_i c_i src[src_ids[k + i]] for i < 4: one pass over the destination row."""
-    a, b, c, d = src_ids[k], src_ids[k + 1], src_ids[k + 2], src_ids[k + 3]
-    for t in range(dim):
-        dst[dst_row, t] += c0 * src[a, t] + c1 * src[b, t] + c2 * src[c, t] + c3 * src[d, t]
-
-
-@njit(inline="always")
-def _add2(dst, dst_row, src, src_ids, k, c0, c1, dim):
-    """dst[dst_row] += c0 src[src_ids[k]] + c1 src[src_ids[k + 1]]: one pass over the destination row."""
-    a, b = src_ids[k], src_ids[k + 1]
-    for t in range(dim):
-        dst[dst_row, t] += c0 * src[a, t] + c1 * src[b, t]
-
-
-@njit(inline="always")
-def _add1(dst, dst_row, src, src_row, c0, dim):
-    for t in range(dim):
-        dst[dst_row, t] += c0 * src[src_row, t]
+def _chunk(left):
+    return 8 if left >= 8 else 6 if left >= 6 else 4 if left >= 4 else 2 if left >= 2 else 1
 
 
 @njit(inline="always")
 def _scores(in_w, out_w, in_ids, n_in, out_ids, n_out, coef):
-    """coef[o, j] <- out_w[out_ids[o]] . in_w[in_ids[j]], up to four input rows a pass."""
-    dim = in_w.shape[1]
+    """coef[o, j] <- out_w[out_ids[o]] . in_w[in_ids[j]], several input rows a pass."""
     for o in range(n_out):
         out_row = out_ids[o]
         j = 0
-        while j + 4 <= n_in:
-            coef[o, j], coef[o, j + 1], coef[o, j + 2], coef[o, j + 3] = _dots4(out_w, out_row, in_w, in_ids, j, dim)
-            j += 4
-        if j + 2 <= n_in:
-            coef[o, j], coef[o, j + 1] = _dots2(out_w, out_row, in_w, in_ids, j, dim)
-            j += 2
-        if j < n_in:
-            in_row = in_ids[j]
-            score = np.float32(0.0)
-            for t in range(dim):
-                score += out_w[out_row, t] * in_w[in_row, t]
-            coef[o, j] = score
+        while j < n_in:
+            size = _chunk(n_in - j)
+            if size == 8:
+                _dots_into(coef, o, j, out_w, out_row, in_w, in_ids, 8)
+            elif size == 6:
+                _dots_into(coef, o, j, out_w, out_row, in_w, in_ids, 6)
+            elif size == 4:
+                _dots_into(coef, o, j, out_w, out_row, in_w, in_ids, 4)
+            elif size == 2:
+                _dots_into(coef, o, j, out_w, out_row, in_w, in_ids, 2)
+            else:
+                _dots_into(coef, o, j, out_w, out_row, in_w, in_ids, 1)
+            j += size
 
 
 @njit(inline="always")
@@ -184,48 +299,68 @@ def _steps_from_scores(coef, n_in, n_out, lr, with_loss):
 
 @njit(inline="always")
 def _input_steps(out_w, out_ids, n_out, n_in, coef, in_delta):
-    """in_delta[j] <- sum_o coef[o, j] out_w[out_ids[o]], up to four output rows a pass."""
-    dim = out_w.shape[1]
+    """in_delta[j] <- sum_o coef[o, j] out_w[out_ids[o]], several output rows a pass."""
     for j in range(n_in):
-        for t in range(dim):
-            in_delta[j, t] = 0.0
         o = 0
-        while o + 4 <= n_out:
-            _add4(in_delta, j, out_w, out_ids, o, coef[o, j], coef[o + 1, j], coef[o + 2, j], coef[o + 3, j], dim)
-            o += 4
-        if o + 2 <= n_out:
-            _add2(in_delta, j, out_w, out_ids, o, coef[o, j], coef[o + 1, j], dim)
-            o += 2
-        if o < n_out:
-            _add1(in_delta, j, out_w, out_ids[o], coef[o, j], dim)
+        while o < n_out:
+            size = _chunk(n_out - o)
+            if o == 0:
+                _add_rows_into(in_delta, j, out_w, out_ids, o, coef, j, True, size, True)
+            else:
+                _add_rows_into(in_delta, j, out_w, out_ids, o, coef, j, True, size, False)
+            o += size
+
+
+@njit(inline="always")
+def _add_rows_into(dst, dst_row, src, src_ids, k0, coef, fixed, along_rows, size, assign):
+    """_add_into with the run-time size (8, 6, 4, 2 or 1) as its literal count."""
+    if size == 8:
+        _add_into(dst, dst_row, src, src_ids, k0, coef, fixed, along_rows, 8, assign)
+    elif size == 6:
+        _add_into(dst, dst_row, src, src_ids, k0, coef, fixed, along_rows, 6, assign)
+    elif size == 4:
+        _add_into(dst, dst_row, src, src_ids, k0, coef, fixed, along_rows, 4, assign)
+    elif size == 2:
+        _add_into(dst, dst_row, src, src_ids, k0, coef, fixed, along_rows, 2, assign)
+    else:
+        _add_into(dst, dst_row, src, src_ids, k0, coef, fixed, along_rows, 1, assign)
 
 
 @njit(inline="always")
 def _output_steps(in_w, in_ids, n_in, out_w, out_ids, n_out, coef):
-    """out_w[out_ids[o]] += sum_j coef[o, j] in_w[in_ids[j]], up to four input rows a pass. A row
+    """out_w[out_ids[o]] += sum_j coef[o, j] in_w[in_ids[j]], several input rows a pass. A row
     listed twice gets both steps, each from the input rows as they are (not yet moved)."""
-    dim = in_w.shape[1]
     for o in range(n_out):
         out_row = out_ids[o]
         j = 0
-        while j + 4 <= n_in:
-            _add4(out_w, out_row, in_w, in_ids, j, coef[o, j], coef[o, j + 1], coef[o, j + 2], coef[o, j + 3], dim)
-            j += 4
-        if j + 2 <= n_in:
-            _add2(out_w, out_row, in_w, in_ids, j, coef[o, j], coef[o, j + 1], dim)
-            j += 2
-        if j < n_in:
-            _add1(out_w, out_row, in_w, in_ids[j], coef[o, j], dim)
+        while j < n_in:
+            size = _chunk(n_in - j)
+            _add_rows_into(out_w, out_row, in_w, in_ids, j, coef, o, False, size, False)
+            j += size
+
+
+@intrinsic
+def _add_row(typingctx, dst, dst_row, src, src_row):
+    """dst[dst_row] += src[src_row], one pass."""
+    sig = types.void(dst, types.int64, src, types.int64)
+
+    def codegen(context, builder, signature, args):
+        dst_ptr = _row_ptr(context, builder, signature.args[0], args[0], args[1])
+        src_ptr = _row_ptr(context, builder, signature.args[2], args[2], args[3])
+
+        def body(t, mask):
+            _store(builder, builder.fadd(_load(builder, dst_ptr, t, mask), _load(builder, src_ptr, t, mask)),
+                   dst_ptr, t, mask)
+        _over_blocks(builder, _row_width(context, builder, signature.args[0], args[0]), body)
+        return context.get_dummy_value()
+    return sig, codegen
 
 
 @njit(inline="always")
 def _add_rows(table, row_ids, n, delta):
     """table[row_ids[j]] += delta[j] for j < n (a row listed twice gets both)."""
-    dim = table.shape[1]
     for j in range(n):
-        row = row_ids[j]
-        for t in range(dim):
-            table[row, t] += delta[j, t]
+        _add_row(table, row_ids[j], delta, j)
 
 
 @njit(inline="always")
