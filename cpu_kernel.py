@@ -525,6 +525,26 @@ def train_steps(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step,
                 _merge_replicas(out_w, hot_words, base, out_snapshots[share])
 
 
+# Bytes kept free on both sides of a thread's scratch arrays: the allocator may place two threads'
+# arrays side by side, and the window step writes them all the time (the threads' cores would pass
+# the cache lines they share back and forth).
+GUARD_BYTES = 4096
+
+
+@njit(inline="always")
+def _own_ids(n):
+    """np.empty(n, int64), with no other thread's data within GUARD_BYTES."""
+    guard = GUARD_BYTES // 8
+    return np.empty(n + 2 * guard, dtype=np.int64)[guard:guard + n]
+
+
+@njit(inline="always")
+def _own_rows(n, width):
+    """np.empty((n, width), float32), with no other thread's data within GUARD_BYTES."""
+    guard = GUARD_BYTES // (4 * width) + 1
+    return np.empty((n + 2 * guard, width), dtype=np.float32)[guard:guard + n]
+
+
 @njit(inline="always")
 def _train_step(in_w, out_w, kept_ids, sentence_bounds, lo, hi, state, lr_lo, lr_hi, window, negative, accept, alias,
                 in_marks, out_marks, mark, hot_slots, base, n_hot):
@@ -537,10 +557,8 @@ def _train_step(in_w, out_w, kept_ids, sentence_bounds, lo, hi, state, lr_lo, lr
     dim = in_w.shape[1]
     state = _lcg(state)
     sampled = np.int64((state >> np.uint64(16)) % np.uint64(LOSS_SAMPLE))
-    in_ids = np.empty(2 * window, dtype=np.int64)
-    out_ids, next_ids = np.empty(negative + 1, dtype=np.int64), np.empty(negative + 1, dtype=np.int64)
-    coef = np.empty((negative + 1, 2 * window), dtype=np.float32)
-    in_delta = np.empty((2 * window, dim), dtype=np.float32)
+    in_ids, out_ids, next_ids = _own_ids(2 * window), _own_ids(negative + 1), _own_ids(negative + 1)
+    coef, in_delta = _own_rows(negative + 1, 2 * window), _own_rows(2 * window, dim)
     loss = 0.0
     pairs = 0
     sentence = np.searchsorted(sentence_bounds, lo, side="right") - 1

@@ -666,8 +666,9 @@ def subsample(token_ids, sentence_starts, keep_prob, rng, block=1 << 20):
         kept_before = np.concatenate([[0], np.cumsum(mask)])  # kept tokens before each block position
         kept_starts[first:last] = n_kept + kept_before[sentence_starts[first:last] - lo]
         n_kept += len(chosen)
-    starts = np.unique(kept_starts)
-    starts = starts[starts < n_kept]  # sentences emptied by subsampling vanish
+    # kept_starts never decreases: a sentence emptied by subsampling repeats the next one's start
+    starts = kept_starts[np.diff(kept_starts, prepend=-1) > 0]
+    starts = starts[starts < n_kept]  # sentences emptied at the end vanish too
     return kept[:n_kept], starts
 
 
