@@ -61,9 +61,10 @@ def restore_signal_handlers():
 
 
 def base_args(tmp_path, dataset, *extra):
+    """A small run that checkpoints at every epoch's end (what a kill or a stop leaves is the point here)."""
     return ["--dataset", str(dataset), "--cache-dir", str(tmp_path / "cache"), "--log-dir", str(tmp_path / "runs"),
             "--embed-size", "16", "--remove-th", "1", "--num-threads", "1", "--quiet", "--pip-interval", "0",
-            "--subsample-th", "0", "--batch-size", str(BATCH_SIZE), *extra]
+            "--subsample-th", "0", "--batch-size", str(BATCH_SIZE), "--save-interval", "1", *extra]
 
 
 def run_main(capsys, argv):
