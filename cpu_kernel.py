@@ -607,6 +607,8 @@ def set_threads(num_threads):
     return numba.get_num_threads()
 
 
+# Floats in a cache line: rows that start on one (engines._room_below) take whole-line vector loads.
+ROW_ALIGN = 16
 # The rows each thread of a multi-thread run trains its own copy of: the most frequent words, whose
 # rows nearly every window writes (bench/RESULTS.md, the kernel's threads).
 HOT_ROWS = 512

@@ -164,15 +164,18 @@ class Engine:
 
 
 def _room_below(embedding, extra_rows):
-    """The embedding's table as an array with extra_rows more rows below its own, which the
-    kernel's threads train their copies of the hot rows in (cpu_kernel.HotRows); the embedding's
-    weight becomes a view of the table's first rows."""
+    """The embedding's table as the CPU kernel trains it: extra_rows more rows below its own, where
+    the kernel's threads train their copies of the hot rows (cpu_kernel.HotRows), and rows that
+    start on a cache line (cpu_kernel.ROW_ALIGN floats), where the kernel's vector loads would
+    otherwise each straddle two lines. The embedding's weight becomes a view of the table."""
     weight = embedding.weight.data
-    if not extra_rows:
+    n_rows, width = weight.shape
+    stride = -(-width // cpu_kernel.ROW_ALIGN) * cpu_kernel.ROW_ALIGN
+    if not extra_rows and stride == width:
         return weight.numpy()
-    table = torch.zeros(weight.shape[0] + extra_rows, weight.shape[1], dtype=weight.dtype)
-    table[:weight.shape[0]] = weight
-    embedding.weight.data = table[:weight.shape[0]]
+    table = torch.zeros(n_rows + extra_rows, stride, dtype=weight.dtype)[:, :width]
+    table[:n_rows] = weight
+    embedding.weight.data = table[:n_rows]
     return table.numpy()
 
 

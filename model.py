@@ -51,8 +51,8 @@ class SGNS(nn.Module):
         return _sgns_loss(self.in_embed(center_ids), self.out_embed(context_ids), self.out_embed(neg_ids))
 
     def embeddings(self):
-        """The V x d center vectors."""
-        return self.in_embed.weight.detach()
+        """The V x d center vectors, contiguous (the CPU kernel's tables space their rows out)."""
+        return self.in_embed.weight.detach().contiguous()
 
     @torch.no_grad()
     def window_grads(self, context_ids, weight, out_ids, scratch=None):

@@ -92,3 +92,17 @@ def test_the_tensor_step_in_two_phases_equals_the_tensor_step(monkeypatch):
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(two_phases.state_dict()[key], value, atol=1e-6, rtol=1e-6)
         assert not torch.equal(value, small_model(seed=3).state_dict()[key])
+
+
+def test_the_kernels_tables_have_room_below_and_rows_on_cache_lines():
+    """engines._room_below: the weight keeps its values as a view of a table with extra rows below,
+    and every row of the table starts on a 64-byte line (cpu_kernel.ROW_ALIGN floats)."""
+    model = small_model(7, vocab=12, dim=20)
+    before = model.in_embed.weight.detach().clone()
+    table = engines._room_below(model.in_embed, 5)
+    assert table.shape == (17, 20) and table.strides[0] % (4 * cpu_kernel.ROW_ALIGN) == 0
+    assert table.ctypes.data % 64 == 0
+    assert torch.equal(model.in_embed.weight, before) and torch.equal(torch.from_numpy(table[:12]), before)
+    table[3, 4] = 9.0  # the weight is the table's first rows, not a copy
+    assert model.in_embed.weight[3, 4] == 9.0
+    assert model.embeddings().is_contiguous() and model.embeddings()[3, 4] == 9.0
