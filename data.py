@@ -663,8 +663,9 @@ def subsample(token_ids, sentence_starts, keep_prob, rng, block=1 << 20):
         chosen = ids[mask]
         kept[n_kept:n_kept + len(chosen)] = chosen
         first, last = np.searchsorted(sentence_starts, [lo, lo + len(ids)])
-        kept_before = np.concatenate([[0], np.cumsum(mask)])  # kept tokens before each block position
-        kept_starts[first:last] = n_kept + kept_before[sentence_starts[first:last] - lo]
+        # the kept tokens before each sentence start of the block: kept positions below it
+        kept_before = np.searchsorted(np.flatnonzero(mask), sentence_starts[first:last] - lo)
+        kept_starts[first:last] = n_kept + kept_before
         n_kept += len(chosen)
     # kept_starts never decreases: a sentence emptied by subsampling repeats the next one's start
     starts = kept_starts[np.diff(kept_starts, prepend=-1) > 0]
