@@ -736,7 +736,7 @@ def shuffle_sentence_blocks(kept_ids, starts, seed, epoch):
     if n == 0:
         return kept_ids, np.zeros(1, dtype=np.int64)
     block_first = np.unique(np.searchsorted(starts, np.arange(0, n, SHUFFLE_BLOCK_TOKENS)))  # first sentence
-    block_lo = starts[block_first]
+    block_lo = starts[block_first[block_first < len(starts)]]  # none starts inside a long last sentence
     block_hi = np.append(block_lo[1:], n)
     order = epoch_rng(seed, epoch, 0x5A4D).permutation(len(block_lo))
     stream = np.concatenate([kept_ids[block_lo[b]:block_hi[b]] for b in order])

@@ -335,6 +335,11 @@ def test_sentence_blocks_are_shuffled_whole_reproducibly_and_anew_each_epoch():
     assert not np.array_equal(data.shuffle_sentence_blocks(kept, starts, 3, 1)[0], ids)
     empty, empty_starts = data.shuffle_sentence_blocks(kept[:0], starts[:0], 3, 0)
     assert len(empty) == 0 and list(empty_starts) == [0]
+    # a last sentence longer than several blocks: no block starts inside it
+    long_last = np.append(starts, len(kept))
+    tail = np.concatenate([kept, rng.integers(0, 1000, 5 * data.SHUFFLE_BLOCK_TOKENS).astype(np.uint32)])
+    ids, new_starts = data.shuffle_sentence_blocks(tail, long_last, 3, 0)
+    assert sorted(sentences(ids, new_starts)) == sorted(sentences(tail, long_last))
 
 
 def test_negatives_follow_unigram_power():

@@ -476,3 +476,15 @@ def test_epoch_ends_checkpoint_by_time_unless_an_interval_is_given():
     assert trainer.checkpoint_due(by_time, 3, True, 0.0)  # the last epoch always writes one
     every_two = argparse.Namespace(save_interval=2)
     assert [trainer.checkpoint_due(every_two, epoch, False, 0.0) for epoch in range(4)] == [False, True, False, True]
+
+
+def test_a_one_process_kernel_run_takes_sentence_blocks_in_a_new_order_each_epoch(tmp_path, corpus_file, monkeypatch):
+    shuffled = []
+    real = engines.data.shuffle_sentence_blocks
+
+    def recording(kept_ids, starts, seed, epoch):
+        shuffled.append(epoch)
+        return real(kept_ids, starts, seed, epoch)
+    monkeypatch.setattr(engines.data, "shuffle_sentence_blocks", recording)
+    assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "2", "--pip-interval", "0")) == 0
+    assert shuffled == [0, 1]
