@@ -287,13 +287,14 @@ def _steps_from_scores(coef, n_in, n_out, lr, with_loss):
     """Each score becomes its pair's step size, lr (label - s(score)) (label 1 for out_ids[0], the
     center; 0 for a negative); returns the pairs' summed loss if with_loss, else 0."""
     loss = 0.0
+    one, rate = np.float32(1.0), np.float32(lr)
     for o in range(n_out):
         for j in range(n_in):
             score = coef[o, j]
             if with_loss:
                 loss += _softplus(-score) if o == 0 else _softplus(score)
-            prob = 1.0 / (1.0 + math.exp(-score))
-            coef[o, j] = np.float32(lr * (1.0 - prob)) if o == 0 else np.float32(-lr * prob)
+            prob = one / (one + math.exp(-score))  # float32: expf, not exp
+            coef[o, j] = rate * (one - prob) if o == 0 else -rate * prob
     return loss
 
 
