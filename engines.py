@@ -37,8 +37,9 @@ import model as models
 from model import Rows
 
 # Most centers one call of the compiled kernel trains: the loop looks at signals and progress
-# between calls, so a call is kept short next to a human's patience.
-CENTERS_PER_KERNEL_CALL = 200_000
+# between calls, so a call is kept short next to a human's patience (well under a second), and
+# long next to the threads' wait for each other at its end.
+CENTERS_PER_KERNEL_CALL = 1_000_000
 # The rnn model's SGD rate for its tables (per-word input part, output table) at the start of a
 # run, decayed as --lr is; --lr itself is the rnn encoder's. Twice word2vec's: the per-word part
 # takes only --word-share of each change (bench/RESULTS.md, RNN-SGNS).
