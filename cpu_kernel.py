@@ -85,6 +85,13 @@ def _lcg(state):
 
 
 @njit(inline="always")
+def _below(state, n):
+    """An integer in [0, n) from the top 32 bits of the state, by a multiplication (Lemire's
+    range reduction) where a modulo would cost an integer division."""
+    return np.int64(((state >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
+
+
+@njit(inline="always")
 def _uniform(state):
     """A float in [0, 1) from the top 24 bits of the state."""
     return np.float32((state >> np.uint64(40)) * (1.0 / 16777216.0))
@@ -369,7 +376,7 @@ def _alias_draw(state, accept, alias):
     """One draw from the alias table (Walker): a uniform slot, kept with its acceptance
     probability, else its alias; returns (state, word)."""
     state = _lcg(state)
-    slot = (state >> np.uint64(16)) % np.uint64(accept.shape[0])
+    slot = _below(state, accept.shape[0])
     state = _lcg(state)
     return state, (np.int64(slot) if _uniform(state) < accept[slot] else alias[slot])
 
@@ -412,7 +419,7 @@ def _draw_center(state, kept_ids, pos, window, negative, accept, alias, out_ids)
     out_ids[:n] <- the center, then its negatives by the alias table, a draw equal to the center
     skipped (as word2vec); returns (state, reach, n)."""
     state = _lcg(state)
-    reach = 1 + np.int64((state >> np.uint64(16)) % np.uint64(window))
+    reach = 1 + _below(state, window)
     word = np.int64(kept_ids[pos])
     out_ids[0] = word
     n_out = 1
@@ -451,7 +458,7 @@ LOSS_SAMPLE = 8
 # A thread adds its hot rows' changes to the shared rows every MERGE_STEPS steps: the other threads
 # see them that much later, and the merge's cost (every hot row, read and written) stays small
 # beside the steps' work.
-MERGE_STEPS = 16
+MERGE_STEPS = 64
 
 
 @njit(inline="always")

@@ -248,3 +248,21 @@ def test_window_step_caps_the_summed_gradient_of_rows_met_too_often(monkeypatch)
     out_scale[5] = 2 / 4
     assert torch.allclose(model.in_embed.weight, start["in_embed.weight"] - 0.1 * in_scale * summed_in, atol=1e-6)
     assert torch.allclose(model.out_embed.weight, start["out_embed.weight"] - 0.1 * out_scale * summed_out, atol=1e-6)
+
+
+def test_the_kernels_draws_below_n_are_uniform():
+    """cpu_kernel._below (a word's reach, the alias table's slot): every value below n as often."""
+    from numba import njit
+    from scipy import stats
+
+    @njit
+    def draws(n, count):
+        state, out = np.uint64(12345), np.empty(count, dtype=np.int64)
+        for i in range(count):
+            state = cpu_kernel._lcg(state)
+            out[i] = cpu_kernel._below(state, n)
+        return out
+    for n in (5, 21_000):
+        values = draws(n, 400_000)
+        assert values.min() == 0 and values.max() == n - 1
+        assert stats.chisquare(np.bincount(values, minlength=n)).pvalue > 1e-3
