@@ -458,7 +458,7 @@ LOSS_SAMPLE = 8
 # A thread adds its hot rows' changes to the shared rows every MERGE_STEPS steps: the other threads
 # see them that much later, and the merge's cost (every hot row, read and written) stays small
 # beside the steps' work.
-MERGE_STEPS = 64
+MERGE_STEPS = 16
 
 
 @njit(inline="always")

@@ -119,18 +119,18 @@ def warm_ours(corpus_txt, tmp):
                     str(tmp / "runs"), "--export", str(tmp / "warm-up.vec")], check=True, capture_output=True)
 
 
-def tool_command(tool, args, dim, neg, corpus_txt, out, tmp):
+def tool_command(tool, args, dim, neg, corpus_txt, out, tmp, seed):
     """The command line that trains `tool` and writes word2vec-format vectors to out."""
     if tool == "ours":
         return [sys.executable, str(ROOT / "trainer.py"), "--dataset", args.ours_dataset, "--cache-dir",
                 args.ours_cache, "--embed-size", str(dim), "--neg-sample-size", str(neg), "--epochs", str(args.epochs),
                 "--window-size", "5", "--subsample-th", "1e-3", "--remove-th", "5", "--lr", str(args.lr),
-                "--num-threads", str(args.threads), "--seed", str(args.seed), "--pip-interval", "0", "--quiet",
+                "--num-threads", str(args.threads), "--seed", str(seed), "--pip-interval", "0", "--quiet",
                 "--log-dir", str(tmp / "runs"), "--export", str(out)]
     if tool == "gensim":
         return [sys.executable, "-c", GENSIM_CHILD.format(corpus=str(corpus_txt), dim=dim, neg=neg, alpha=args.lr,
                                                           threads=args.threads, epochs=args.epochs,
-                                                          seed=args.seed, out=str(out))]
+                                                          seed=seed, out=str(out))]
     binary = PEER_BINARIES[tool]
     if tool == "fasttext":
         return [str(Path(args.peers_dir) / binary), "skipgram", "-input", str(corpus_txt), "-output",
@@ -145,10 +145,10 @@ def tool_command(tool, args, dim, neg, corpus_txt, out, tmp):
     return [str(Path(args.peers_dir) / binary), *common, "-batch-size", "11"]
 
 
-def run_tool(tool, args, dim, neg, corpus_txt, n_tokens, tmp):
+def run_tool(tool, args, dim, neg, corpus_txt, n_tokens, tmp, seed):
     """Train once; returns the row of figures."""
     out = tmp / f"{tool}-{dim}.{'vec' if tool == 'fasttext' else 'txt'}"  # fastText adds .vec to its -output
-    wall, rss, _ = run_child(tool_command(tool, args, dim, neg, corpus_txt, out, tmp), env=tool_env(args))
+    wall, rss, _ = run_child(tool_command(tool, args, dim, neg, corpus_txt, out, tmp, seed), env=tool_env(args))
     row = {"wall": wall, "words/s": n_tokens * args.epochs / wall, "rss": rss,
            **quality(*evaluate.load_vectors(out))}
     out.unlink()
@@ -195,7 +195,7 @@ def compare(args, dim, neg, corpus_txt, n_tokens, tmp):
     for repeat in range(args.repeats):
         order = args.tools if repeat % 2 == 0 else args.tools[::-1]
         for tool in order:
-            row = run_tool(tool, args, dim, neg, corpus_txt, n_tokens, tmp)
+            row = run_tool(tool, args, dim, neg, corpus_txt, n_tokens, tmp, args.seed + repeat)
             results[tool].append(row)
             print_runs(tool, [row])
     if "ours" in results:
@@ -223,7 +223,9 @@ def get_parser():
     parser.add_argument("--corpus-repeats", type=int, default=1,
                         help="every tool reads the corpus this many times over (6: about 18M tokens of the shared one)")
     parser.add_argument("--lr", type=float, default=0.025, help="starting learning rate of every tool")
-    parser.add_argument("--seed", type=int, default=1, help="seed for ours and gensim (the peers have none)")
+    parser.add_argument("--seed", type=int, default=1,
+                        help="seed of the first run of ours and gensim; run r takes seed + r, so the quality means "
+                             "cover seeds, not only thread timings (the peers have none)")
     parser.add_argument("--peers-dir", default="/tmp/sgns-peers", help="where build.sh puts the peers")
     parser.add_argument("--rebuild", action="store_true", help="build the peers even when they are there")
     return parser
