@@ -605,6 +605,28 @@ def _train_step(in_w, out_w, kept_ids, sentence_bounds, lo, hi, state, lr_lo, lr
     return loss, pairs
 
 
+@njit(cache=True, nogil=True)
+def keep_tokens(token_ids, keep_prob, draws, starts, kept, kept_starts):
+    """Subsampling's pass over a block of tokens: token i stays where draws[i] < keep_prob[its
+    word], into kept; kept_starts[k] <- the kept tokens before starts[k] (block positions,
+    increasing). Returns the number kept. One pass, where numpy's gather, compare, compress and
+    search would each walk the block."""
+    n_kept = 0
+    k = 0
+    for i in range(len(token_ids)):
+        while k < len(starts) and starts[k] <= i:
+            kept_starts[k] = n_kept
+            k += 1
+        word = token_ids[i]
+        if draws[i] < keep_prob[word]:
+            kept[n_kept] = word
+            n_kept += 1
+    while k < len(starts):
+        kept_starts[k] = n_kept
+        k += 1
+    return n_kept
+
+
 _NO_MARKS = np.zeros(0, dtype=np.uint8)
 
 
@@ -665,11 +687,14 @@ def train(in_w, out_w, kept_ids, sentence_bounds, step_bounds, first_step, base_
 
 
 def warm_up(in_w, out_w, sampler, window, negative):
-    """Have numba load (or compile) train_steps before the first epoch starts its clock, by a call
-    that changes nothing (one step of two tokens at learning rate 0, no hot rows): the first call
-    costs a noticeable part of a second even from numba's cache."""
+    """Have numba load (or compile) train_steps and keep_tokens before the first epoch starts its
+    clock, by calls that change nothing (one step of two tokens at learning rate 0, no hot rows; no
+    tokens): the first call costs a noticeable part of a second even from numba's cache."""
     train(in_w, out_w, np.zeros(2, dtype=np.uint32), np.array([0, 2], dtype=np.int64), [0, 2], 0, 1, [0.0, 0.0],
           window, negative, sampler)
+    no_starts = np.zeros(0, dtype=np.int64)
+    keep_tokens(np.zeros(0, dtype=np.uint32), np.zeros(1, dtype=np.float32), np.zeros(0, dtype=np.float32),
+                no_starts, np.zeros(0, dtype=np.uint32), no_starts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -654,19 +654,17 @@ def subsample(token_ids, sentence_starts, keep_prob, rng, block=1 << 20):
 
     Works block by block so the extra memory is O(block), not O(tokens).
     """
+    import cpu_kernel  # the compiled pass: imported here, where a run trains, not where a corpus is read
     kept = np.empty(len(token_ids), dtype=np.uint32)
     kept_starts = np.empty(len(sentence_starts), dtype=np.int64)
     n_kept = 0
     for lo in range(0, len(token_ids), block):
         ids = token_ids[lo:lo + block]
-        mask = rng.random(len(ids), dtype=np.float32) < keep_prob[ids]
-        chosen = ids[mask]
-        kept[n_kept:n_kept + len(chosen)] = chosen
         first, last = np.searchsorted(sentence_starts, [lo, lo + len(ids)])
-        # the kept tokens before each sentence start of the block: kept positions below it
-        kept_before = np.searchsorted(np.flatnonzero(mask), sentence_starts[first:last] - lo)
-        kept_starts[first:last] = n_kept + kept_before
-        n_kept += len(chosen)
+        block_kept = cpu_kernel.keep_tokens(ids, keep_prob, rng.random(len(ids), dtype=np.float32),
+                                            sentence_starts[first:last] - lo, kept[n_kept:], kept_starts[first:last])
+        kept_starts[first:last] += n_kept
+        n_kept += block_kept
     # kept_starts never decreases: a sentence emptied by subsampling repeats the next one's start
     starts = kept_starts[np.diff(kept_starts, prepend=-1) > 0]
     starts = starts[starts < n_kept]  # sentences emptied at the end vanish too
