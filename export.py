@@ -5,8 +5,6 @@ Formatting hundreds of thousands of floats one by one in Python takes seconds; a
 writes them all into one byte buffer in a fraction of that. Numbers are written as word2vec
 writes them, with six decimals; the binary format keeps every bit.
 """
-import collections
-import concurrent.futures
 import math
 from pathlib import Path
 
@@ -73,33 +71,19 @@ def format_rows(vectors, decimals, separator):
 
 
 ROWS_PER_BLOCK = 1024  # rows formatted at a time: the buffer stays small whatever the vocabulary
-# Blocks formatted at once, each by a thread (format_rows lets go of the GIL) while the file takes
-# the blocks before them.
-FORMAT_THREADS = 2
 
 
 def formatted_rows(vectors, separator=" "):
     """The rows of vectors as bytes, each value led by separator, ROWS_PER_BLOCK rows at a time.
     Raises ValueError on a NaN or infinite value, which format_rows has no digits for."""
-    with concurrent.futures.ThreadPoolExecutor(FORMAT_THREADS, thread_name_prefix="format") as pool:
-        pending = collections.deque()
-        for lo in range(0, len(vectors), ROWS_PER_BLOCK):
-            pending.append(pool.submit(_format_block, vectors, lo, separator))
-            if len(pending) > FORMAT_THREADS:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
-
-
-def _format_block(vectors, lo, separator):
-    """The ROWS_PER_BLOCK rows of vectors from row lo, formatted: a list of bytes, one a row."""
-    block = np.ascontiguousarray(vectors[lo:lo + ROWS_PER_BLOCK], dtype=np.float32)
-    if not np.isfinite(block).all():
-        raise ValueError(f"cannot write NaN or infinite values (rows {lo} to {lo + len(block) - 1})")
-    buffer, ends = format_rows(block, DECIMALS, ord(separator))
-    body = buffer.tobytes()
-    starts = [0, *ends[:-1].tolist()]
-    return [body[a:b] for a, b in zip(starts, ends.tolist())]
+    for lo in range(0, len(vectors), ROWS_PER_BLOCK):
+        block = np.ascontiguousarray(vectors[lo:lo + ROWS_PER_BLOCK], dtype=np.float32)
+        if not np.isfinite(block).all():
+            raise ValueError(f"cannot write NaN or infinite values (rows {lo} to {lo + len(block) - 1})")
+        buffer, ends = format_rows(block, DECIMALS, ord(separator))
+        body = buffer.tobytes()
+        starts = [0, *ends[:-1].tolist()]
+        yield from (body[a:b] for a, b in zip(starts, ends.tolist()))
 
 
 def write_word2vec(path, words, vectors):
