@@ -145,12 +145,6 @@ def _vec_ptr(builder, ptr, t):
     return builder.bitcast(builder.gep(ptr, [t]), VEC.as_pointer())
 
 
-def _fast(builder, op, a, b):
-    value = op(a, b)
-    value.flags.append("fast") if hasattr(value, "flags") else None
-    return value
-
-
 def _over_blocks(builder, dim, body):
     """body(t, mask or None) for every block of 16 columns of a row of dim, the last one masked."""
     full = builder.and_(dim, I64(~(LANES - 1)))

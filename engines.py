@@ -188,6 +188,17 @@ def epoch_steps(n_kept, per_step, world_size):
 # ---------------------------------------------------------------------------------------------
 # The compiled CPU kernel
 
+def _kernel_plan(engine, epoch, shuffled):
+    """What cpu_kernel.train needs of this rank's epoch: (kept ids, step bounds, sentence bounds
+    with the end appended, the steps' base seed); sets epoch.n_steps."""
+    kept_ids, starts, n_kept = engine.host_share(epoch.index, shuffled)
+    epoch.n_steps = epoch_steps(n_kept, epoch.per_step, engine.strategy.world_size)
+    step_bounds = np.minimum(np.arange(epoch.n_steps + 1, dtype=np.int64) * epoch.per_step, len(kept_ids))
+    sentence_bounds = np.append(starts, len(kept_ids)).astype(np.int64)
+    return kept_ids, step_bounds, sentence_bounds, data.step_seed(engine.args.seed, epoch.index,
+                                                                  engine.strategy.rank)
+
+
 def kernel_epoch(engine, epoch):
     """One epoch of word2vec's pair-by-pair SGD (cpu_kernel), a call of many steps at a time.
 
@@ -200,11 +211,7 @@ def kernel_epoch(engine, epoch):
     # Sentence blocks in a new random order each epoch, on one process too: in file order, a corpus of
     # books ends every epoch on the same book, and the threads (which split each call's steps in
     # two runs) train neighbouring text (bench/RESULTS.md, the 6x corpus).
-    kept_ids, starts, n_kept = engine.host_share(epoch.index, shuffled=True)
-    epoch.n_steps = epoch_steps(n_kept, epoch.per_step, strategy.world_size)
-    step_bounds = np.minimum(np.arange(epoch.n_steps + 1, dtype=np.int64) * epoch.per_step, len(kept_ids))
-    sentence_bounds = np.append(starts, len(kept_ids)).astype(np.int64)
-    base_seed = data.step_seed(args.seed, epoch.index, strategy.rank)
+    kept_ids, step_bounds, sentence_bounds, base_seed = _kernel_plan(engine, epoch, shuffled=True)
     steps_per_call = max(1, CENTERS_PER_KERNEL_CALL // epoch.per_step)
     in_w, out_w = engine._tables()
     marks = strategy.row_marks(engine.model.in_embed.weight, engine.model.out_embed.weight)
@@ -239,12 +246,7 @@ def spelling_epoch(engine, epoch):
     words, to the encoder, which the run's optimizer steps at --lr. The encoder thus costs a
     forward and a backward pass per distinct word per step, not per pair.
     """
-    args, strategy = engine.args, engine.strategy
-    kept_ids, starts, n_kept = engine.host_share(epoch.index, shuffled=False)
-    epoch.n_steps = epoch_steps(n_kept, epoch.per_step, strategy.world_size)
-    step_bounds = np.minimum(np.arange(epoch.n_steps + 1, dtype=np.int64) * epoch.per_step, len(kept_ids))
-    sentence_bounds = np.append(starts, len(kept_ids)).astype(np.int64)
-    base_seed = data.step_seed(args.seed, epoch.index, strategy.rank)
+    kept_ids, step_bounds, sentence_bounds, base_seed = _kernel_plan(engine, epoch, shuffled=False)
     with _encoder_settings():
         return _spelling_steps(engine, epoch, kept_ids, step_bounds, sentence_bounds, base_seed)
 
