@@ -4,7 +4,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 # window_step: a row met more than this many times in one step (weighted by real pairs) moves by
 # its mean gradient times this, not by the sum of all its gradients. The sum, computed from one
@@ -157,6 +157,9 @@ def _sgns_loss(center, context, negatives):
 # RNN-SGNS: word vectors computed from the word's characters
 
 PAD_CHAR, UNKNOWN_CHAR = 0, 1  # character ids reserved for padding and characters never seen
+# The trigram codes of CharWordEncoder: how many (trigrams share them by hash) and their seed.
+GRAM_BUCKETS = 1 << 17
+GRAM_SEED = 1
 # Defaults of the RNN flags, shared by the CLI and by checkpoints whose args lack a flag.
 RNN_DEFAULTS = {"char_embed_size": 32, "hidden_size": 32, "num_layer": 1, "dropout": 0.0,
                 "bidirectional": True, "mlp_size": None, "rnn_cell": "lstm"}
@@ -194,19 +197,32 @@ class CharVocab:
 
 
 class CharWordEncoder(nn.Module):
-    """Characters -> embedding -> LSTM (or GRU) -> last hidden state (both directions) -> linear -> d."""
+    """Characters -> embedding plus trigram code -> LSTM (or GRU) -> last hidden states (both
+    directions) and the mean of the top layer's outputs over the word -> linear -> d.
+
+    A character's input is its embedding plus a fixed random code of the trigram that ends at it
+    (the hashing trick, GRAM_BUCKETS codes), so the recurrence reads letter groups, not letters
+    alone. The mean over positions keeps the middle of a word, where the stem is, which the
+    last states (the end read forwards, the start read backwards) hold least of.
+    """
 
     def __init__(self, n_chars, embed_size, char_embed_size=32, hidden_size=128, num_layers=1, dropout=0.0,
                  bidirectional=False, mlp_size=None, cell="lstm"):
         super().__init__()
         self.directions = 2 if bidirectional else 1
+        self.n_chars = n_chars  # also the code of "before the word" in a trigram
         self.char_embed = nn.Embedding(n_chars, char_embed_size, padding_idx=PAD_CHAR)
+        # Fixed, not trained: learning them at the encoder's rate changed no score (bench/RESULTS.md).
+        # Drawn from a fixed seed, so not saved: a checkpoint rebuilds them.
+        codes = torch.randn(GRAM_BUCKETS, char_embed_size, generator=torch.Generator().manual_seed(GRAM_SEED),
+                            device="cpu")
+        self.register_buffer("gram_codes", codes, persistent=False)
         # the recurrent layer's own dropout acts between layers only (it warns when there is one layer)
         recurrent = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.rnn = recurrent(char_embed_size, hidden_size, num_layers=num_layers, batch_first=True,
                              dropout=dropout if num_layers > 1 else 0.0, bidirectional=bidirectional)
         self.dropout = nn.Dropout(dropout)
-        features = hidden_size * self.directions
+        features = 2 * hidden_size * self.directions  # the last states and the mean outputs
         mlp_size = mlp_size or embed_size
         if mlp_size == embed_size:
             self.head = nn.Linear(features, embed_size)
@@ -223,8 +239,17 @@ class CharWordEncoder(nn.Module):
         """
         if packed is None:
             packed = char_ids.is_cuda
-        last = (self._last_states_packed if packed else self._last_states_by_length)(char_ids, lengths)
-        return self.head(self.dropout(last))
+        features = (self._features_packed if packed else self._features_by_length)(char_ids, lengths)
+        return self.head(self.dropout(features))
+
+    def _inputs(self, char_ids):
+        """N x L char ids -> N x L x char_embed_size: each character's embedding plus its trigram's code."""
+        before = self.n_chars
+        prev1 = F.pad(char_ids[:, :-1], (1, 0), value=before)
+        prev2 = F.pad(char_ids[:, :-2], (2, 0), value=before)[:, :char_ids.shape[1]]
+        base = self.n_chars + 1
+        trigrams = ((prev2 * base + prev1) * base + char_ids) % GRAM_BUCKETS
+        return self.char_embed(char_ids) + self.gram_codes[trigrams]
 
     def _top_states(self, h_n):
         """h_n (layers*directions) x N x H -> N x (directions*H): the top layer, directions side by side."""
@@ -232,22 +257,24 @@ class CharWordEncoder(nn.Module):
             h_n = h_n[0]
         return h_n[-self.directions:].transpose(0, 1).reshape(h_n.shape[1], -1)
 
-    def _last_states_packed(self, char_ids, lengths):
+    def _features_packed(self, char_ids, lengths):
         lengths = lengths.cpu()  # pack_padded_sequence wants them on the CPU
         char_ids = char_ids[:, :int(lengths.max())]  # no step over columns that are padding for all
-        packed = pack_padded_sequence(self.char_embed(char_ids), lengths, batch_first=True, enforce_sorted=False)
-        _, h_n = self.rnn(packed)  # h_n comes back in the input's order
-        return self._top_states(h_n)
+        packed = pack_padded_sequence(self._inputs(char_ids), lengths, batch_first=True, enforce_sorted=False)
+        outputs, h_n = self.rnn(packed)  # both come back in the input's order
+        padded, _ = pad_packed_sequence(outputs, batch_first=True)  # zeros past each word's end
+        mean = padded.sum(1) / lengths.to(padded.device, padded.dtype).unsqueeze(1)
+        return torch.cat([self._top_states(h_n), mean], 1)
 
-    def _last_states_by_length(self, char_ids, lengths):
+    def _features_by_length(self, char_ids, lengths):
         order = torch.argsort(lengths, stable=True)
         word_lengths, counts = torch.unique_consecutive(lengths[order], return_counts=True)
         parts, start = [], 0
         for length, count in zip(word_lengths.tolist(), counts.tolist()):
             rows = order[start:start + count]
             start += count
-            _, h_n = self.rnn(self.char_embed(char_ids[rows, :length]))
-            parts.append(self._top_states(h_n))
+            outputs, h_n = self.rnn(self._inputs(char_ids[rows, :length]))
+            parts.append(torch.cat([self._top_states(h_n), outputs.mean(1)], 1))
         return torch.cat(parts)[torch.argsort(order)]  # back from length order to the input's order
 
 

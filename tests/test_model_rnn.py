@@ -52,6 +52,27 @@ def test_char_vocab_reserves_padding_and_unknown():
     assert CharVocab(list(reversed(WORDS))).index == vocab.index  # same alphabet whatever the word order
 
 
+def test_a_character_input_carries_its_trigram_and_the_codes_are_fixed():
+    model, again = small_model(seed=0), small_model(seed=1)
+    encoder = model.encoder
+    char_ids, _ = model.char_vocab.encode(["cat", "bat", "cot"])
+    inputs = encoder._inputs(char_ids)
+    # the last letter is the same "t", but the letters before it differ, and so do its inputs
+    assert not torch.allclose(inputs[0, 2], inputs[1, 2]) and not torch.allclose(inputs[0, 2], inputs[2, 2])
+    # without the codes the inputs would be the character embeddings alone
+    assert torch.allclose(inputs[0, 2], encoder.char_embed(char_ids[0, 2]) + encoder.gram_codes[_trigram(encoder, char_ids[0])])
+    # the codes are drawn from a fixed seed, whatever the run's: not trained, not saved
+    assert torch.equal(encoder.gram_codes, again.encoder.gram_codes)
+    assert all(p is not encoder.gram_codes for p in model.parameters())
+    assert not any("gram" in name for name in model.state_dict())
+
+
+def _trigram(encoder, ids):
+    """The hashed id of the trigram ending at a 3-letter word's last letter."""
+    base = encoder.n_chars + 1
+    return int(((ids[0] * base + ids[1]) * base + ids[2]) % len(encoder.gram_codes))
+
+
 @pytest.mark.parametrize("sizes", [{}, {"bidirectional": True, "num_layers": 2}])
 def test_vector_is_the_same_alone_or_batched_with_longer_and_shorter_words(sizes):
     model = small_model(**sizes).eval()
@@ -169,7 +190,7 @@ def test_build_model_reads_the_run_flags():
                               "bidirectional": True, "mlp_size": None, "batch_size": 10})
     assert isinstance(model, RNNSGNS)
     assert model.encoder.rnn.num_layers == 2 and model.encoder.rnn.bidirectional
-    assert isinstance(model.encoder.rnn, torch.nn.LSTM) and model.encoder.head.in_features == 12
+    assert isinstance(model.encoder.rnn, torch.nn.LSTM) and model.encoder.head.in_features == 24  # last states and means
     gru = build_model("rnn", len(WORDS), 5, words=WORDS, args={"rnn_cell": "gru"})
     assert isinstance(gru.encoder.rnn, torch.nn.GRU)
     with pytest.raises(ValueError):
