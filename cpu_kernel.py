@@ -123,22 +123,19 @@ def _declare(builder, name, ret, args):
 
 
 def _masked_load(builder, ptr, mask):
-    fn = _declare(builder, f"llvm.masked.load.v16f32.p0", VEC, [ptr.type, I32, I1V, VEC])
+    fn = _declare(builder, "llvm.masked.load.v16f32.p0", VEC, [ptr.type, I32, I1V, VEC])
     return builder.call(fn, [ptr, I32(4), mask, ir.Constant(VEC, [0.0] * LANES)])
 
 
 def _masked_store(builder, value, ptr, mask):
-    fn = _declare(builder, f"llvm.masked.store.v16f32.p0", ir.VoidType(),
+    fn = _declare(builder, "llvm.masked.store.v16f32.p0", ir.VoidType(),
                   [VEC, ptr.type, I32, I1V])
     builder.call(fn, [value, ptr, I32(4), mask])
 
 
 def _tail_mask(builder, remaining):
     lanes = ir.Constant(ir.VectorType(I64, LANES), list(range(LANES)))
-    splat = builder.insert_element(ir.Constant(ir.VectorType(I64, LANES), ir.Undefined), remaining, I32(0))
-    splat = builder.shuffle_vector(splat, ir.Constant(ir.VectorType(I64, LANES), ir.Undefined),
-                                   ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
-    return builder.icmp_unsigned("<", lanes, splat)
+    return builder.icmp_unsigned("<", lanes, _splat(builder, remaining, ir.VectorType(I64, LANES)))
 
 
 def _vec_ptr(builder, ptr, t):
@@ -173,9 +170,11 @@ def _fma(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
-def _splat(builder, scalar):
-    v = builder.insert_element(ir.Constant(VEC, ir.Undefined), scalar, I32(0))
-    return builder.shuffle_vector(v, ir.Constant(VEC, ir.Undefined), ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
+def _splat(builder, scalar, vector_type=VEC):
+    """A vector of vector_type with scalar in every lane."""
+    first = builder.insert_element(ir.Constant(vector_type, ir.Undefined), scalar, I32(0))
+    return builder.shuffle_vector(first, ir.Constant(vector_type, ir.Undefined),
+                                  ir.Constant(ir.VectorType(I32, LANES), [0] * LANES))
 
 
 def _reduce(builder, vec):

@@ -565,9 +565,6 @@ def autograd_epoch(engine, epoch):
     otherwise follows whichever book of a corpus it read last.
     """
     strategy = engine.strategy
-    # Sentence blocks in a new random order each epoch, on one process too: in file order, a corpus of
-    # books ends every epoch on the same book, and the threads (which split each call's steps in
-    # two runs) train neighbouring text (bench/RESULTS.md, the 6x corpus).
     kept_ids, starts, n_kept = engine.host_share(epoch.index, shuffled=True)
     epoch.n_steps = epoch_steps(n_kept, epoch.per_step, strategy.world_size)
     my_steps = min(epoch.n_steps, math.ceil(len(kept_ids) / epoch.per_step))  # a rank's last step may be empty

@@ -214,8 +214,8 @@ class CharWordEncoder(nn.Module):
         self.char_embed = nn.Embedding(n_chars, char_embed_size, padding_idx=PAD_CHAR)
         # Fixed, not trained: learning them at the encoder's rate changed no score (bench/RESULTS.md).
         # Drawn from a fixed seed, so not saved: a checkpoint rebuilds them.
-        codes = torch.randn(GRAM_BUCKETS, char_embed_size, generator=torch.Generator().manual_seed(GRAM_SEED),
-                            device="cpu")
+        seeded = torch.Generator().manual_seed(GRAM_SEED)
+        codes = torch.empty(GRAM_BUCKETS, char_embed_size).normal_(generator=seeded)  # no draw on the meta device
         self.register_buffer("gram_codes", codes, persistent=False)
         # the recurrent layer's own dropout acts between layers only (it warns when there is one layer)
         recurrent = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
@@ -244,11 +244,9 @@ class CharWordEncoder(nn.Module):
 
     def _inputs(self, char_ids):
         """N x L char ids -> N x L x char_embed_size: each character's embedding plus its trigram's code."""
-        before = self.n_chars
-        prev1 = F.pad(char_ids[:, :-1], (1, 0), value=before)
-        prev2 = F.pad(char_ids[:, :-2], (2, 0), value=before)[:, :char_ids.shape[1]]
+        padded = F.pad(char_ids, (2, 0), value=self.n_chars)  # "before the word" twice
         base = self.n_chars + 1
-        trigrams = ((prev2 * base + prev1) * base + char_ids) % GRAM_BUCKETS
+        trigrams = ((padded[:, :-2] * base + padded[:, 1:-1]) * base + char_ids) % GRAM_BUCKETS
         return self.char_embed(char_ids) + self.gram_codes[trigrams]
 
     def _top_states(self, h_n):
