@@ -1064,3 +1064,22 @@ def warm_up_rows():
     pack_rows(no_ids, no_uses, no_grads, no_ids, no_grads, 1, slot, no_ids, no_rows)
     apply_rows(np.zeros((1, 1), np.float32), np.zeros((1, 1), np.float32), no_rows, np.zeros((0, 2), np.int64), 1,
                np.float32(0.0), np.float32(1.0), np.zeros(2, np.float32))
+
+
+@njit(nogil=True, cache=True)
+def add_gram_changes(gram_w, gram_ids, gram_counts, change, share, power):
+    """The rnn model's n-gram rows learn a step's changes of its words' input vectors (change, one
+    row a word): each row gram_ids lists for a word (gram_counts[i] of them for word i) moves by
+    share times the sum of the changes of the words that have it, over their number to the power
+    power. One pass in the words' order, so the sums come out the same every run."""
+    sharers = np.zeros(gram_w.shape[0], dtype=np.int32)
+    for row in gram_ids:
+        sharers[row] += 1
+    entry = 0
+    for word in range(len(gram_counts)):
+        for _ in range(gram_counts[word]):
+            row = gram_ids[entry]
+            coef = share / sharers[row] ** power
+            for j in range(gram_w.shape[1]):
+                gram_w[row, j] += coef * change[word, j]
+            entry += 1

@@ -44,6 +44,12 @@ CENTERS_PER_KERNEL_CALL = 1_000_000
 # run, decayed as --lr is; --lr itself is the rnn encoder's. Twice word2vec's: the per-word part
 # takes only --word-share of each change (bench/RESULTS.md, RNN-SGNS).
 RNN_TABLE_LR = 0.05
+# How an n-gram row of the rnn model learns on the CPU loop: each step it moves by GRAM_SHARE of
+# the summed changes of the step's words that have it, over their number to the power GRAM_POW.
+# Summed whole, the changes of the many words that share a short n-gram ("ing>") overshoot and
+# diverge; averaged (power 1), shared n-grams barely learn (bench/RESULTS.md, RNN-SGNS).
+GRAM_SHARE = 0.8
+GRAM_POW = 0.5
 
 # (model, optimizer, device type, distribution) -> loop; the first matching row wins, "*" matches
 # anything. distribution: "one" process, "multi-gpu" (DataParallel), or --multi-node "sync"/"async".
@@ -133,6 +139,10 @@ class Engine:
         """Have numba load (or compile) what the loop runs before the first epoch starts its clock."""
         if self.loop in ("kernel", "spelling"):
             cpu_kernel.warm_up(*self._tables(), self.sampler, self.args.window_size, self.args.neg_sample_size)
+        if self.loop == "spelling":  # on no words, with the argument types of the real calls
+            no_ids, no_change = np.zeros(0, dtype=np.int64), np.zeros((0, self.model.embed_size), dtype=np.float32)
+            cpu_kernel.add_gram_changes(self.model.gram_embed.weight.detach().numpy(), no_ids, no_ids, no_change,
+                                        GRAM_SHARE, GRAM_POW)
         elif self.loop == "window" and self.device.type == "cpu":
             cpu_kernel.warm_up_rows()
         self.strategy.warm_up(self.device)
@@ -242,9 +252,10 @@ def spelling_epoch(engine, epoch):
     table for the distinct words the step can touch; the compiled loop trains them and the
     output table by word2vec's SGD at the table rate (RNN_TABLE_LR, decayed as --lr); the
     change of each input vector, the step's summed gradient times -rate, goes in part
-    (--word-share) to the per-word part and whole, through one backward pass over the distinct
-    words, to the encoder, which the run's optimizer steps at --lr. The encoder thus costs a
-    forward and a backward pass per distinct word per step, not per pair.
+    (--word-share) to the per-word part, to the word's n-gram rows (cpu_kernel.add_gram_changes),
+    and whole, through one backward pass over the distinct words, to the encoder, which the
+    run's optimizer steps at --lr. The encoder thus costs a forward and a backward pass per
+    distinct word per step, not per pair.
     """
     kept_ids, step_bounds, sentence_bounds, base_seed = _kernel_plan(engine, epoch, shuffled=False)
     with _encoder_settings():
@@ -272,10 +283,11 @@ def _spelling_step(engine, ids, kept_ids, sentence_bounds, bounds, step, base_se
     """One step of spelling_epoch on the distinct words ids; returns (loss sum, pairs)."""
     model, args, inputs = engine.model, engine.args, engine.inputs
     parts = torch.tensor_split(ids, max(1, min(args.num_threads, len(ids))))
-    spelled_parts = list(engine.pool.map(model.spell, parts))
+    spelled_parts = list(engine.pool.map(model.encode, parts))
     spelled = torch.cat(spelled_parts)
     with torch.no_grad():
-        before = model.word_embed.weight[ids] + spelled
+        gram_ids, gram_counts = model.grams_of(ids)
+        before = model.word_embed.weight[ids] + spelled + model.gram_mean(gram_ids, gram_counts)
     inputs[ids.numpy()] = before.numpy()
     losses, pairs = cpu_kernel.train(inputs, model.out_embed.weight.data.numpy(), kept_ids, sentence_bounds,
                                      bounds, step, base_seed, rates, args.window_size, args.neg_sample_size,
@@ -283,6 +295,8 @@ def _spelling_step(engine, ids, kept_ids, sentence_bounds, bounds, step, base_se
     change = torch.from_numpy(inputs[ids.numpy()]) - before
     with torch.no_grad():
         model.word_embed.weight.index_add_(0, ids, change, alpha=args.word_share)
+        cpu_kernel.add_gram_changes(model.gram_embed.weight.detach().numpy(), gram_ids.numpy(), gram_counts.numpy(),
+                                    change.numpy(), GRAM_SHARE, GRAM_POW)
     for group in engine.optimizer.param_groups:
         group["lr"] = encoder_lr
     # the change is -rate times the summed gradient of the loss in each input vector
@@ -308,17 +322,15 @@ def _encoder_gradient(engine, spelled_parts, grad_parts):
 def _encoder_settings():
     """Each of the encoder's operations on one torch thread, by torch's own CPU code: they are too
     small to share among threads (the second one mostly waits), so the step's words are split among
-    --num-threads threads instead (Engine.pool); and oneDNN keeps a primitive (and its memory) per
-    input shape, where a step's words come in new shapes every step. The compiled loop keeps its
-    --num-threads threads (numba's own)."""
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    --num-threads threads instead (Engine.pool). The compiled loop keeps its --num-threads threads
+    (numba's own)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    torch.backends.mkldnn.enabled = False
     try:
-        yield
+        with models.without_onednn():
+            yield
     finally:
         torch.set_num_threads(threads)
-        torch.backends.mkldnn.enabled = onednn
 
 
 # ---------------------------------------------------------------------------------------------

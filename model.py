@@ -1,6 +1,8 @@
 """SGNS models: embedding tables (SGNS) or character LSTM word encoders (RNNSGNS), with the SGNS loss."""
+import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -157,9 +159,12 @@ def _sgns_loss(center, context, negatives):
 # RNN-SGNS: word vectors computed from the word's characters
 
 PAD_CHAR, UNKNOWN_CHAR = 0, 1  # character ids reserved for padding and characters never seen
-# The trigram codes of CharWordEncoder: how many (trigrams share them by hash) and their seed.
-GRAM_BUCKETS = 1 << 17
-GRAM_SEED = 1
+# The character n-grams a word's spelling is split into (fastText's, lengths 3 to 6, of the
+# word between "<" and ">"): each n-gram of a vocabulary word has a trained row.
+GRAM_LENGTHS = range(3, 7)
+# Words the rnn encoder spells at a time for the vectors users get: a bigger batch is a little
+# faster and holds more memory at the end of a run, above training's.
+SPELL_BATCH = 2048
 # Defaults of the RNN flags, shared by the CLI and by checkpoints whose args lack a flag.
 RNN_DEFAULTS = {"char_embed_size": 32, "hidden_size": 32, "num_layer": 1, "dropout": 0.0,
                 "bidirectional": True, "mlp_size": None, "rnn_cell": "lstm"}
@@ -196,27 +201,53 @@ class CharVocab:
         return char_ids, lengths
 
 
-class CharWordEncoder(nn.Module):
-    """Characters -> embedding plus trigram code -> LSTM (or GRU) -> last hidden states (both
-    directions) and the mean of the top layer's outputs over the word -> linear -> d.
+def char_grams(word):
+    """The character n-grams of a word (GRAM_LENGTHS, marked "<word>"), each once, in order of
+    first appearance; the whole marked word is not one of them: the per-word vector stands for it."""
+    marked = f"<{normalize_word(word)}>"
+    longest = min(GRAM_LENGTHS.stop, len(marked))  # exclusive: shorter than the whole marked word
+    return list(dict.fromkeys([marked[i:i + n] for n in range(GRAM_LENGTHS.start, longest)
+                               for i in range(len(marked) - n + 1)]))
 
-    A character's input is its embedding plus a fixed random code of the trigram that ends at it
-    (the hashing trick, GRAM_BUCKETS codes), so the recurrence reads letter groups, not letters
-    alone. The mean over positions keeps the middle of a word, where the stem is, which the
-    last states (the end read forwards, the start read backwards) hold least of.
+
+def grams_of_words(words):
+    """(every word's n-grams, one flat array of str; the count of each word's) for any strings."""
+    per_word = [char_grams(w) for w in words]
+    counts = np.fromiter(map(len, per_word), dtype=np.int64, count=len(per_word))
+    return np.array([g for grams in per_word for g in grams], dtype=f"<U{GRAM_LENGTHS.stop - 1}"), counts
+
+
+def gram_vocabulary(flat_grams):
+    """The n-grams that have a row, from the vocabulary's grams_of_words: every one, sorted (so a
+    checkpoint's word list rebuilds the same rows)."""
+    return np.unique(flat_grams)
+
+
+@contextlib.contextmanager
+def without_onednn():
+    """The encoder by torch's own CPU code: oneDNN keeps a primitive, and its memory, for every
+    input shape it sees, and words come in new shapes (count, length) every batch."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
+class CharWordEncoder(nn.Module):
+    """Characters -> embedding -> LSTM (or GRU) -> last hidden states (both directions) and the
+    mean of the top layer's outputs over the word -> linear -> d.
+
+    The mean over positions keeps the middle of a word, where the stem is, which the last states
+    (the end read forwards, the start read backwards) hold least of.
     """
 
     def __init__(self, n_chars, embed_size, char_embed_size=32, hidden_size=128, num_layers=1, dropout=0.0,
                  bidirectional=False, mlp_size=None, cell="lstm"):
         super().__init__()
         self.directions = 2 if bidirectional else 1
-        self.n_chars = n_chars  # also the code of "before the word" in a trigram
         self.char_embed = nn.Embedding(n_chars, char_embed_size, padding_idx=PAD_CHAR)
-        # Fixed, not trained: learning them at the encoder's rate changed no score (bench/RESULTS.md).
-        # Drawn from a fixed seed, so not saved: a checkpoint rebuilds them.
-        seeded = torch.Generator().manual_seed(GRAM_SEED)
-        codes = torch.empty(GRAM_BUCKETS, char_embed_size).normal_(generator=seeded)  # no draw on the meta device
-        self.register_buffer("gram_codes", codes, persistent=False)
         # the recurrent layer's own dropout acts between layers only (it warns when there is one layer)
         recurrent = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
         self.rnn = recurrent(char_embed_size, hidden_size, num_layers=num_layers, batch_first=True,
@@ -242,13 +273,6 @@ class CharWordEncoder(nn.Module):
         features = (self._features_packed if packed else self._features_by_length)(char_ids, lengths)
         return self.head(self.dropout(features))
 
-    def _inputs(self, char_ids):
-        """N x L char ids -> N x L x char_embed_size: each character's embedding plus its trigram's code."""
-        padded = F.pad(char_ids, (2, 0), value=self.n_chars)  # "before the word" twice
-        base = self.n_chars + 1
-        trigrams = ((padded[:, :-2] * base + padded[:, 1:-1]) * base + char_ids) % GRAM_BUCKETS
-        return self.char_embed(char_ids) + self.gram_codes[trigrams]
-
     def _top_states(self, h_n):
         """h_n (layers*directions) x N x H -> N x (directions*H): the top layer, directions side by side."""
         if isinstance(h_n, tuple):  # an LSTM's (h_n, c_n)
@@ -258,7 +282,7 @@ class CharWordEncoder(nn.Module):
     def _features_packed(self, char_ids, lengths):
         lengths = lengths.cpu()  # pack_padded_sequence wants them on the CPU
         char_ids = char_ids[:, :int(lengths.max())]  # no step over columns that are padding for all
-        packed = pack_padded_sequence(self._inputs(char_ids), lengths, batch_first=True, enforce_sorted=False)
+        packed = pack_padded_sequence(self.char_embed(char_ids), lengths, batch_first=True, enforce_sorted=False)
         outputs, h_n = self.rnn(packed)  # both come back in the input's order
         padded, _ = pad_packed_sequence(outputs, batch_first=True)  # zeros past each word's end
         mean = padded.sum(1) / lengths.to(padded.device, padded.dtype).unsqueeze(1)
@@ -271,19 +295,21 @@ class CharWordEncoder(nn.Module):
         for length, count in zip(word_lengths.tolist(), counts.tolist()):
             rows = order[start:start + count]
             start += count
-            outputs, h_n = self.rnn(self._inputs(char_ids[rows, :length]))
+            outputs, h_n = self.rnn(self.char_embed(char_ids[rows, :length]))
             parts.append(torch.cat([self._top_states(h_n), outputs.mean(1)], 1))
         return torch.cat(parts)[torch.argsort(order)]  # back from length order to the input's order
 
 
 class RNNSGNS(nn.Module):
-    """SGNS where a word's input vector is composed from its spelling, as fastText composes it from n-grams.
+    """SGNS where a word's input vector is composed from its spelling.
 
-    A word's vector is a per-word vector (word_embed, words of the vocabulary) plus the
-    encoding of its characters by a recurrent encoder; a word never seen in training gets the
-    spelling part alone. Contexts and negatives come from a plain output table (out_embed).
-    The encoder is shared by all words, so what it learns from frequent words (endings,
-    stems) carries to rare and unseen ones.
+    A word's vector is a per-word vector (word_embed, words of the vocabulary) plus its
+    spelling part: the encoding of its characters by a recurrent encoder, plus the mean of the
+    rows of its character n-grams (gram_embed, as fastText's). A word never seen in training
+    gets the spelling part alone, from the n-grams it shares with the vocabulary. Contexts and
+    negatives come from a plain output table (out_embed). The encoder and the n-gram rows are
+    shared by words, so what frequent words teach them (endings, stems) carries to rare and
+    unseen ones.
     """
 
     def __init__(self, words, embed_size, char_embed_size=32, hidden_size=128, num_layers=1, dropout=0.0,
@@ -295,21 +321,55 @@ class RNNSGNS(nn.Module):
         # dense gradients where autograd trains the tables (DataParallel and DDP reduce no sparse ones)
         self.word_embed = nn.Embedding(len(words), embed_size)
         self.out_embed = nn.Embedding(len(words), embed_size)
+        flat_grams, gram_counts = grams_of_words(words)
+        self.grams = gram_vocabulary(flat_grams)  # sorted: row i is grams[i]
+        self.gram_embed = nn.Embedding(len(self.grams), embed_size)
         self.encoder = CharWordEncoder(len(self.char_vocab), embed_size, char_embed_size=char_embed_size,
                                        hidden_size=hidden_size, num_layers=num_layers, dropout=dropout,
                                        bidirectional=bidirectional, mlp_size=mlp_size, cell=cell)
         with torch.no_grad():  # word2vec's start: inputs small and random, outputs zero
             self.word_embed.weight.uniform_(-0.5 / embed_size, 0.5 / embed_size)
+            self.gram_embed.weight.uniform_(-0.5 / embed_size, 0.5 / embed_size)
             self.out_embed.weight.zero_()
         char_ids, lengths = self.char_vocab.encode(words)
-        # The spelling of every word id. Not saved (persistent=False): the checkpoint's word list
-        # rebuilds it, and it would double the checkpoint's size.
+        # The spelling of every word id, and its n-grams' rows. Not saved (persistent=False): the
+        # checkpoint's word list rebuilds them, and they would double the checkpoint's size.
         self.register_buffer("word_chars", char_ids, persistent=False)
         self.register_buffer("word_lengths", lengths, persistent=False)
+        gram_ids, gram_counts = self._gram_rows(flat_grams, gram_counts)
+        self.register_buffer("word_gram_ids", gram_ids, persistent=False)
+        self.register_buffer("word_gram_counts", gram_counts, persistent=False)
+        self.register_buffer("word_gram_starts", torch.cumsum(gram_counts, 0) - gram_counts, persistent=False)
+
+    def _gram_rows(self, flat, counts):
+        """grams_of_words's (flat n-grams, count of each word's) -> the same as rows of gram_embed;
+        n-grams without a row are left out."""
+        rows = np.searchsorted(self.grams, flat).clip(max=max(len(self.grams) - 1, 0))
+        has_row = self.grams[rows] == flat if len(self.grams) else np.zeros(len(flat), dtype=bool)
+        word_of = np.repeat(np.arange(len(counts)), counts)
+        kept_counts = np.bincount(word_of[has_row], minlength=len(counts))
+        return torch.from_numpy(rows[has_row].astype(np.int64)), torch.from_numpy(kept_counts.astype(np.int64))
+
+    def grams_of(self, ids):
+        """The n-gram rows of word ids (N): (flat rows, N counts), as embedding_bag takes them."""
+        counts = self.word_gram_counts[ids]
+        firsts = torch.cumsum(counts, 0) - counts
+        positions = torch.arange(int(counts.sum()), device=ids.device) + torch.repeat_interleave(
+            self.word_gram_starts[ids] - firsts, counts)
+        return self.word_gram_ids[positions], counts
+
+    def gram_mean(self, gram_ids, counts):
+        """Each word's mean n-gram row (zeros for a word with none) -> N x d."""
+        offsets = torch.cumsum(counts, 0) - counts
+        return F.embedding_bag(gram_ids, self.gram_embed.weight, offsets, mode="mean")
+
+    def encode(self, ids):
+        """The encoder's part of distinct word ids (N) -> N x d, with gradients."""
+        return self.encoder(self.word_chars[ids], self.word_lengths[ids])
 
     def spell(self, ids):
-        """The spelling part of distinct word ids (N) -> N x d, with gradients."""
-        return self.encoder(self.word_chars[ids], self.word_lengths[ids])
+        """The spelling part of distinct word ids (N): the encoder's plus the mean n-gram row -> N x d."""
+        return self.encode(ids) + self.gram_mean(*self.grams_of(ids))
 
     def input_vectors(self, ids):
         """Input vectors of word ids of any shape -> ids.shape + (d,): each distinct word encoded once."""
@@ -326,22 +386,27 @@ class RNNSGNS(nn.Module):
         was_training = self.training
         self.eval()  # no dropout: the vectors users see are deterministic
         try:
-            parts = [self.encoder(char_ids[i:i + batch_size], lengths[i:i + batch_size])
-                     for i in range(0, len(lengths), batch_size)]
+            with without_onednn():
+                parts = [self.encoder(char_ids[i:i + batch_size], lengths[i:i + batch_size])
+                         for i in range(0, len(lengths), batch_size)]
         finally:
             self.train(was_training)
         return torch.cat(parts) if parts else char_ids.new_zeros((0, self.embed_size), dtype=torch.float32)
 
-    def embeddings(self, batch_size=8192):
+    def embeddings(self, batch_size=SPELL_BATCH):
         """The V x d input vectors of the vocabulary (per-word part plus spelling), without gradients."""
-        return self.word_embed.weight.detach() + self._spell_all(self.word_chars, self.word_lengths, batch_size)
+        with torch.no_grad():
+            grams = self.gram_mean(self.word_gram_ids, self.word_gram_counts)
+        return self.word_embed.weight.detach() + grams + self._spell_all(self.word_chars, self.word_lengths, batch_size)
 
-    def embed_words(self, words, batch_size=8192):
+    def embed_words(self, words, batch_size=SPELL_BATCH):
         """Input vectors (len(words) x d) for any strings: a word of the vocabulary gets the vector
         embeddings() gives it, any other the encoding of its spelling alone."""
         words = list(words)
         char_ids, lengths = self.char_vocab.encode(words)
         vectors = self._spell_all(char_ids.to(self.word_chars.device), lengths, batch_size)
+        with torch.no_grad():
+            vectors += self.gram_mean(*(t.to(vectors.device) for t in self._gram_rows(*grams_of_words(words))))
         known = [(row, self.word_index[normalize_word(w)]) for row, w in enumerate(words)
                  if normalize_word(w) in self.word_index]
         if known:
@@ -379,7 +444,8 @@ def parameter_count(model_name, words, embed_size, args=None):
         return 2 * len(words) * embed_size
     with torch.device("meta"):  # the encoder's shapes only
         encoder = CharWordEncoder(len(CharVocab(words)), embed_size, **_rnn_sizes(args))
-    return 2 * len(words) * embed_size + sum(p.numel() for p in encoder.parameters())
+    n_grams = len(gram_vocabulary(grams_of_words(words)[0]))
+    return (2 * len(words) + n_grams) * embed_size + sum(p.numel() for p in encoder.parameters())
 
 
 def model_from_checkpoint(ckpt):

@@ -153,10 +153,10 @@ def add_rnn_flags(parser):
     g.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=RNN_DEFAULTS["bidirectional"],
                    help="read words both ways and concatenate the two last states: the backward reading ends on "
                         "the word's start (its stem), the forward one on its end (inflections)")
-    g.add_argument("--word-share", type=float, default=0.125,
+    g.add_argument("--word-share", type=float, default=0.015,
                    help="on the CPU loop, the part of each step's change of a word's input vector that its "
-                        "per-word vector takes, in (0, 1]; the spelling encoder learns the whole change. Lower "
-                        "favours spelling (analogies, unseen words), higher the words' own meaning")
+                        "per-word vector takes, in (0, 1]; its n-gram rows and the spelling encoder learn the "
+                        "rest. Lower favours spelling (analogies, unseen words), higher the words' own meaning")
     g.add_argument("--mlp-size", type=int, default=RNN_DEFAULTS["mlp_size"],
                    help="width of the layer after the LSTM (default: --embed-size, i.e. one linear layer to d); "
                         "another width adds a tanh and a second linear layer to d")

@@ -49,6 +49,7 @@ SETTINGS = {
     "readme-first-command": ["--dataset", "gutenberg", "--epochs", "5"],
     "lee": ["--dataset", "lee", "--epochs", "10"],
     "rnn-lee-2-epochs": ["--dataset", "lee", "--model-name", "rnn", "--epochs", "2"],
+    "rnn-shared-d100": ["--dataset", str(GUTENBERG), "--model-name", "rnn", "--embed-size", "100", "--epochs", "5"],
 }
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import trainer
-from model import (PAD_CHAR, UNKNOWN_CHAR, CharVocab, RNNSGNS, _sgns_loss, build_model, model_from_checkpoint,
-                   parameter_count)
+from model import (PAD_CHAR, UNKNOWN_CHAR, CharVocab, RNNSGNS, _sgns_loss, build_model, char_grams,
+                   grams_of_words, model_from_checkpoint, parameter_count)
 from reference import reference_loss
 from test_trainer import stop_after
 
@@ -52,25 +52,35 @@ def test_char_vocab_reserves_padding_and_unknown():
     assert CharVocab(list(reversed(WORDS))).index == vocab.index  # same alphabet whatever the word order
 
 
-def test_a_character_input_carries_its_trigram_and_the_codes_are_fixed():
-    model, again = small_model(seed=0), small_model(seed=1)
-    encoder = model.encoder
-    char_ids, _ = model.char_vocab.encode(["cat", "bat", "cot"])
-    inputs = encoder._inputs(char_ids)
-    # the last letter is the same "t", but the letters before it differ, and so do its inputs
-    assert not torch.allclose(inputs[0, 2], inputs[1, 2]) and not torch.allclose(inputs[0, 2], inputs[2, 2])
-    # without the codes the inputs would be the character embeddings alone
-    assert torch.allclose(inputs[0, 2], encoder.char_embed(char_ids[0, 2]) + encoder.gram_codes[_trigram(encoder, char_ids[0])])
-    # the codes are drawn from a fixed seed, whatever the run's: not trained, not saved
-    assert torch.equal(encoder.gram_codes, again.encoder.gram_codes)
-    assert all(p is not encoder.gram_codes for p in model.parameters())
-    assert not any("gram" in name for name in model.state_dict())
+def test_char_grams_are_fasttexts_without_the_whole_word():
+    assert char_grams("cat") == ["<ca", "cat", "at>", "<cat", "cat>"]  # "<cat>" is the word's own vector
+    assert char_grams("Cat") == char_grams("cat")  # normalised as the corpus is
+    assert char_grams("banana").count("ana") == 1  # each n-gram once, however often the word has it
+    assert max(map(len, char_grams("extraordinarily"))) == 6 and min(map(len, char_grams("extraordinarily"))) == 3
+    assert char_grams("a") == [] and char_grams("of") == ["<of", "of>"]
 
 
-def _trigram(encoder, ids):
-    """The hashed id of the trigram ending at a 3-letter word's last letter."""
-    base = encoder.n_chars + 1
-    return int(((ids[0] * base + ids[1]) * base + ids[2]) % len(encoder.gram_codes))
+def test_each_vocabulary_word_reads_the_rows_of_its_grams():
+    model = small_model()
+    rows = {gram: i for i, gram in enumerate(model.grams)}
+    assert list(model.grams) == sorted({g for w in WORDS for g in char_grams(w)})  # every n-gram has a row
+    ids = torch.tensor([WORDS.index("walked"), WORDS.index("a"), WORDS.index("cats")])
+    gram_ids, counts = model.grams_of(ids)
+    expected = [rows[g] for w in ("walked", "a", "cats") for g in char_grams(w)]
+    assert gram_ids.tolist() == expected and counts.tolist() == [len(char_grams(w)) for w in ("walked", "a", "cats")]
+    means = model.gram_mean(gram_ids, counts)
+    assert torch.allclose(means[0], model.gram_embed.weight[expected[:counts[0]]].mean(0))
+    assert torch.equal(means[1], torch.zeros(5))  # a word without n-grams: its vector and its spelling alone
+
+
+def test_an_unseen_word_reads_the_rows_of_the_grams_the_vocabulary_has():
+    model = small_model(seed=1)
+    rows = {gram: i for i, gram in enumerate(model.grams)}
+    known = [rows[g] for g in char_grams("catwalking") if g in rows]  # "<cat", "walk", "king>"... not "twal"
+    assert 0 < len(known) < len(char_grams("catwalking"))
+    spelled = model._spell_all(*model.char_vocab.encode(["catwalking"]), 8)[0]
+    expected = spelled + model.gram_embed.weight[known].mean(0)
+    assert torch.allclose(model.embed_words(["catwalking"])[0], expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("sizes", [{}, {"bidirectional": True, "num_layers": 2}])
@@ -115,6 +125,7 @@ def test_unseen_word_gets_its_spelling_alone_deterministically():
     with torch.no_grad():
         model.word_embed.weight.normal_()  # a per-word part far from zero, as after training
     spelled = model._spell_all(*model.char_vocab.encode(["cats", "catz"]), 8)
+    spelled += model.gram_mean(*model._gram_rows(*grams_of_words(["cats", "catz"]))).detach()
     vectors = model.embed_words(["catz", "cats", "Catz", "catz"])
     assert torch.equal(vectors[0], spelled[1]) and torch.equal(vectors[0], vectors[3])
     assert torch.equal(vectors[2], vectors[0])  # normalised as the corpus is
@@ -139,7 +150,10 @@ def test_loss_and_gradients_equal_the_per_occurrence_reference(sizes):
     loss, grads = loss_and_grads(model, lambda: model(center, context, negs))
 
     def per_occurrence():
-        each = model.word_embed(center) + model.encoder(model.word_chars[center], model.word_lengths[center])
+        grams = [[model.grams.tolist().index(g) for g in char_grams(WORDS[i])] for i in center.tolist()]
+        gram_means = torch.stack([model.gram_embed.weight[rows].mean(0) if rows else model.gram_embed.weight[0] * 0
+                                  for rows in grams])
+        each = model.word_embed(center) + model.encoder(model.word_chars[center], model.word_lengths[center]) + gram_means
         return _sgns_loss(each, model.out_embed(context), model.out_embed(negs))
     each_loss, each_grads = loss_and_grads(model, per_occurrence)
     assert torch.allclose(loss, each_loss, rtol=1e-12)
@@ -344,13 +358,36 @@ def test_encoder_gradient_in_parts_on_threads_equals_one_backward():
     model = small_model(seed=4, bidirectional=True).double()
     ids = torch.arange(len(WORDS))
     grad = torch.randn(len(WORDS), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    model.spell(ids).backward(grad)
+    model.encode(ids).backward(grad)
     expected = {name: p.grad.clone() for name, p in model.encoder.named_parameters()}
     model.zero_grad()
     parts = torch.tensor_split(ids, 3)
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         engine = SimpleNamespace(model=model, pool=pool)
-        engines._encoder_gradient(engine, list(pool.map(model.spell, parts)),
+        engines._encoder_gradient(engine, list(pool.map(model.encode, parts)),
                                   torch.split(grad, [len(p) for p in parts]))
     for name, param in model.encoder.named_parameters():
         assert torch.allclose(param.grad, expected[name], rtol=1e-10, atol=1e-12), name
+
+
+def test_a_steps_change_moves_each_gram_row_as_the_written_out_rule():
+    """cpu_kernel.add_gram_changes against the rule written out row by row, with the rnn loop's
+    constants: an n-gram row moves by GRAM_SHARE times the sum of the changes of the step's words
+    that have it, over their number to the power GRAM_POW."""
+    import cpu_kernel
+    import engines
+    model = small_model(seed=5).double()
+    ids = torch.tensor([WORDS.index(w) for w in ("cat", "cats", "walked", "walking", "a")])
+    change = torch.randn(len(ids), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    before = model.gram_embed.weight.detach().clone()
+    with torch.no_grad():
+        gram_ids, gram_counts = model.grams_of(ids)
+        cpu_kernel.add_gram_changes(model.gram_embed.weight.detach().numpy(), gram_ids.numpy(), gram_counts.numpy(),
+                                    change.numpy(), engines.GRAM_SHARE, engines.GRAM_POW)
+    expected = before.clone()
+    for row, gram in enumerate(model.grams.tolist()):
+        sharers = [i for i, word_id in enumerate(ids.tolist()) if gram in char_grams(WORDS[word_id])]
+        if sharers:
+            expected[row] += engines.GRAM_SHARE * change[sharers].sum(0) / len(sharers) ** engines.GRAM_POW
+    assert torch.allclose(model.gram_embed.weight.detach(), expected, rtol=1e-12, atol=1e-15)
+    assert not torch.equal(expected, before)
