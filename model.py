@@ -162,6 +162,9 @@ PAD_CHAR, UNKNOWN_CHAR = 0, 1  # character ids reserved for padding and characte
 # The character n-grams a word's spelling is split into (fastText's, lengths 3 to 6, of the
 # word between "<" and ">"): each n-gram of a vocabulary word has a trained row.
 GRAM_LENGTHS = range(3, 7)
+# At most this many n-gram rows (fastText's default bucket count): a vocabulary of millions of
+# words has tens of millions of n-grams, most of them one word's, whose rows would outweigh the rest.
+GRAM_ROWS_MAX = 2_000_000
 # Words the rnn encoder spells at a time for the vectors users get: a bigger batch is a little
 # faster and holds more memory at the end of a run, above training's.
 SPELL_BATCH = 2048
@@ -218,9 +221,13 @@ def grams_of_words(words):
 
 
 def gram_vocabulary(flat_grams):
-    """The n-grams that have a row, from the vocabulary's grams_of_words: every one, sorted (so a
-    checkpoint's word list rebuilds the same rows)."""
-    return np.unique(flat_grams)
+    """The n-grams that have a row, from the vocabulary's grams_of_words, sorted (so a checkpoint's
+    word list rebuilds the same rows): every one, or past GRAM_ROWS_MAX those most words share."""
+    grams, sharers = np.unique(flat_grams, return_counts=True)
+    if len(grams) <= GRAM_ROWS_MAX:
+        return grams
+    most_shared = np.argsort(-sharers, kind="stable")[:GRAM_ROWS_MAX]
+    return grams[np.sort(most_shared)]
 
 
 @contextlib.contextmanager

@@ -73,6 +73,18 @@ def test_each_vocabulary_word_reads_the_rows_of_its_grams():
     assert torch.equal(means[1], torch.zeros(5))  # a word without n-grams: its vector and its spelling alone
 
 
+def test_past_the_row_cap_the_most_shared_grams_keep_their_rows(monkeypatch):
+    import model as models
+    monkeypatch.setattr(models, "GRAM_ROWS_MAX", 4)
+    model = small_model()
+    sharers = {g: sum(g in char_grams(w) for w in WORDS) for g in {g for w in WORDS for g in char_grams(w)}}
+    assert len(model.grams) == 4 and list(model.grams) == sorted(model.grams)
+    assert min(sharers[g] for g in model.grams) >= max(sharers[g] for g in sharers if g not in model.grams)
+    gram_ids, counts = model.grams_of(torch.tensor([WORDS.index("cats")]))
+    assert [model.grams[i] for i in gram_ids.tolist()] == [g for g in char_grams("cats") if g in model.grams]
+    assert counts.item() == len(gram_ids) > 0
+
+
 def test_an_unseen_word_reads_the_rows_of_the_grams_the_vocabulary_has():
     model = small_model(seed=1)
     rows = {gram: i for i, gram in enumerate(model.grams)}
