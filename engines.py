@@ -139,12 +139,12 @@ class Engine:
         """Have numba load (or compile) what the loop runs before the first epoch starts its clock."""
         if self.loop in ("kernel", "spelling"):
             cpu_kernel.warm_up(*self._tables(), self.sampler, self.args.window_size, self.args.neg_sample_size)
+        elif self.loop == "window" and self.device.type == "cpu":
+            cpu_kernel.warm_up_rows()
         if self.loop == "spelling":  # on no words, with the argument types of the real calls
             no_ids, no_change = np.zeros(0, dtype=np.int64), np.zeros((0, self.model.embed_size), dtype=np.float32)
             cpu_kernel.add_gram_changes(self.model.gram_embed.weight.detach().numpy(), no_ids, no_ids, no_change,
                                         GRAM_SHARE, GRAM_POW)
-        elif self.loop == "window" and self.device.type == "cpu":
-            cpu_kernel.warm_up_rows()
         self.strategy.warm_up(self.device)
 
     def _tables(self):

@@ -230,6 +230,11 @@ def gram_vocabulary(flat_grams):
     return grams[np.sort(most_shared)]
 
 
+def _firsts(counts):
+    """Where each of consecutive runs of these lengths starts (an exclusive cumulative sum)."""
+    return torch.cumsum(counts, 0) - counts
+
+
 @contextlib.contextmanager
 def without_onednn():
     """The encoder by torch's own CPU code: oneDNN keeps a primitive, and its memory, for every
@@ -346,29 +351,28 @@ class RNNSGNS(nn.Module):
         gram_ids, gram_counts = self._gram_rows(flat_grams, gram_counts)
         self.register_buffer("word_gram_ids", gram_ids, persistent=False)
         self.register_buffer("word_gram_counts", gram_counts, persistent=False)
-        self.register_buffer("word_gram_starts", torch.cumsum(gram_counts, 0) - gram_counts, persistent=False)
+        self.register_buffer("word_gram_starts", _firsts(gram_counts), persistent=False)
 
     def _gram_rows(self, flat, counts):
         """grams_of_words's (flat n-grams, count of each word's) -> the same as rows of gram_embed;
         n-grams without a row are left out."""
-        rows = np.searchsorted(self.grams, flat).clip(max=max(len(self.grams) - 1, 0))
-        has_row = self.grams[rows] == flat if len(self.grams) else np.zeros(len(flat), dtype=bool)
+        rows = np.searchsorted(self.grams, flat)
+        has_row = rows < len(self.grams)
+        has_row[has_row] = self.grams[rows[has_row]] == flat[has_row]
         word_of = np.repeat(np.arange(len(counts)), counts)
-        kept_counts = np.bincount(word_of[has_row], minlength=len(counts))
-        return torch.from_numpy(rows[has_row].astype(np.int64)), torch.from_numpy(kept_counts.astype(np.int64))
+        kept_counts = np.bincount(word_of[has_row], minlength=len(counts)).astype(np.int64)
+        return torch.from_numpy(rows[has_row].astype(np.int64)), torch.from_numpy(kept_counts)
 
     def grams_of(self, ids):
         """The n-gram rows of word ids (N): (flat rows, N counts), as embedding_bag takes them."""
         counts = self.word_gram_counts[ids]
-        firsts = torch.cumsum(counts, 0) - counts
         positions = torch.arange(int(counts.sum()), device=ids.device) + torch.repeat_interleave(
-            self.word_gram_starts[ids] - firsts, counts)
+            self.word_gram_starts[ids] - _firsts(counts), counts)
         return self.word_gram_ids[positions], counts
 
     def gram_mean(self, gram_ids, counts):
         """Each word's mean n-gram row (zeros for a word with none) -> N x d."""
-        offsets = torch.cumsum(counts, 0) - counts
-        return F.embedding_bag(gram_ids, self.gram_embed.weight, offsets, mode="mean")
+        return F.embedding_bag(gram_ids, self.gram_embed.weight, _firsts(counts), mode="mean")
 
     def encode(self, ids):
         """The encoder's part of distinct word ids (N) -> N x d, with gradients."""
