@@ -1,25 +1,39 @@
 """Run folders and checkpoints: where a run writes, what a checkpoint holds, how it is read back.
 
-A checkpoint is one dict saved by torch.save and read with weights_only=True (tensors, numbers,
-strings, lists and dicts only: never a pickle). It holds everything a resume needs: the model's
-and the optimizer's state, the vocabulary, the run's arguments, and the training state
-(epoch, position inside it, step count, the epoch's running loss, the best PIP loss so far and
-the history of every logged scalar). The trainer and evaluate.py read it through this module.
+A checkpoint is one dict in torch.save's format, read with torch.load(weights_only=True) (tensors,
+numbers, strings, lists and dicts only: never a pickle). This module writes that format itself,
+so that a run training numpy tables (tables.py) writes its checkpoints without importing torch.
+It holds everything a resume needs: the model's and the optimizer's state, the vocabulary, the
+run's arguments, and the training state (epoch, position inside it, step count, the epoch's
+running loss, the best PIP loss so far and the history of every logged scalar). The trainer and
+evaluate.py read it through this module.
 """
 import argparse
+import collections
 import fcntl
+import io
 import json
 import os
 import pickle
+import sys
 import warnings
+import zipfile
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 import fileio
 
 FORMAT = 1
 # Extra bytes a checkpoint holds besides its tensors and words (the state, the args, zip records).
 OVERHEAD_BYTES = 1 << 16
+# torch's name for the storage of each dtype a checkpoint's tensors may have.
+STORAGE_TYPES = {"float32": "FloatStorage", "float64": "DoubleStorage", "float16": "HalfStorage",
+                 "int64": "LongStorage", "int32": "IntStorage", "int16": "ShortStorage", "int8": "CharStorage",
+                 "uint8": "ByteStorage", "bool": "BoolStorage"}
+# Bytes of a tensor written at a time: a strided table (the CPU kernel's) is copied a block at a time.
+WRITE_BLOCK_BYTES = 1 << 24
 
 
 class CheckpointError(Exception):
@@ -181,29 +195,120 @@ def _strings(value):
 
 def save(path, model, optimizer, corpus, args, state):
     """Everything a resume needs, written atomically; a failed write keeps the previous file."""
-    import torch
-    ckpt = {"format": FORMAT, "model_name": args.model_name, "model": _own_storage(model.state_dict()),
+    ckpt = {"format": FORMAT, "model_name": args.model_name, "model": model.state_dict(),
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "words": corpus.words, "counts": corpus.counts.tolist(), "corpus_hash": corpus.hash,
             "args": dict(vars(args)), **state}
     try:
-        fileio.atomic_write(path, lambda tmp: torch.save(ckpt, tmp))
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else _first_line(err)
+        fileio.atomic_write(path, lambda tmp: write_torch_format(ckpt, tmp))
+    except OSError as err:
+        reason = err.strerror or _first_line(err)
         raise OSError(f"cannot write checkpoint {path}: {reason} ({fileio.free_bytes(path) / 2**20:.1f} MiB free "
                       "on its disk)") from err
 
 
-def _own_storage(state_dict):
-    """The tensors, each copied where it views a larger storage (torch.save writes a view's whole
-    storage: the CPU kernel's tables hold rows below the model's, engines._room_below)."""
-    return {name: tensor.clone() if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size()
-            else tensor for name, tensor in state_dict.items()}
+# ---------------------------------------------------------------------------------------------
+# torch.save's format, written without torch: a zip holding data.pkl (the object, pickled with
+# protocol 2, each tensor a call of torch._utils._rebuild_tensor_v2 on a storage that names a
+# record), the records data/0, data/1, ... (each tensor's bytes, in the byte order the record
+# byteorder names), and version.
+
+class _Global:
+    """A module-level name (module.name) the pickle stream refers to, which this process need not import."""
+
+    def __init__(self, module, name):
+        self.module, self.name = module, name
+
+    def __call__(self, *args):  # the pickler takes only callables for a reduce's function
+        raise TypeError(f"{self.module}.{self.name} is called by torch.load, not here")
+
+
+_REBUILD_TENSOR = _Global("torch._utils", "_rebuild_tensor_v2")
+_STORAGES = {np.dtype(dtype): _Global("torch", name) for dtype, name in STORAGE_TYPES.items()}
+_GLOBALS = (_REBUILD_TENSOR, *_STORAGES.values())
+
+
+class _Record:
+    """One tensor's values (array, any strides), the zip record named key."""
+
+    def __init__(self, key, array):
+        self.key, self.array = key, array
+
+
+class _TensorPickler(pickle.Pickler):
+    """The C pickler, writing numpy arrays and torch tensors as torch.save writes tensors (C
+    order, each in a record of its own). The globals it names (_GLOBALS) are memoised before
+    it starts: _globals_prefix defines them at the head of the stream, and the pickler refers
+    to them by memo index, never importing them."""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=2)
+        self.memo = {id(name): (index, name) for index, name in enumerate(_GLOBALS)}
+        self.records = []
+
+    def reducer_override(self, obj):
+        array = _host_array(obj)
+        if array is None:
+            return NotImplemented
+        if array.dtype not in _STORAGES:
+            raise TypeError(f"a checkpoint cannot hold a tensor of dtype {array.dtype}")
+        record = _Record(str(len(self.records)), array)
+        self.records.append(record)
+        strides = tuple(int(np.prod(array.shape[i + 1:])) for i in range(array.ndim))
+        return _REBUILD_TENSOR, (record, 0, array.shape, strides, False, collections.OrderedDict())
+
+    def persistent_id(self, obj):
+        if type(obj) is not _Record:
+            return None
+        return "storage", _STORAGES[obj.array.dtype], obj.key, "cpu", obj.array.size
+
+
+def _host_array(obj):
+    """obj as a numpy array (any strides) if it is one or a torch tensor; None otherwise."""
+    if isinstance(obj, np.ndarray):
+        return obj
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is None or not isinstance(obj, torch.Tensor):
+        return None
+    return obj.detach().cpu().numpy()
+
+
+def _globals_prefix():
+    """The opcodes that push each of _GLOBALS and memoise it under its index. They stay on the
+    unpickler's stack, under the object, which is what STOP takes."""
+    return b"".join(b"c%s\n%s\nq%c" % (name.module.encode(), name.name.encode(), index)
+                    for index, name in enumerate(_GLOBALS))
+
+
+def write_torch_format(obj, path):
+    """obj (dicts, lists, tuples, numbers, strings, numpy arrays, tensors) as torch.save would
+    write it to path: torch.load(path, weights_only=True) reads it back, arrays as tensors."""
+    pickled = io.BytesIO()
+    pickler = _TensorPickler(pickled)
+    pickler.dump(obj)
+    stream = pickled.getvalue()  # PROTO 2, then the object
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", stream[:2] + _globals_prefix() + stream[2:])
+        archive.writestr("archive/byteorder", sys.byteorder)
+        for record in pickler.records:
+            _write_record(archive, f"archive/data/{record.key}", record.array)
+        archive.writestr("archive/version", "3\n")
+
+
+def _write_record(archive, name, array):
+    """The array's values in C order as the record name, WRITE_BLOCK_BYTES at a time."""
+    with archive.open(name, "w", force_zip64=array.nbytes >= zipfile.ZIP64_LIMIT) as record:
+        if array.ndim == 0:
+            record.write(array.tobytes())
+            return
+        rows = max(1, WRITE_BLOCK_BYTES // max(1, array[:1].nbytes))
+        for first in range(0, len(array), rows):
+            record.write(np.ascontiguousarray(array[first:first + rows]).data)
 
 
 def bytes_needed(model, optimizer, corpus):
     """About what one checkpoint of this run takes on disk."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    weights = sum(weight.nbytes for weight in model.state_dict().values())
     moments = 2 * weights if optimizer is not None and optimizer.state_dict().get("param_groups") else 0
     vocabulary = sum(len(w) + 16 for w in corpus.words) + 8 * len(corpus.words)
     return weights + moments + vocabulary + OVERHEAD_BYTES

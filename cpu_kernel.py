@@ -31,7 +31,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from model import KEY_SPLIT
+from tables import KEY_SPLIT
 
 
 def _prefer_512_bit_vectors():
@@ -914,7 +914,7 @@ def warm_up_exchange():
 # The torch engine's batched steps on the CPU (engines.CompiledStep, --sync steps included): each
 # touched row's gradient summed once, then applied once (from one rank's rows or all ranks'),
 # packed as model.Rows: row keys number in_embed rows 0..V-1 and out_embed rows V..2V-1, and
-# travel as two float32 columns (model.KEY_SPLIT), so one float32 message carries gradients and
+# travel as two float32 columns (tables.KEY_SPLIT), so one float32 message carries gradients and
 # keys together.
 
 

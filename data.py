@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import fileio
+from lazy import torch  # WindowBatches only: the CPU loops draw with numpy
 
 CACHE_FORMAT = 4  # bump when the cache layout or the tokeniser changes: old caches rebuild
 READ_BLOCK_BYTES = 8 << 20  # bytes tokenised at a time, so a large corpus never sits in memory as text

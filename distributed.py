@@ -24,13 +24,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
-import torch
-import torch.distributed as dist
-from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from tqdm import tqdm
 
 import cpu_kernel
-import model as models
+from lazy import LazyModule, dist, torch
+
+models = LazyModule("model")  # a run on one process may train without torch (lazy.py)
 
 INIT_SCHEMES = ("tcp://", "file://", "env://")
 # --async's default interval: 50 steps, and no fewer global pairs than 50 steps of the default
@@ -343,7 +342,8 @@ def _describe(err, world):
 
 
 def active():
-    return dist.is_available() and dist.is_initialized()
+    """Whether this process is in a process group: never before torch is imported (lazy.py)."""
+    return "torch.distributed" in sys.modules and dist.is_available() and dist.is_initialized()
 
 
 def is_main():
@@ -390,20 +390,18 @@ def broadcast_parameters(model):
             dist.broadcast(tensor.data, src=0)
 
 
-class SummedLoss(torch.nn.Module):
-    """The loss summed over this replica's pairs, as a 1-element vector DataParallel can gather."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, center_ids, context_ids, neg_ids):
-        return (self.model(center_ids, context_ids, neg_ids) * len(center_ids)).reshape(1)
-
-
 def data_parallel(model, num_gpu):
     """The model replicated on GPUs 0..num_gpu-1: each batch is split between them, the gradients
     are summed on GPU 0. engines._autograd_step divides the gathered sums by the batch size (the exact mean)."""
+    class SummedLoss(torch.nn.Module):  # defined here, where torch is imported (lazy.py)
+        """The loss summed over this replica's pairs, as a 1-element vector DataParallel can gather."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, center_ids, context_ids, neg_ids):
+            return (self.model(center_ids, context_ids, neg_ids) * len(center_ids)).reshape(1)
     return torch.nn.DataParallel(SummedLoss(model), device_ids=list(range(num_gpu)))
 
 
@@ -524,37 +522,40 @@ def _all_gather_numbers(*numbers):
     return _start_header(*numbers)()
 
 
-class BatchAgreement(Joinable):
-    """Each autograd step's all-gather of every rank's pair count and pending signal.
+def batch_agreement():
+    """Each autograd step's all-gather of every rank's pair count and pending signal: an object
+    with exchange(n_local, signal_number) -> (pairs over all ranks, the largest pending signal).
 
-    Joinable, so that under DistributedDataParallel's join() a rank whose steps have run out
-    answers the others' all-gathers with zeros (no pairs, no signal) until all have joined.
+    It is Joinable, so that under DistributedDataParallel's join() a rank whose steps have run out
+    answers the others' all-gathers with zeros (no pairs, no signal) until all have joined. Its
+    classes are made here, where torch is imported (lazy.py).
     """
+    from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
-    def __init__(self):  # Joinable declares __init__ abstract
-        super().__init__()
+    class AbsentFromAgreement(JoinHook):
+        def main_hook(self):
+            _all_gather_numbers(0, 0)
 
-    def exchange(self, n_local, signal_number):
-        """(pairs over all ranks, the largest pending signal)."""
-        Join.notify_join_context(self)
-        table = _all_gather_numbers(n_local, signal_number)
-        return int(table[:, 0].sum()), int(table[:, 1].max())
+    class BatchAgreement(Joinable):
+        def __init__(self):  # Joinable declares __init__ abstract
+            super().__init__()
 
-    def join_hook(self, **kwargs):
-        return _AbsentFromAgreement()
+        def exchange(self, n_local, signal_number):
+            Join.notify_join_context(self)
+            table = _all_gather_numbers(n_local, signal_number)
+            return int(table[:, 0].sum()), int(table[:, 1].max())
 
-    @property
-    def join_device(self):
-        return _comm_device()
+        def join_hook(self, **kwargs):
+            return AbsentFromAgreement()
 
-    @property
-    def join_process_group(self):
-        return dist.group.WORLD
+        @property
+        def join_device(self):
+            return _comm_device()
 
-
-class _AbsentFromAgreement(JoinHook):
-    def main_hook(self):
-        _all_gather_numbers(0, 0)
+        @property
+        def join_process_group(self):
+            return dist.group.WORLD
+    return BatchAgreement()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -624,7 +625,7 @@ class SyncRanks(OneProcess):
         super().__init__()
         self.world = world
         self.rank, self.world_size = world.rank, world.world_size
-        self.agreement = BatchAgreement()
+        self.agreement = batch_agreement()
         self.ddp = None
 
     def wrap(self, model):
@@ -653,6 +654,7 @@ class SyncRanks(OneProcess):
         if self.ddp is None:
             yield n_steps
             return
+        from torch.distributed.algorithms.join import Join
         with Join([self.agreement, self.ddp]):
             yield my_steps
 
@@ -823,14 +825,14 @@ class Averager:
     the agreed rows' and this rank's rows' size, at most the tables'. Momentum adds a float32 copy.
     """
 
-    def __init__(self, model, block_momentum=0.0, exchange="auto", wire_dtype=torch.bfloat16):
+    def __init__(self, model, block_momentum=0.0, exchange="auto", wire_dtype=None):
         self.params = list(model.parameters())  # equal on all ranks here: every epoch starts from a consensus
         self.consensus = torch.cat([p.data.reshape(-1) for p in self.params])
         self.sent_from = self.consensus.clone()  # this rank's parameters when it last sent its changes
         self.unsent = torch.zeros_like(self.consensus, dtype=torch.bfloat16)  # what rounding kept out of sends
         self.block_momentum = block_momentum  # each epoch (and each resumed one) starts without momentum
         self.momentum = torch.zeros_like(self.consensus) if block_momentum else None
-        self.wire_dtype = wire_dtype
+        self.wire_dtype = torch.bfloat16 if wire_dtype is None else wire_dtype
         self.tables = [_Table(self, p, flat) for p, flat in zip(self.params, _flat_slices(self.params))]
         self.mode = exchange if self.consensus.device.type == "cpu" else "dense"  # auto: the first exchange decides
         self.storage = {}

@@ -29,12 +29,13 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 import cpu_kernel
 import data
-import model as models
-from model import Rows
+import tables
+from lazy import LazyModule, torch
+
+models = LazyModule("model")  # torch's modules: the compiled loop on one process trains tables.Tables
 
 # Most centers one call of the compiled kernel trains: the loop looks at signals and progress
 # between calls, so a call is kept short next to a human's patience (well under a second), and
@@ -115,15 +116,16 @@ class Engine:
 
     def __init__(self, args, model, optimizer, corpus, strategy, loop, device):
         self.args, self.model, self.optimizer, self.corpus = args, model, optimizer, corpus
-        self.strategy, self.loop, self.device = strategy, loop, torch.device(device)
+        self.strategy, self.loop = strategy, loop
+        # numpy tables train without torch (lazy.py): a torch device only where torch trains
+        self.device = None if isinstance(model, tables.Tables) else torch.device(device)
         self.sampler = data.NegativeSampler(corpus.counts, args.ns_exponent)
         self.keep_prob = data.keep_probabilities(corpus.counts, args.subsample_th)
         self.train_model = strategy.wrap(model) if loop == "autograd" else model
         self.batches = self.graphs = self.inputs = self.hot_rows = None
         if loop == "kernel":
             self.hot_rows = cpu_kernel.HotRows(corpus.counts, model.embed_size)
-            self.tables = tuple(_room_below(embed, self.hot_rows.extra_rows)
-                                for embed in (model.in_embed, model.out_embed))
+            self.tables = _kernel_tables(model, self.hot_rows.extra_rows)
         if loop == "spelling":  # the kernel's input table: rows refilled from the model before each step
             self.inputs = np.zeros((model.vocab_size, model.embed_size), dtype=np.float32)
             self.pool = concurrent.futures.ThreadPoolExecutor(args.num_threads, thread_name_prefix="encoder")
@@ -174,20 +176,39 @@ class Engine:
         return ids, local_starts, len(kept_ids)
 
 
-def _room_below(embedding, extra_rows):
-    """The embedding's table as the CPU kernel trains it: extra_rows more rows below its own, where
-    the kernel's threads train their copies of the hot rows (cpu_kernel.HotRows), and rows that
+def _kernel_tables(model, extra_rows):
+    """The model's two tables as the CPU kernel trains them: extra_rows more rows below its own,
+    where the kernel's threads train their copies of the hot rows (cpu_kernel.HotRows), and rows that
     start on a cache line (cpu_kernel.ROW_ALIGN floats), where the kernel's vector loads would
-    otherwise each straddle two lines. The embedding's weight becomes a view of the table."""
-    weight = embedding.weight.data
+    otherwise each straddle two lines. The model's weights become views of the tables: a
+    tables.Tables' arrays, or model.SGNS's tensors (--multi-node --async)."""
+    if isinstance(model, tables.Tables):
+        (in_table, model.in_weight), (out_table, model.out_weight) = (
+            _room_below(weight, extra_rows) for weight in (model.in_weight, model.out_weight))
+        return in_table, out_table
+    kept = []
+    for embedding in (model.in_embed, model.out_embed):
+        table, rows = _room_below(embedding.weight.data.numpy(), extra_rows)
+        embedding.weight.data = torch.from_numpy(rows)
+        kept.append(table)
+    return tuple(kept)
+
+
+def _room_below(weight, extra_rows):
+    """(table, rows): weight copied into a table with extra_rows more rows, each starting on a
+    cache line, and the table's first rows, which hold it (weight itself where it is such a table)."""
     n_rows, width = weight.shape
     stride = -(-width // cpu_kernel.ROW_ALIGN) * cpu_kernel.ROW_ALIGN
-    if not extra_rows and stride == width:
-        return weight.numpy()
-    table = torch.zeros(n_rows + extra_rows, stride, dtype=weight.dtype)[:, :width]
+    line = cpu_kernel.ROW_ALIGN * weight.itemsize
+    if not extra_rows and stride == width and weight.ctypes.data % line == 0:
+        return weight, weight
+    # numpy starts a large array 16 bytes into a page: the table starts where a line does
+    n_bytes = (n_rows + extra_rows) * stride * weight.itemsize
+    memory = np.zeros(n_bytes + line, dtype=np.uint8)
+    start = -memory.ctypes.data % line
+    table = memory[start:start + n_bytes].view(weight.dtype).reshape(n_rows + extra_rows, stride)[:, :width]
     table[:n_rows] = weight
-    embedding.weight.data = table[:n_rows]
-    return table.numpy()
+    return table, table[:n_rows]
 
 
 def epoch_steps(n_kept, per_step, world_size):
@@ -224,7 +245,7 @@ def kernel_epoch(engine, epoch):
     kept_ids, step_bounds, sentence_bounds, base_seed = _kernel_plan(engine, epoch, shuffled=True)
     steps_per_call = max(1, CENTERS_PER_KERNEL_CALL // epoch.per_step)
     in_w, out_w = engine._tables()
-    marks = strategy.row_marks(engine.model.in_embed.weight, engine.model.out_embed.weight)
+    marks = strategy.row_marks(*engine.model.parameters())
     step = epoch.first_step
     while step < epoch.n_steps:
         stop = strategy.before_step(step, epoch.first_step, epoch.signal())
@@ -448,7 +469,7 @@ class CompiledStep(WindowStep):
         packed = (room or touched.buffer)(n_rows)
         loss_sum, _, in_grads, _, out_grads = self.model.window_grads(context_ids, weight, out_ids, touched.scratch)
         touched.pack(in_grads.numpy(), out_grads.numpy(), packed)
-        return Rows(torch.from_numpy(packed), torch.stack([loss_sum, weight.sum()]))
+        return models.Rows(torch.from_numpy(packed), torch.stack([loss_sum, weight.sum()]))
 
     def apply(self, rows, lr):
         touched = cpu_kernel.touched_rows(self.model.vocab_size, self.model.embed_size)
@@ -465,7 +486,7 @@ class TritonStep(WindowStep):
         self.kernels = gpu_kernel
 
     def grads(self, context_ids, weight, out_ids):
-        return Rows(*self.kernels.window_rows(self.model.in_embed.weight.data, self.model.out_embed.weight.data,
+        return models.Rows(*self.kernels.window_rows(self.model.in_embed.weight.data, self.model.out_embed.weight.data,
                                               context_ids.contiguous(), weight.contiguous(), out_ids.contiguous()))
 
     def apply(self, rows, lr):

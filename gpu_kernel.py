@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from model import KEY_SPLIT
+from tables import KEY_SPLIT
 
 CHUNK = 64  # embedding columns a program holds at a time: registers stay bounded whatever the dimension
 ROWS_PER_PROGRAM = 16  # packed rows one program of apply_rows' kernels takes

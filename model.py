@@ -8,14 +8,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from tables import KEY_SPLIT, RNN_DEFAULTS
+
 # window_step: a row met more than this many times in one step (weighted by real pairs) moves by
 # its mean gradient times this, not by the sum of all its gradients. The sum, computed from one
 # stale vector, overshoots for the most frequent words and makes large batches diverge; the mean
 # for every row starves the rare words. docs/design.md tells how the cap was chosen.
 MAX_SUMMED_GRADIENTS = 32
-# A row's key (in_embed rows 0..V-1, out_embed rows V..2V-1) travels in two float32 columns,
-# key // KEY_SPLIT and key % KEY_SPLIT, both exact: one float32 array holds gradients and keys.
-KEY_SPLIT = 4096
 
 
 @dataclass
@@ -168,9 +167,6 @@ GRAM_ROWS_MAX = 2_000_000
 # Words the rnn encoder spells at a time for the vectors users get: a bigger batch is a little
 # faster and holds more memory at the end of a run, above training's.
 SPELL_BATCH = 2048
-# Defaults of the RNN flags, shared by the CLI and by checkpoints whose args lack a flag.
-RNN_DEFAULTS = {"char_embed_size": 32, "hidden_size": 32, "num_layer": 1, "dropout": 0.0,
-                "bidirectional": True, "mlp_size": None, "rnn_cell": "lstm"}
 
 
 def normalize_word(word):
@@ -449,10 +445,9 @@ def _rnn_sizes(args):
                 mlp_size=args["mlp_size"], cell=args["rnn_cell"])
 
 
-def parameter_count(model_name, words, embed_size, args=None):
-    """How many parameters build_model would make for this vocabulary, counted without allocating them."""
-    if model_name != "rnn":
-        return 2 * len(words) * embed_size
+def rnn_parameter_count(words, embed_size, args=None):
+    """How many parameters build_model would make for the rnn model of this vocabulary, counted
+    without allocating them (tables.parameter_count counts either model's)."""
     with torch.device("meta"):  # the encoder's shapes only
         encoder = CharWordEncoder(len(CharVocab(words)), embed_size, **_rnn_sizes(args))
     n_grams = len(gram_vocabulary(grams_of_words(words)[0]))

@@ -5,6 +5,7 @@ import functools
 import gc
 import json
 import math
+import numbers
 import os
 import shlex
 import signal
@@ -39,7 +40,6 @@ if "--multi-node" in sys.argv:  # c10d logs every failed connection with a C++ s
 
 gc.disable()  # collections during the imports find almost nothing and take a quarter of their time
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import checkpoint  # noqa: E402
@@ -49,7 +49,9 @@ import distributed  # noqa: E402
 import engines  # noqa: E402
 import export  # noqa: E402
 import fileio  # noqa: E402
-from model import RNN_DEFAULTS, build_model, parameter_count  # noqa: E402
+import tables  # noqa: E402
+from lazy import torch  # noqa: E402
+from tables import RNN_DEFAULTS  # noqa: E402
 
 gc.freeze()  # the imports' 200,000 objects live as long as the process: no full collection (nor the one
 gc.enable()  # at exit) walks them again
@@ -283,7 +285,7 @@ def resolve_options(args):
         args.sync_interval = distributed.default_sync_interval(args.batch_size)
     absolute_paths(args)
     check_values(args)
-    cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cuda_devices = visible_gpus() if args.multi_gpu or args.multi_node or args.device != "cpu" else 0
     for problem in distributed.check_flags(args, cuda_devices):
         raise ValueError(problem)
     if args.multi_gpu:
@@ -291,7 +293,7 @@ def resolve_options(args):
         args.device = "cuda:0" if args.device == "cpu" else args.device
     args.world = distributed.resolve_world(args, os.environ, cuda_devices)
     distribution = "multi-gpu" if args.multi_gpu else args.dist_mode if args.world else "one"
-    loop, why_not = engines.choose_loop(args.model_name, args.optimizer, torch.device(run_device(args)).type,
+    loop, why_not = engines.choose_loop(args.model_name, args.optimizer, device_type(run_device(args)),
                                         distribution, args.engine)
     if why_not:
         raise ValueError(why_not)
@@ -369,6 +371,8 @@ def check_rnn_values(args):
 
 def check_device(name):
     """--device names a device this trainer runs on, and one that is there."""
+    if name == "cpu":  # no torch needed to know it (lazy.py)
+        return
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -376,16 +380,31 @@ def check_device(name):
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device {name}: sgns trains on cpu or cuda (cuda:N)")
     if device.type == "cuda":
-        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        visible = visible_gpus()
         if not visible:
             raise ValueError(f"--device {name}: no CUDA device is available")
         if device.index is not None and device.index >= visible:
             raise ValueError(f"--device {name}: {visible} CUDA device(s) visible, cuda:0 to cuda:{visible - 1}")
 
 
+def visible_gpus():
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def run_device(args):
     """The device this process trains on: --device, or this rank's GPU in a --multi-node run."""
     return args.world.device if args.world else args.device
+
+
+def device_type(name):
+    """cpu or cuda, of a device name check_device has accepted (cuda:1 -> cuda)."""
+    return name.split(":")[0]
+
+
+def trains_without_torch(args):
+    """Whether the run trains tables.Tables: the compiled loop on one process, where torch is
+    never imported (lazy.py); its import would take longer than training a small corpus."""
+    return args.loop == "kernel" and not args.world
 
 
 def saved_args(args):
@@ -444,10 +463,14 @@ def load_corpus(args):
 
 def make_model(args, corpus):
     """The model and its torch.optim optimizer (None: the kernel and window loops update the rows themselves)."""
+    if trains_without_torch(args):
+        return tables.Tables(len(corpus.words), args.embed_size, args.seed), None
+    import model as models
+    torch.manual_seed(args.seed)
     # DataParallel cannot reduce sparse gradients (pytorch#32444) and Adam needs dense ones
     dense = args.multi_gpu or args.optimizer == "adam"
-    model = build_model(args.model_name, len(corpus.words), args.embed_size, sparse=not dense, words=corpus.words,
-                        args=vars(saved_args(args)))
+    model = models.build_model(args.model_name, len(corpus.words), args.embed_size, sparse=not dense,
+                               words=corpus.words, args=vars(saved_args(args)))
     optimizer = None
     if args.optimizer == "sparse_adam":
         optimizer = torch.optim.SparseAdam(list(model.parameters()), lr=args.lr)
@@ -500,12 +523,13 @@ def resumable_position(state):
     return {}
 
 
-def set_threads(num_threads):
+def set_threads(args):
     """Starting numba's worker pool (the CPU kernel, the PIP loss) sets OpenMP's thread count for
     the whole process, torch's included: start it first, then give torch its own count, so that
     single-thread ranks sharing a machine do not each run torch on every core."""
-    cpu_kernel.set_threads(num_threads)
-    torch.set_num_threads(num_threads)
+    cpu_kernel.set_threads(args.num_threads)
+    if not trains_without_torch(args):
+        torch.set_num_threads(args.num_threads)
 
 
 def check_output_paths(args):
@@ -537,13 +561,13 @@ def check_writable(flag, shown, path):
 def check_memory(args, words):
     """Refuse, before allocating, a run whose model and step buffers alone exceed the memory
     available: an allocation that size fails with a traceback, or swaps the machine to a halt."""
-    device = torch.device(run_device(args))
+    device = run_device(args)
     parts = memory_lower_bound(args, words)
     need, available = sum(parts.values()), available_memory(device)
     if available is not None and need > available:
         biggest = max(parts, key=parts.get)
-        raise UserError(f"this run needs at least {_size(need)} of {device.type} memory, {_size(parts[biggest])} "
-                        f"of it for {biggest}, and {_size(available)} is available")
+        raise UserError(f"this run needs at least {_size(need)} of {device_type(device)} memory, "
+                        f"{_size(parts[biggest])} of it for {biggest}, and {_size(available)} is available")
 
 
 def _size(n_bytes):
@@ -556,7 +580,7 @@ def memory_lower_bound(args, words):
     loss's arrays."""
     vocab, dim = len(words), args.embed_size
     copies = 1 + {"adam": 3, "sparse_adam": 2}.get(args.optimizer, 0)  # weights, moments, Adam's dense gradient
-    model_bytes = 4 * parameter_count(args.model_name, words, dim, vars(args)) * copies
+    model_bytes = 4 * tables.parameter_count(args.model_name, words, dim, vars(args)) * copies
     if args.model_name == "rnn":
         model_bytes += 4 * vocab * dim
     parts = {f"the model (--embed-size {dim}, {vocab:,} words)": model_bytes}
@@ -575,8 +599,9 @@ def memory_lower_bound(args, words):
 
 
 def available_memory(device):
-    """Bytes free for the run on device: a GPU's free memory, or the host's MemAvailable; None where unknown."""
-    if device.type == "cuda":
+    """Bytes free for the run on device (its name): a GPU's free memory, or the host's MemAvailable;
+    None where unknown."""
+    if device_type(device) == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
         with open("/proc/meminfo") as meminfo:
@@ -650,14 +675,14 @@ class Progress:
     def __call__(self, steps_done, loss_sum, pairs, words_done, lr):
         state = self.state
         state["global_step"] += 1
-        if torch.is_tensor(loss_sum):
+        if not isinstance(loss_sum, numbers.Number):  # a torch loop's sum, still on its device
             self.device_losses.append(loss_sum.detach())
         elif math.isfinite(loss_sum):
             state["epoch_loss"] += loss_sum
         else:
             raise FloatingPointError(f"loss became {loss_sum} at epoch {state['epoch'] + 1}, "
                                      f"step {state['global_step']}")
-        if torch.is_tensor(pairs):
+        if not isinstance(pairs, numbers.Number):
             self.device_pairs.append(pairs)
         else:
             state["epoch_pairs"] += pairs
@@ -709,7 +734,7 @@ class PipMonitor:
 
     def losses(self, vectors):
         import pip_loss
-        vectors = vectors[:self.vocab].numpy()  # float32: pip_loss computes in float64 from it
+        vectors = vectors[:self.vocab]  # float32: pip_loss computes in float64 from it
         losses = {"PIP loss": pip_loss.pip_loss_sppmi(vectors, self.sppmi),
                   "PIP loss (oracle)": pip_loss.pip_loss_oracle(vectors, self.oracle)}
         if self.vocab >= 3:  # a correlation over word pairs needs more than one pair
@@ -730,14 +755,14 @@ def lowest_normalized_pip(history):
 def epoch_scalars(args, epoch, state, epoch_time, epoch_words, vectors, corpus, pip_monitor, evaluation):
     """The scalars logged at the end of an epoch: loss, time, speed, learning rate, PIP losses
     (every --pip-interval epochs) and the evaluation files' scores (every --eval-interval);
-    vectors() gives the word vectors on the CPU."""
+    vectors() gives the word vectors as a numpy array."""
     scalars = {"Train loss": state["epoch_loss"] / max(1, state["epoch_pairs"]), "Epoch time": epoch_time,
                "Words per second": epoch_words / max(epoch_time, 1e-9),
                "Learning rate": engines.lr_at(args, (epoch + 1) / args.epochs)}
     if pip_monitor and (epoch + 1) % args.pip_interval == 0:
         scalars.update(pip_monitor.losses(vectors()))
     if evaluation and (epoch + 1) % args.eval_interval == 0:
-        scalars.update(evaluation.scalars(corpus.words, vectors().numpy()))
+        scalars.update(evaluation.scalars(corpus.words, vectors()))
     return scalars
 
 
@@ -793,15 +818,17 @@ def make_writer(run_dir):
 
 def summary_writer_class():
     """tensorboardX's SummaryWriter (imported only by the rank that logs), without the S3 support
-    it imports boto3 for where boto3 is installed (a longer import than its own): run folders are local."""
-    hide = "boto3" not in sys.modules
-    if hide:
-        sys.modules["boto3"] = None  # `import boto3` raises ImportError: tensorboardX leaves S3 out
+    it imports boto3 for where boto3 is installed (a longer import than its own): run folders are local.
+    Nor does it import torch for a run that does not (lazy.py): it would only learn to accept
+    tensors where the trainer gives it numbers."""
+    hidden = [name for name in ("boto3", "torch") if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # `import name` raises ImportError: tensorboardX goes without it
     try:
         from tensorboardX import SummaryWriter
     finally:
-        if hide:
-            del sys.modules["boto3"]
+        for name in hidden:
+            del sys.modules[name]
     return SummaryWriter
 
 
@@ -813,8 +840,7 @@ class Run:
 
     def __init__(self, args, run_dir):
         self.args, self.run_dir = args, run_dir
-        torch.manual_seed(args.seed)
-        set_threads(args.num_threads)
+        set_threads(args)
         print(f"run directory: {self.run_dir}")
         check_output_paths(args)
         self.evaluation = None  # only rank 0 evaluates
@@ -826,8 +852,8 @@ class Run:
         self.state = start_state(args, self.run_dir, self.model, self.optimizer, self.corpus)
         distributed.check_same_settings({"the epoch and step it starts at (--resume)":
                                          [self.state["epoch"], self.state["global_step"]]})
-        device = torch.device(run_device(args))
-        if device.type == "cuda" and device.index is not None:
+        device = run_device(args)
+        if device.startswith("cuda:"):
             torch.cuda.set_device(device)  # CUDA graphs, Triton and NCCL work on the current device
         self.model.to(device)
         distributed.broadcast_parameters(self.model)
@@ -864,7 +890,9 @@ class Run:
         return f"{kept}resume with: {resume_command(self.args, self.run_dir)}"
 
     def vectors(self):
-        return self.model.embeddings().cpu()
+        """The V x d word vectors as a numpy array."""
+        vectors = self.model.embeddings()
+        return vectors if isinstance(vectors, np.ndarray) else vectors.cpu().numpy()
 
 
 def train(args):
@@ -975,7 +1003,7 @@ def on_epoch_end(run, progress, epoch, epoch_time):
     snapshot = last_epoch or (args.projector_interval and (epoch + 1) % args.projector_interval == 0)
     if snapshot and distributed.is_main():
         n = min(args.projector_words, len(run.corpus.words))
-        export.write_projector_snapshot(run.run_dir, run.corpus.words[:n], vectors()[:n].numpy(), epoch + 1)
+        export.write_projector_snapshot(run.run_dir, run.corpus.words[:n], vectors()[:n], epoch + 1)
     return early_stop
 
 
@@ -988,11 +1016,14 @@ def checkpoint_due(args, epoch, last_epoch, seconds_since):
     return seconds_since >= CHECKPOINT_SECONDS
 
 
-def all_finite(tensor):
-    """torch.isfinite(tensor).all(), by numpy on the CPU, where it costs a small part of torch's."""
-    if tensor.device.type == "cpu" and tensor.dtype == torch.float32:
-        return bool(np.isfinite(tensor.detach().numpy()).all())
-    return bool(torch.isfinite(tensor).all())
+def all_finite(weight):
+    """Whether a weight (numpy array or tensor) is all finite: by numpy on the host, where it
+    costs a small part of torch's."""
+    if isinstance(weight, np.ndarray):
+        return bool(np.isfinite(weight).all())
+    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+        return bool(np.isfinite(weight.detach().numpy()).all())
+    return bool(torch.isfinite(weight).all())
 
 
 def early_stop_reason(args, epoch, lowest):
@@ -1046,7 +1077,7 @@ def without_flag(argv, flag):
 def finish_run(run):
     """The end of a run: export, pictures, the closing lines."""
     args, state = run.args, run.state
-    vectors = run.vectors().numpy() if distributed.is_main() else None
+    vectors = run.vectors() if distributed.is_main() else None
     if args.export and distributed.is_main():
         write_output("--export", args.export, run.run_dir,
                      lambda: export.write_word2vec(args.export, run.corpus.words, vectors))

@@ -1,11 +1,13 @@
 """engines.py: which loop trains a run, the CPU's compiled window step, and the loops' shared step rules."""
 import argparse
 
+import numpy as np
 import pytest
 import torch
 
 import cpu_kernel
 import engines
+import tables
 from model import SGNS
 
 
@@ -94,15 +96,22 @@ def test_the_tensor_step_in_two_phases_equals_the_tensor_step(monkeypatch):
         assert not torch.equal(value, small_model(seed=3).state_dict()[key])
 
 
-def test_the_kernels_tables_have_room_below_and_rows_on_cache_lines():
-    """engines._room_below: the weight keeps its values as a view of a table with extra rows below,
-    and every row of the table starts on a 64-byte line (cpu_kernel.ROW_ALIGN floats)."""
-    model = small_model(7, vocab=12, dim=20)
-    before = model.in_embed.weight.detach().clone()
-    table = engines._room_below(model.in_embed, 5)
-    assert table.shape == (17, 20) and table.strides[0] % (4 * cpu_kernel.ROW_ALIGN) == 0
-    assert table.ctypes.data % 64 == 0
-    assert torch.equal(model.in_embed.weight, before) and torch.equal(torch.from_numpy(table[:12]), before)
-    table[3, 4] = 9.0  # the weight is the table's first rows, not a copy
-    assert model.in_embed.weight[3, 4] == 9.0
-    assert model.embeddings().is_contiguous() and model.embeddings()[3, 4] == 9.0
+@pytest.mark.parametrize("kind", ["numpy tables", "torch model"])
+def test_the_kernels_tables_have_room_below_and_rows_on_cache_lines(kind):
+    """engines._kernel_tables: each weight keeps its values as a view of a table with extra rows
+    below, and every row of the table starts on a 64-byte line (cpu_kernel.ROW_ALIGN floats),
+    for tables.Tables and for model.SGNS (--multi-node --async)."""
+    model = tables.Tables(12, 20, seed=7) if kind == "numpy tables" else small_model(7, vocab=12, dim=20)
+
+    def weights():
+        return [np.asarray(w.detach() if isinstance(w, torch.Tensor) else w) for w in model.parameters()]
+    before = [w.copy() for w in weights()]
+    kernel_tables = engines._kernel_tables(model, 5)
+    for table, weight, old in zip(kernel_tables, weights(), before):
+        assert table.shape == (17, 20) and table.strides[0] % (4 * cpu_kernel.ROW_ALIGN) == 0
+        assert table.ctypes.data % 64 == 0
+        assert np.array_equal(weight, old) and np.array_equal(table[:12], old)
+        table[3, 4] = 9.0  # the weight is the table's first rows, not a copy
+        assert weight[3, 4] == 9.0
+    vectors = np.asarray(model.embeddings())
+    assert vectors.flags.c_contiguous and vectors[3, 4] == 9.0

@@ -8,7 +8,8 @@ import torch
 
 import trainer
 from model import (PAD_CHAR, UNKNOWN_CHAR, CharVocab, RNNSGNS, _sgns_loss, build_model, char_grams,
-                   grams_of_words, model_from_checkpoint, parameter_count)
+                   grams_of_words, model_from_checkpoint)
+from tables import parameter_count
 from reference import reference_loss
 from test_trainer import stop_after
 

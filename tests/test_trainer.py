@@ -488,3 +488,36 @@ def test_a_one_process_kernel_run_takes_sentence_blocks_in_a_new_order_each_epoc
     monkeypatch.setattr(engines.data, "shuffle_sentence_blocks", recording)
     assert trainer.main(base_args(tmp_path, corpus_file, "--epochs", "2", "--pip-interval", "0")) == 0
     assert shuffled == [0, 1]
+
+
+NO_TORCH_CHILD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import trainer
+code = trainer.main(sys.argv[2:])
+print("torch imported:", "torch" in sys.modules)
+sys.exit(code)
+"""
+
+
+def test_the_compiled_loop_on_one_process_trains_and_checkpoints_without_importing_torch(tmp_path, corpus_file):
+    """lazy.py: the kernel loop trains tables.Tables and writes torch's checkpoint format itself,
+    never importing torch; the checkpoint is what torch.load(weights_only=True) reads, and it
+    holds the exported vectors. A run that needs torch (the window loop) imports it."""
+    export = tmp_path / "v.txt"
+    argv = base_args(tmp_path, corpus_file, "--epochs", "2", "--pip-interval", "0", "--run-name", "k",
+                     "--export", str(export))
+    result = subprocess.run([sys.executable, "-c", NO_TORCH_CHILD, str(ROOT), *argv], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "torch imported: False" in result.stdout
+    from gensim.models import KeyedVectors
+    keyed = KeyedVectors.load_word2vec_format(str(export))
+    ckpt = torch.load(tmp_path / "runs" / "k" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["optimizer"] is None
+    vectors = ckpt["model"]["in_embed.weight"].numpy()
+    assert np.allclose(keyed.vectors, vectors[[ckpt["words"].index(w) for w in keyed.index_to_key]], atol=1e-5)
+    result = subprocess.run([sys.executable, "-c", NO_TORCH_CHILD, str(ROOT),
+                             *base_args(tmp_path, corpus_file, "--epochs", "1", "--pip-interval", "0",
+                                        "--engine", "torch")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "torch imported: True" in result.stdout
