@@ -22,8 +22,9 @@ class Tables:
 
     def __init__(self, vocab_size, embed_size, seed):
         self.vocab_size, self.embed_size = vocab_size, embed_size
-        rng = np.random.default_rng(seed)
-        self.in_weight = rng.uniform(-0.5 / embed_size, 0.5 / embed_size, (vocab_size, embed_size)).astype(np.float32)
+        self.in_weight = np.random.default_rng(seed).random((vocab_size, embed_size), dtype=np.float32)
+        self.in_weight -= 0.5  # drawn and shifted in float32: no V x d float64 draw on the way
+        self.in_weight /= embed_size
         self.out_weight = np.zeros((vocab_size, embed_size), dtype=np.float32)
 
     def state_dict(self):
