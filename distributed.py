@@ -832,7 +832,7 @@ class Averager:
         self.unsent = torch.zeros_like(self.consensus, dtype=torch.bfloat16)  # what rounding kept out of sends
         self.block_momentum = block_momentum  # each epoch (and each resumed one) starts without momentum
         self.momentum = torch.zeros_like(self.consensus) if block_momentum else None
-        self.wire_dtype = torch.bfloat16 if wire_dtype is None else wire_dtype
+        self.wire_dtype = torch.bfloat16 if wire_dtype is None else wire_dtype  # the default: torch's, read here
         self.tables = [_Table(self, p, flat) for p, flat in zip(self.params, _flat_slices(self.params))]
         self.mode = exchange if self.consensus.device.type == "cpu" else "dense"  # auto: the first exchange decides
         self.storage = {}
