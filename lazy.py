@@ -21,8 +21,8 @@ class LazyModule:
             object.__setattr__(self, "_module", importlib.import_module(self._name))
         return self._module
 
-    def __getattr__(self, attr):
-        return getattr(self._loaded(), attr)
+    def __getattr__(self, attr):  # the loops' steps read torch through here: one call, once loaded
+        return getattr(self._module or self._loaded(), attr)
 
     def __setattr__(self, attr, value):
         setattr(self._loaded(), attr, value)
